@@ -1,0 +1,39 @@
+"""crowstream: a language model + a text corpus -> an activation dataset in Parquet.
+
+    import crowstream as cs
+    run = cs.capture("gpt2", "corpus.txt", ["transformer.h.6"], "acts/")
+    ds = cs.load("acts/", "transformer.h.6")          # datasets.Dataset
+    lf = cs.scan("acts/")                             # polars.LazyFrame
+
+Importing this package is cheap: torch, transformers, nnsight and datasets load only
+when a function that needs them runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "capture": ".pipeline", "Run": ".pipeline",
+    "modules": ".models",
+    "load": ".readers", "stream": ".readers", "scan": ".readers", "vocab": ".readers",
+    "docs": ".readers", "info": ".readers",
+    "verify": ".integrity",
+    "CrowstreamError": ".errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'crowstream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

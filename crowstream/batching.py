@@ -1,0 +1,225 @@
+"""Stage 2, tokenize and batch. It owns turning `(doc_id, text)` into model-ready
+`Batch`es: fast batched tokenization, truncation or chunking to `context_size`,
+length-sorted batching within a window of documents (padding wasted ~half of all compute
+on real text; sorting within ~1k documents removes nearly all of it), an optional token
+budget per batch, and the keep-mask that drops padding and, if asked, special tokens.
+
+Shards are the commit unit: a run of `shard_size` source rows. A sorting window never
+straddles a shard, so a resumed run rebuilds exactly the batches an uninterrupted run
+would. Padding is on the right, with the attention mask passed to the model, so causal
+models see the positions they would see unpadded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .config import SORT_WINDOW_DOCS, CaptureConfig
+
+
+@dataclasses.dataclass
+class Batch:
+    """One forward pass. Row arrays describe the kept positions, in flat `[B*T]` order."""
+
+    input_ids: torch.Tensor       # [B, T] int64, right-padded
+    attention_mask: torch.Tensor  # [B, T] int64
+    keep_index: torch.Tensor      # [N] int64, flat indices into B*T of rows to store
+    doc_ids: np.ndarray           # [N] int64
+    positions: np.ndarray         # [N] int32, absolute token index in the document
+    tokens: np.ndarray            # [N] int32
+    piece_doc_ids: np.ndarray     # [B] int64, the document of each batch row
+    piece_starts: np.ndarray      # [B] int64, absolute position of each row's first token
+
+    @property
+    def n_docs(self) -> int:
+        """Pieces (documents or chunks) in this batch."""
+        return len(self.piece_starts)
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def split(self) -> tuple[Batch, Batch]:
+        """Two half-size batches with the same rows (used to back off on OOM)."""
+        half = self.n_docs // 2
+        lengths = self.attention_mask.sum(1).numpy()
+        ids = self.input_ids.numpy()
+        keep = np.zeros(ids.size, dtype=bool)
+        keep[self.keep_index.numpy()] = True
+        keep = keep.reshape(ids.shape)
+        halves = []
+        for rows in (slice(0, half), slice(half, self.n_docs)):
+            width = int(lengths[rows].max())
+            halves.append(_assemble(ids[rows, :width], lengths[rows], keep[rows, :width],
+                                    self.piece_doc_ids[rows], self.piece_starts[rows]))
+        return halves[0], halves[1]
+
+
+@dataclasses.dataclass
+class ShardEnd:
+    """Marks the end of shard `index`: every batch of it has been yielded."""
+
+    index: int
+    source_start: int           # source rows consumed before this shard
+    source_end: int             # ... and after it
+    doc_ids: np.ndarray         # [D] int64, documents with text (None rows are skipped)
+    n_tokens: np.ndarray        # [D] int32, tokens fed to the model per document
+    texts: list[str] | None     # kept only with store_text
+    skipped: int                # rows whose text was None
+    last: bool                  # max_tokens reached: no shard follows
+
+
+class Tokenizing:
+    """Turns texts into token-id lists under one config; holds the ids to exclude."""
+
+    def __init__(self, tokenizer, config: CaptureConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        excluded = set(config.exclude_token_ids)
+        if config.exclude_special_tokens:
+            excluded |= set(tokenizer.all_special_ids)
+        self.excluded = np.array(sorted(excluded), dtype=np.int64)
+        pad = tokenizer.pad_token_id
+        if pad is None:  # e.g. GPT-2: any valid id works, the attention mask hides it
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = int(pad)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        truncate = self.config.overflow == "truncate"
+        return self.tokenizer(
+            texts, add_special_tokens=True, truncation=truncate,
+            max_length=self.config.context_size if truncate else None,
+            return_attention_mask=False, return_token_type_ids=False, verbose=False,
+        )["input_ids"]
+
+    def pieces(self, doc_ids: list[int], encoded: list[list[int]]):
+        """-> list of (doc_id, start position, ids) windows of at most context_size."""
+        size = self.config.context_size
+        out = []
+        for doc_id, ids in zip(doc_ids, encoded):
+            for start in range(0, len(ids), size):
+                out.append((doc_id, start, ids[start:start + size]))
+        return out
+
+
+def shard_stream(rows: Iterator[tuple[int, str | None]], tokenizing: Tokenizing, *,
+                 shard_size: int, first_shard: int, source_start: int,
+                 tokens_before: int) -> Iterator[Batch | ShardEnd]:
+    """Batches of each shard in turn, each shard followed by its `ShardEnd`."""
+    config = tokenizing.config
+    docs_left = None if config.max_docs is None else config.max_docs - source_start
+    tokens_fed = tokens_before
+    shard, consumed = first_shard, source_start
+    while True:
+        if config.max_tokens is not None and tokens_fed >= config.max_tokens:
+            return
+        take = shard_size if docs_left is None else min(shard_size, docs_left - (consumed - source_start))
+        block = list(itertools.islice(rows, take)) if take > 0 else []
+        if not block:
+            return
+        end = yield from _shard(block, tokenizing, shard, consumed, tokens_fed)
+        tokens_fed += int(end.n_tokens.sum())
+        consumed = end.source_end
+        shard += 1
+        if end.last or len(block) < take:  # limit reached, or the source ran out
+            return
+
+
+def _shard(block, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed: int):
+    config = tokenizing.config
+    all_ids, all_counts, all_texts, skipped, stop, used = [], [], [], 0, False, 0
+    for w in range(0, len(block), SORT_WINDOW_DOCS):  # a window never crosses the shard
+        window = block[w:w + SORT_WINDOW_DOCS]
+        doc_ids = [d for d, text in window if text is not None]
+        texts = [text for _, text in window if text is not None]
+        encoded = tokenizing.encode(texts)
+        counts = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+        used_rows = len(window)
+        if config.max_tokens is not None:
+            crossing = np.flatnonzero(tokens_fed + np.cumsum(counts) >= config.max_tokens)
+            if crossing.size:  # keep the crossing document whole, then stop
+                cut = int(crossing[0]) + 1
+                used_rows = _row_count_through(window, doc_ids[cut - 1])
+                doc_ids, texts, encoded, counts = doc_ids[:cut], texts[:cut], encoded[:cut], counts[:cut]
+                stop = True
+        tokens_fed += int(counts.sum())
+        skipped += sum(1 for _, text in window[:used_rows] if text is None)
+        used += used_rows
+        all_ids.extend(doc_ids)
+        all_counts.append(counts)
+        if config.store_text:
+            all_texts.extend(texts)
+        yield from batches_of(tokenizing.pieces(doc_ids, encoded), tokenizing)
+        if stop:
+            break
+    end = ShardEnd(index, consumed, consumed + used, np.asarray(all_ids, dtype=np.int64),
+                   np.concatenate(all_counts).astype(np.int32) if all_counts else np.zeros(0, np.int32),
+                   all_texts if config.store_text else None, skipped, stop)
+    yield end
+    return end
+
+
+def _row_count_through(window, doc_id: int) -> int:
+    for i, (d, _) in enumerate(window):
+        if d == doc_id:
+            return i + 1
+    raise AssertionError("crossing document not in its window")
+
+
+def batches_of(pieces, tokenizing: Tokenizing) -> Iterator[Batch]:
+    """Sort pieces longest-first (stable, so ties keep source order) and cut batches of
+    `batch_size` pieces, smaller when `max_batch_tokens` (padded B*T) would be exceeded."""
+    config = tokenizing.config
+    pieces = sorted((p for p in pieces if p[2]), key=lambda p: -len(p[2]))
+    budget = config.max_batch_tokens
+    i = 0
+    while i < len(pieces):
+        width = len(pieces[i][2])  # longest first: the first piece sets the batch width
+        n = config.batch_size if budget is None else max(1, min(config.batch_size, budget // width))
+        yield make_batch(pieces[i:i + n], tokenizing)
+        i += n
+
+
+def make_batch(pieces, tokenizing: Tokenizing) -> Batch:
+    lengths = np.fromiter((len(p[2]) for p in pieces), dtype=np.int64, count=len(pieces))
+    ids = np.full((len(pieces), int(lengths.max())), tokenizing.pad_id, dtype=np.int64)
+    for row, (_, _, piece) in enumerate(pieces):
+        ids[row, :len(piece)] = piece
+    real = np.arange(ids.shape[1]) < lengths[:, None]
+    keep = real & ~np.isin(ids, tokenizing.excluded) if tokenizing.excluded.size else real
+    doc_of_row = np.fromiter((p[0] for p in pieces), dtype=np.int64, count=len(pieces))
+    starts = np.fromiter((p[1] for p in pieces), dtype=np.int64, count=len(pieces))
+    return _assemble(ids, lengths, keep, doc_of_row, starts)
+
+
+def _assemble(ids, lengths, keep, doc_of_row, starts) -> Batch:
+    width = ids.shape[1]
+    flat = np.flatnonzero(keep)                  # [N] indices into B*T
+    row, col = np.divmod(flat, width)
+    mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+    return Batch(
+        input_ids=torch.from_numpy(np.ascontiguousarray(ids)),
+        attention_mask=torch.from_numpy(mask),
+        keep_index=torch.from_numpy(flat),
+        doc_ids=doc_of_row[row],
+        positions=(starts[row] + col).astype(np.int32),
+        tokens=np.ascontiguousarray(ids).reshape(-1)[flat].astype(np.int32),
+        piece_doc_ids=doc_of_row,
+        piece_starts=starts,
+    )
+
+
+def estimate_shard_size(texts: list[str], tokenizing: Tokenizing, row_bytes: int) -> int:
+    """Documents per shard so one module's part file is ~SHARD_TARGET_BYTES raw."""
+    from .config import SHARD_TARGET_BYTES
+
+    encoded = tokenizing.encode([t for t in texts if t is not None])
+    mean_tokens = max(1.0, float(np.mean([len(e) for e in encoded])) if encoded else 1.0)
+    return max(1, int(SHARD_TARGET_BYTES / (mean_tokens * row_bytes)))

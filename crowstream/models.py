@@ -1,0 +1,149 @@
+"""Loading models and tokenizers. It owns turning a hub id, a local directory or an
+already-loaded model into `(model, tokenizer)`, the fingerprints that identify them in
+the manifest, the default context size, and `modules()`, the listing of what can be
+captured. torch and transformers are imported here, never at package import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .config import DEFAULT_CONTEXT_CAP
+from .errors import ConfigError, ModelLoadError
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_map=None,
+               trust_remote_code: bool = False):
+    """-> (model in eval mode, tokenizer). A loaded model is used as it is (never moved
+    unless `device` is given); a string is loaded with AutoModelForCausalLM when the
+    config names a causal-LM architecture, else AutoModel (encoders such as BERT)."""
+    import torch
+    import transformers
+
+    if isinstance(model, str):
+        name = model
+        model = _from_pretrained(name, torch_dtype, device_map, trust_remote_code)
+        if device_map is None:
+            model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if tokenizer is None:
+            tokenizer = _tokenizer(name, trust_remote_code)
+    elif isinstance(model, torch.nn.Module):
+        if device is not None:
+            model.to(device)
+    else:
+        raise ConfigError(f"model must be a hub id, a local directory or a loaded "
+                          f"transformers model; got {type(model).__name__}.")
+    if tokenizer is None:
+        raise ConfigError("a loaded model needs its tokenizer: pass tokenizer=.")
+    if isinstance(tokenizer, str):
+        tokenizer = _tokenizer(tokenizer, trust_remote_code)
+    if not isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
+        raise ConfigError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}.")
+    return model, tokenizer
+
+
+def _from_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool):
+    import transformers
+
+    _check_exists(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        archs = getattr(config, "architectures", None) or []
+        causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        kwargs = {"trust_remote_code": trust_remote_code}
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        return auto.from_pretrained(name, config=config, **kwargs).eval()
+    except OSError as error:
+        raise ModelLoadError(
+            f"could not load model {name!r}: {error}. Without network access, pass a local "
+            "directory (save_pretrained output) or set HF_HUB_OFFLINE=1 to use the local cache."
+        ) from error
+
+
+def _tokenizer(name: str, trust_remote_code: bool):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ModelLoadError(f"could not load the tokenizer for {name!r}: {error}. "
+                             "Pass tokenizer= (an object or a local directory).") from error
+
+
+def _check_exists(name: str) -> None:
+    if os.path.isdir(name):
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isfile(name):
+        raise ModelLoadError(f"model path {name!r} does not exist (or is not a directory); "
+                             "pass a directory written by save_pretrained, or a hub id.")
+
+
+def model_fingerprint(model) -> dict:
+    config = model.config.to_json_string(use_diff=False)
+    return {
+        "name_or_path": str(getattr(model, "name_or_path", "") or ""),
+        "class": type(model).__name__,
+        "revision": str(getattr(model.config, "_commit_hash", None) or ""),
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+    }
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "sha256": hashlib.sha256(body.encode()).hexdigest(),
+    }
+
+
+def model_max_positions(model, tokenizer) -> int | None:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
+
+
+def resolve_context_size(context_size, model, tokenizer) -> int:
+    limit = model_max_positions(model, tokenizer)
+    if context_size is None:
+        return min(limit or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP)
+    if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1:
+        raise ConfigError(f"context_size must be a positive integer, got {context_size!r}.")
+    if limit is not None and context_size > limit:
+        raise ConfigError(f"context_size={context_size} is larger than the model supports "
+                          f"({limit} positions); use --context-size {limit} or less, and "
+                          "overflow='chunk' to keep long documents whole.")
+    return context_size
+
+
+def modules(model, *, tokenizer=None, device=None, trust_remote_code: bool = False):
+    """List every capturable module of `model` as `(name, type, output shape)` tuples.
+
+    The shape comes from a probe forward on a two-token input (`None` for modules that
+    did not run or returned no tensor); `[batch, seq, d]` modules are what `capture`
+    can record. Names are what `capture(modules=...)` accepts.
+
+    >>> for name, kind, shape in crowstream.modules("gpt2"):  # doctest: +SKIP
+    ...     print(name, kind, shape)
+    transformer.h.0 GPT2Block (1, 2, 768)
+    """
+    from .tracing import probe_shapes
+
+    model, tokenizer = load_model(model, tokenizer, device=device,
+                                  trust_remote_code=trust_remote_code)
+    shapes = probe_shapes(model, tokenizer)
+    return [(name, type(module).__name__, shapes.get(name))
+            for name, module in model.named_modules() if name]

@@ -1,0 +1,155 @@
+"""Readers. It owns getting a capture back out of OUT: `load` (a `datasets.Dataset`, as
+`datasets.load_dataset(OUT, module)` gives), `stream` (fast shuffled torch batches for SAE
+training, straight from pyarrow), `scan`/`vocab`/`docs` (polars LazyFrames for analysis)
+and `info` (a summary of the manifest). Nothing here imports torch unless asked to.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from . import manifest as mf
+from .config import DOCS_DIR, VOCAB_NAME
+from .errors import ConfigError
+
+
+def _module_files(out: str, manifest: dict, module: str) -> list[str]:
+    if module not in manifest["modules"]:
+        raise ConfigError(f"{out!r} has no module {module!r}; it has "
+                          f"{', '.join(map(repr, manifest['modules']))}.")
+    return [os.path.join(out, p["path"]) for p in manifest["parts"] if p.get("module") == module]
+
+
+def load(out, module: str, **kwargs):
+    """The rows of one module as a `datasets.Dataset` (doc_id, position, token, vector).
+
+    Identical to `datasets.load_dataset(out, module, split="train")`; extra keyword
+    arguments go to `load_dataset` (`streaming=True` avoids its Arrow cache copy).
+    Use `.with_format("torch")` to get `[B, d]` tensors per batch.
+    """
+    import datasets
+
+    out = os.fspath(out)
+    _module_files(out, mf.read_manifest(out), module)
+    return datasets.load_dataset(out, module, split="train", **kwargs)
+
+
+def stream(out, module: str, *, batch_size: int = 4096, shuffle_buffer: int = 0,
+           seed: int = 0, columns=("vector",), dtype=None):
+    """Yield dicts of torch tensors, `batch_size` rows each, read with pyarrow.
+
+    `vector` comes as `[B, d]` (float32, or float16 if stored so; `dtype` casts), the
+    other requested `columns` as `[B]` int64. With `shuffle_buffer=n` (rows), rows are
+    shuffled through an n-row buffer (token-level shuffling for SAE training); part
+    files are visited in a seeded random order. The last batch may be smaller.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    out = os.fspath(out)
+    manifest = mf.read_manifest(out)
+    files = _module_files(out, manifest, module)
+    d = manifest["modules"][module]["d"]
+    rng = np.random.default_rng(seed)
+    if shuffle_buffer:
+        files = [files[i] for i in rng.permutation(len(files))]
+    pending: dict[str, list] = {c: [] for c in columns}
+    held = 0
+
+    def emit(arrays, take):
+        batch = {c: torch.from_numpy(np.ascontiguousarray(a[:take])) for c, a in arrays.items()}
+        if dtype is not None and "vector" in batch:
+            batch["vector"] = batch["vector"].to(dtype)
+        return batch
+
+    for path in files:
+        for record in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
+            for c in columns:
+                column = record.column(c)
+                pending[c].append(column.values.to_numpy().reshape(-1, d) if c == "vector"
+                                  else column.to_numpy().astype(np.int64))
+            held += record.num_rows
+            while held >= max(batch_size, shuffle_buffer):
+                arrays = {c: np.concatenate(v) for c, v in pending.items()}
+                if shuffle_buffer:
+                    order = rng.permutation(held)
+                    arrays = {c: a[order] for c, a in arrays.items()}
+                yield emit(arrays, batch_size)
+                pending = {c: [a[batch_size:]] for c, a in arrays.items()}
+                held -= batch_size
+    if held:
+        arrays = {c: np.concatenate(v) for c, v in pending.items()}
+        if shuffle_buffer:
+            order = rng.permutation(held)
+            arrays = {c: a[order] for c, a in arrays.items()}
+        for start in range(0, held, batch_size):
+            yield emit({c: a[start:] for c, a in arrays.items()}, batch_size)
+
+
+def scan(out):
+    """All modules' rows as one `polars.LazyFrame` with a `module` column.
+
+    When every module has the same width the vector is `Array(dtype, d)`; otherwise it
+    is a `List` so the frames can be stacked. Join `vocab(out)` on `token` and
+    `docs(out)` on `doc_id`.
+    """
+    import polars as pl
+
+    out = os.fspath(out)
+    manifest = mf.read_manifest(out)
+    widths = {m["d"] for m in manifest["modules"].values()}
+    frames = []
+    for module in manifest["modules"]:
+        files = _module_files(out, manifest, module)
+        if not files:
+            continue
+        frame = pl.scan_parquet(files).with_columns(pl.lit(module).alias("module"))
+        if len(widths) > 1:
+            frame = frame.with_columns(pl.col("vector").arr.to_list())
+        frames.append(frame.select("module", "doc_id", "position", "token", "vector"))
+    if not frames:
+        raise ConfigError(f"{out!r} has no committed rows yet.")
+    return pl.concat(frames, how="vertical")
+
+
+def vocab(out):
+    """`vocab.parquet` as a LazyFrame: token (int32), text, special (bool)."""
+    import polars as pl
+
+    return pl.scan_parquet(os.path.join(os.fspath(out), VOCAB_NAME))
+
+
+def docs(out):
+    """Every committed document as a LazyFrame: doc_id, n_tokens, text (null unless stored)."""
+    import polars as pl
+
+    out = os.fspath(out)
+    files = sorted(glob.glob(os.path.join(out, DOCS_DIR, "*.parquet")))
+    manifest = mf.read_manifest(out)
+    listed = {os.path.join(out, p["path"]) for p in manifest["parts"] if p["kind"] == "docs"}
+    return pl.scan_parquet([f for f in files if f in listed]) if listed else pl.LazyFrame(
+        schema={"doc_id": pl.Int64, "n_tokens": pl.Int32, "text": pl.String})
+
+
+def info(out) -> dict:
+    """A summary of OUT's manifest: status, model, modules (d, dtype, rows, bytes, mean
+    norm), documents, tokens, shards and bytes on disk."""
+    out = os.fspath(out)
+    m = mf.read_manifest(out)
+    modules = {}
+    for name, spec in m["modules"].items():
+        parts = [p for p in m["parts"] if p.get("module") == name]
+        modules[name] = {"d": spec["d"], "dtype": spec["dtype"], "rows": m["counts"]["rows"][name],
+                         "bytes": sum(p["bytes"] for p in parts), "files": len(parts),
+                         "mean_norm": m["stats"].get(name, {}).get("mean_norm")}
+    return {
+        "path": out, "run_id": m["run_id"], "status": m["status"], "error": m.get("error"),
+        "model": m["provenance"]["model"].get("name_or_path") or m["provenance"]["model"]["class"],
+        "context_size": m["config"]["context_size"], "overflow": m["config"]["overflow"],
+        "docs": m["counts"]["docs"], "skipped_docs": m["counts"]["skipped_docs"],
+        "tokens_fed": m["counts"]["tokens_fed"], "shards": len(m["shards"]),
+        "shard_size": m["shard_size"], "bytes": sum(p["bytes"] for p in m["parts"]),
+        "modules": modules, "created": m["created"], "updated": m["updated"],
+    }

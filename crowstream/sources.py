@@ -1,0 +1,201 @@
+"""Stage 1, the source. It owns turning whatever the user has (a list of strings or dicts,
+a `datasets.Dataset`/`IterableDataset`, a local file or directory, a hub dataset id) into
+a stream of `(doc_id, text)`, where `doc_id` is the document's 0-based row index in the
+source. Sampling, `max_docs`, and skipping already-committed documents (resume) live here,
+so a resumed run never even reads the skipped documents into the model.
+
+Policy for bad texts: `None` is skipped and counted (the manifest's `skipped_docs`);
+an empty string is a document with zero tokens; any other non-string is an error,
+because it almost always means the wrong `text_field`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclasses.dataclass
+class Source:
+    """A corpus, ready to stream. `rows(skip)` yields `(doc_id, text or None)`."""
+
+    fingerprint: dict
+    _rows: Any  # callable () -> iterator of (index, item)
+    text_field: str
+    n_docs: int | None  # documents this run will see (after sample/max_docs), if known
+    _indices: np.ndarray | None = None
+    _max_docs: int | None = None
+
+    def rows(self, skip: int = 0) -> Iterator[tuple[int, str | None]]:
+        """Documents in order, the first `skip` of them left out unread where possible."""
+        if self._indices is not None:
+            wanted = self._indices[skip:]
+            stream = _pick(self._rows(0), wanted)
+        else:
+            limit = None if self._max_docs is None else max(self._max_docs - skip, 0)
+            stream = itertools.islice(self._rows(skip), limit)
+        for index, item in stream:
+            yield index, _text_of(item, self.text_field, index)
+
+
+def open_source(data, *, text_field: str = "text", split: str = "train",
+                sample: int | None = None, seed: int = 0,
+                max_docs: int | None = None) -> Source:
+    """Wrap `data` as a `Source`. See the module docstring for what `data` may be."""
+    rows, n_total, fingerprint = _open(data, text_field, split)
+    indices = None
+    if sample is not None:
+        if n_total is None:
+            n_total = sum(1 for _ in rows(0))
+        if sample > n_total:
+            raise DataError(f"sample={sample} is larger than the corpus ({n_total} documents); "
+                            "lower sample or drop it.")
+        rng = np.random.default_rng(seed)
+        indices = np.sort(rng.choice(n_total, size=sample, replace=False))
+        if max_docs is not None:
+            indices = indices[:max_docs]
+        n_docs = len(indices)
+    else:
+        n_docs = n_total if max_docs is None or n_total is None else min(n_total, max_docs)
+    fingerprint = {**fingerprint, "text_field": text_field}
+    return Source(fingerprint, rows, text_field, n_docs, indices, max_docs)
+
+
+def _open(data, text_field: str, split: str):
+    """-> (rows(skip) -> iterator of (index, item), total count or None, fingerprint)."""
+    import datasets
+
+    if isinstance(data, str):
+        return _open_path_or_hub(data, split)
+    if isinstance(data, datasets.Dataset):
+        return _open_dataset(data, text_field)
+    if isinstance(data, datasets.IterableDataset):
+        def rows(skip):
+            return enumerate(data.skip(skip) if skip else data, start=skip)
+        return rows, None, {"kind": "datasets.IterableDataset", "name": str(data.info.dataset_name),
+                            "config": str(data.config_name), "split": str(data.split),
+                            "features": str(data.features)}
+    if isinstance(data, (list, tuple)):
+        digest = hashlib.sha256()
+        for item in data:
+            digest.update(json.dumps(item, sort_keys=True, default=str).encode())
+        return (lambda skip: enumerate(data[skip:], start=skip)), len(data), {
+            "kind": "list", "n": len(data), "sha256": digest.hexdigest()}
+    if isinstance(data, Iterable) and not isinstance(data, (bytes, dict)):
+        iterator = iter(data)
+        def rows(skip):
+            return itertools.islice(enumerate(iterator), skip, None)
+        return rows, None, {"kind": "iterable", "type": type(data).__name__}
+    raise DataError(
+        f"data of type {type(data).__name__} is not supported; pass a list of strings or dicts, "
+        "a datasets.Dataset/IterableDataset, a local file/directory path, or a hub dataset id."
+    )
+
+
+def _open_dataset(ds, text_field: str):
+    if text_field not in ds.column_names:
+        raise DataError(f"text field {text_field!r} is not a column of the dataset; "
+                        f"available columns: {', '.join(ds.column_names)}. Pass text_field=.")
+    column = ds.select_columns([text_field])
+
+    def rows(skip):
+        for start in range(skip, len(column), 1024):
+            batch = column[start:start + 1024][text_field]
+            yield from enumerate(batch, start=start)
+
+    return rows, len(ds), {"kind": "datasets.Dataset", "n": len(ds),
+                           "fingerprint": str(getattr(ds, "_fingerprint", ""))}
+
+
+def _open_path_or_hub(path: str, split: str):
+    import datasets
+
+    if os.path.isfile(path):
+        suffix = os.path.splitext(path)[1].lower()
+        fingerprint = {"kind": "file", "path": os.path.abspath(path), **_file_digest(path)}
+        if suffix == ".txt":
+            return (lambda skip: _text_lines(path, skip)), None, fingerprint
+        if suffix not in _FILE_BUILDERS:
+            raise DataError(f"cannot read {path!r}: supported files are .txt (one document per "
+                            "line), .jsonl, .json, .parquet and .csv.")
+        ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train",
+                                   streaming=True)
+        return (lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)), None, fingerprint
+    if os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(d, f), path)
+                       for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+        if not files:
+            raise DataError(f"directory {path!r} holds no files; point data at a corpus.")
+        fingerprint = {"kind": "directory", "path": os.path.abspath(path),
+                       "files": [[f, os.path.getsize(os.path.join(path, f))] for f in files]}
+        ds = _load_split(path, split, streaming=True)
+        return (lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)), None, fingerprint
+    looks_like_path = (path.startswith((".", "/", "~")) or path.count("/") > 1
+                       or os.path.splitext(path)[1].lower() in {".txt", *_FILE_BUILDERS})
+    if looks_like_path:
+        raise DataError(f"data path {path!r} does not exist; pass an existing file or directory.")
+    ds = _load_split(path, split, streaming=True)
+    return (lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)), None, {
+        "kind": "hub", "id": path, "split": split}
+
+
+def _load_split(path: str, split: str, *, streaming: bool):
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, split=split, streaming=streaming)
+    except (ConnectionError, OSError) as error:
+        raise DataError(
+            f"could not load dataset {path!r} (split {split!r}): {error}. With no network, pass "
+            "a local file or directory, or set HF_HUB_OFFLINE=1 to use the local cache."
+        ) from error
+    except ValueError as error:
+        raise DataError(f"could not load dataset {path!r} (split {split!r}): {error}") from error
+
+
+def _text_lines(path: str, skip: int) -> Iterator[tuple[int, str]]:
+    with open(path, encoding="utf-8") as lines:
+        for index, line in enumerate(lines):
+            if index >= skip:
+                yield index, line.rstrip("\r\n")
+
+
+def _file_digest(path: str) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return {"bytes": os.path.getsize(path), "sha256_first_mib": hashlib.sha256(head).hexdigest()}
+
+
+def _pick(rows: Iterator[tuple[int, Any]], wanted: np.ndarray) -> Iterator[tuple[int, Any]]:
+    """Rows whose index is in the sorted array `wanted`."""
+    targets = iter(wanted.tolist())
+    target = next(targets, None)
+    for index, item in rows:
+        if target is None:
+            return
+        if index == target:
+            yield index, item
+            target = next(targets, None)
+
+
+def _text_of(item, text_field: str, index: int) -> str | None:
+    if isinstance(item, dict):
+        if text_field not in item:
+            raise DataError(f"document {index} has no field {text_field!r}; available fields: "
+                            f"{', '.join(map(str, item))}. Pass text_field= (CLI: --text-field).")
+        item = item[text_field]
+    if item is None or isinstance(item, str):
+        return item
+    raise DataError(f"document {index} is a {type(item).__name__}, not a string "
+                    f"(value {str(item)[:60]!r}); check text_field (now {text_field!r}).")
