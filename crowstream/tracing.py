@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import gc
 import inspect
+import re
 import warnings
 
 import torch
@@ -51,7 +51,8 @@ def resolve_modules(model, requested) -> list[str]:
         if not isinstance(pattern, str):
             raise ModuleNotFoundInModel(f"module names must be strings, got {pattern!r}.")
         if _GLOB_CHARS & set(pattern):
-            matches = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            regex = _glob_regex(pattern)
+            matches = [n for n in names if regex.fullmatch(n)]
             if not matches:
                 raise ModuleNotFoundInModel(
                     f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
@@ -66,6 +67,15 @@ def resolve_modules(model, requested) -> list[str]:
     for name in resolved:
         check_module_name(name)
     return resolved
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """`*` matches within one dotted component (`transformer.h.*` -> the blocks, not
+    their submodules), `**` matches across components, `?` one character, `[...]` a set."""
+    parts = re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern)
+    table = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
+    return re.compile("".join(table.get(p) or (p if p.startswith("[") else re.escape(p))
+                              for p in parts))
 
 
 def _close(name: str, names: list[str]) -> str:
