@@ -114,21 +114,19 @@ def shard_stream(rows: Iterator[tuple[int, str | None]], tokenizing: Tokenizing,
                  tokens_before: int) -> Iterator[Batch | ShardEnd]:
     """Batches of each shard in turn, each shard followed by its `ShardEnd`."""
     config = tokenizing.config
-    docs_left = None if config.max_docs is None else config.max_docs - source_start
     tokens_fed = tokens_before
     shard, consumed = first_shard, source_start
     while True:
         if config.max_tokens is not None and tokens_fed >= config.max_tokens:
             return
-        take = shard_size if docs_left is None else min(shard_size, docs_left - (consumed - source_start))
-        block = list(itertools.islice(rows, take)) if take > 0 else []
+        block = list(itertools.islice(rows, shard_size))  # the source applies max_docs
         if not block:
             return
         end = yield from _shard(block, tokenizing, shard, consumed, tokens_fed)
         tokens_fed += int(end.n_tokens.sum())
         consumed = end.source_end
         shard += 1
-        if end.last or len(block) < take:  # limit reached, or the source ran out
+        if end.last or len(block) < shard_size:  # limit reached, or the source ran out
             return
 
 

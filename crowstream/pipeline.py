@@ -197,9 +197,15 @@ class _Session:
                 writers.abort() if self.stop_requested.is_set() else writers.finish()
         except BaseException as error:
             stream.close()
-            with contextlib.suppress(Exception):  # the error in hand is the one to report
+            try:
                 writers.abort()
+            except Exception as secondary:  # the error in hand is the one to report
+                log.error("while stopping after %s: %s", type(error).__name__, secondary)
             self._record_failure(error)
+            os_error = _os_error_in(error)
+            if os_error is not None:
+                from .writer import describe_os_error
+                raise describe_os_error(os_error, self.out, writers.bytes_written) from error
             raise
         if self.stop_requested.is_set():
             self._record_failure(Interrupted("interrupted"))
@@ -401,6 +407,17 @@ def _write_vocab(out: str, tokenizer) -> None:
 
 def _safe(name: str) -> str:
     return name.replace("/", "_")
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind a write failure (raised here or on a writer thread), if any."""
+    while error is not None:
+        if isinstance(error, CrowstreamError):
+            return None
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__
+    return None
 
 
 def _is_oom(error: BaseException) -> bool:
