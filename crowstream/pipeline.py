@@ -410,11 +410,14 @@ def _safe(name: str) -> str:
 
 
 def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind a write failure (raised here or on a writer thread), if any."""
+    """The OSError behind a failed write (raised here or on a writer thread), if any."""
+    import errno
+
+    write_errors = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EFBIG}
     while error is not None:
         if isinstance(error, CrowstreamError):
             return None
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and error.errno in write_errors:
             return error
         error = error.__cause__
     return None
