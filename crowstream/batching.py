@@ -44,6 +44,12 @@ class Batch:
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors, so host-to-GPU copies can be asynchronous."""
+        return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(),
+                                   attention_mask=self.attention_mask.pin_memory(),
+                                   keep_index=self.keep_index.pin_memory())
+
     def split(self) -> tuple[Batch, Batch]:
         """Two half-size batches with the same rows (used to back off on OOM)."""
         half = self.n_docs // 2

@@ -220,10 +220,14 @@ class _Session:
         from .batching import Tokenizing, shard_stream
 
         shards = self.manifest["shards"]
-        return shard_stream(rows, Tokenizing(self.tokenizer, self.config),
+        stream = shard_stream(rows, Tokenizing(self.tokenizer, self.config),
                             shard_size=self.manifest["shard_size"], first_shard=len(shards),
                             source_start=self.source_done,
                             tokens_before=self.manifest["counts"]["tokens_fed"])
+        if self.tracer.device.type != "cuda":
+            return stream
+        # pinned on the prefetch thread, so the forward loop's copies to the GPU are async
+        return (item.pin_memory() if hasattr(item, "pin_memory") else item for item in stream)
 
     def _forward(self, batch):
         """-> [(batch, captured)]: one entry, or several after backing off on OOM."""
