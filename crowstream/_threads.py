@@ -35,9 +35,10 @@ class Worker:
             raise RuntimeError(f"{self._thread.name} failed: {self._error}") from self._error
 
     def close(self) -> None:
-        """Finish queued work (nothing runs after a failure) and join the thread."""
-        self._queue.put(_STOP)
-        self._thread.join()
+        """Finish queued work (nothing runs after a failure) and join the thread; idempotent."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not _STOP:

@@ -173,6 +173,7 @@ class _Session:
     # -- the loop ---------------------------------------------------------------------
     def run(self, rows, n_docs: int | None) -> Run:
         from ._threads import prefetch
+        from .batching import Batch
 
         manifest = self.manifest
         if manifest["status"] == "complete":
@@ -186,7 +187,7 @@ class _Session:
                 for item in stream:
                     if self.stop_requested.is_set():
                         break
-                    if hasattr(item, "keep_index"):
+                    if isinstance(item, Batch):
                         for sub, captured in self._forward(item):
                             writers.write(sub, captured)
                         bar.batch(item)
@@ -194,13 +195,12 @@ class _Session:
                         writers.commit(item)
                         bar.shard(item, writers.bytes_written)
                 stream.close()
-                writers.abort() if self.stop_requested.is_set() else writers.finish()
+                if self.stop_requested.is_set():
+                    writers.abort()
+                writers.finish()
         except BaseException as error:
             stream.close()
-            try:
-                writers.abort()
-            except Exception as secondary:  # the error in hand is the one to report
-                log.error("while stopping after %s: %s", type(error).__name__, secondary)
+            writers.abort()  # keeps committing complete shards; the open one is dropped
             self._record_failure(error)
             os_error = _os_error_in(error)
             if os_error is not None:
@@ -366,21 +366,19 @@ class _Writers:
 
     def finish(self) -> None:
         """Wait for every queued commit; re-raise the first background failure."""
-        self.finish_threads()
+        self._join()
         for worker in (*self.workers.values(), self.committer):
             worker.check()
 
     def abort(self) -> None:
         """Stop the threads: queued commits of complete shards finish, the open shard's
-        part files are deleted. Re-raises the first background failure."""
-        self.finish_threads()
+        part files are deleted. Background failures are left for `finish` to raise."""
+        self._join()
         for part in self.parts.values():
             part.abort()
         self.parts.clear()
-        for worker in (*self.workers.values(), self.committer):
-            worker.check()
 
-    def finish_threads(self) -> None:
+    def _join(self) -> None:
         for worker in self.workers.values():
             worker.close()
         self.committer.close()
