@@ -80,11 +80,18 @@ class CaptureConfig:
     def differences(self, recorded: dict) -> list[str]:
         """Human-readable list of RESUME_FIELDS whose values differ from `recorded`."""
         mine = _jsonable(self.to_json())
-        return [
-            f"{field}: manifest has {recorded.get(field)!r}, this call has {mine[field]!r}"
-            for field in RESUME_FIELDS
-            if _jsonable(recorded.get(field)) != mine[field]
-        ]
+        found = []
+        for field in RESUME_FIELDS:
+            old, new = _jsonable(recorded.get(field)), mine[field]
+            if old == new:
+                continue
+            if isinstance(old, dict) and isinstance(new, dict):  # fingerprints: name the keys
+                found += [f"{field}.{key}: manifest has {_short(old.get(key))}, this call has "
+                          f"{_short(new.get(key))}" for key in sorted(set(old) | set(new))
+                          if old.get(key) != new.get(key)]
+            else:
+                found.append(f"{field}: manifest has {old!r}, this call has {new!r}")
+        return found
 
 
 def _jsonable(value):
@@ -94,6 +101,11 @@ def _jsonable(value):
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_positive(name: str, value, *, allow_none: bool = True) -> None:
