@@ -1,0 +1,515 @@
+"""Throughput benchmark: crowstream.capture vs. a hand-written loop vs. the bare forward.
+
+    python benchmarks/throughput.py                 # GPT-2-small-sized model, 300 real docs
+    python benchmarks/throughput.py --tiny          # CI: 2 layers, d=64, 40 docs, seconds
+    python benchmarks/throughput.py --device cuda   # the same on a GPU
+
+In ONE process, on the SAME documents (paragraphs of Python's own documentation, evenly
+spaced over all of them, so lengths range from one line to ~1k tokens), it times:
+
+  (1) crowstream.capture end to end, to disk (a temp dir), two blocks (transformer.h.2 and
+      transformer.h.5; h.0 and h.1 with --tiny): tokenizing, batching, tracing, writing,
+      committing, manifest, all of it;
+  (2) the hand-written baseline: tokenizer(batch, padding=True, truncation=True) per batch
+      in corpus order (pad token set on a copy of the tokenizer), the same batch size, the
+      forward stopped after the same deepest block by a hook that raises, both blocks'
+      outputs copied to the CPU, nothing written;
+  (3) the bare model forward over crowstream's own batches (rebuilt with
+      crowstream.batching from the run's recorded CaptureConfig), stopped after the
+      deepest block by a hook: the cost floor for that batching. Tokenizing is not timed.
+
+and prints real (non-pad) tokens/s for each, the ratios (1)/(2) and (1)/(3), RSS, and
+the bytes per token on disk per module in float32 and float16 (a second, smaller capture) against
+the compressed vector column and the raw vector payload (d*4 or d*2 bytes).
+The model has random weights (compute is what matters) and a BPE tokenizer trained here
+on the same documentation, so nothing is downloaded. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import glob
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TARGET_VS_BASELINE = 1.5   # (1)/(2)
+TARGET_VS_FLOOR = 0.95     # (1)/(3)
+TARGET_DISK_OVERHEAD = 0.05  # on-disk bytes/token vs. the compressed vector column
+
+
+# -- shared set-up (memory.py imports these) --------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int
+    vocab_size: int
+
+
+SMALL = ModelSpec(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=8192)  # GPT-2 small shape
+TINY = ModelSpec(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=1000)
+
+
+def documents(n: int, *, repeat_to: int | None = None) -> list[str]:
+    """`n` real paragraphs of Python's docs, evenly spaced over all of them (a fixed,
+    realistic length spread); with `repeat_to`, cycled until there are that many."""
+    from crowstream.demo import python_doc_paragraphs
+
+    every = python_doc_paragraphs(10**9, min_chars=40)
+    if n > len(every):
+        raise SystemExit(f"only {len(every)} paragraphs are available; ask for fewer documents.")
+    step = len(every) / n
+    docs = [every[int(i * step)] for i in range(n)]
+    if repeat_to is not None:
+        docs = [docs[i % n] for i in range(repeat_to)]
+    return docs
+
+
+def build_model(spec: ModelSpec, *, seed: int = 0):
+    """A GPT-2 of `spec`'s shape with random weights and a byte-level BPE tokenizer trained
+    on Python's docs (like tests/conftest.py); -> (model in eval mode, tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from crowstream.demo import python_doc_paragraphs
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(python_doc_paragraphs(10**9, min_chars=1), trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head,
+                        n_positions=spec.n_positions, vocab_size=len(tokenizer),
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """ru_maxrss of this process: the high-water mark since it started (never resets)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def mib(n: int | float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` s on a thread, so each phase gets its own
+    peak (ru_maxrss cannot be reset). Sampling can miss spikes shorter than the interval."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak = interval, 0
+        self.enabled = rss_bytes() is not None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-rss", daemon=True)
+        if self.enabled:
+            self._thread.start()
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes() or 0)
+
+    @contextlib.contextmanager
+    def phase(self, record: dict):
+        start = rss_bytes()
+        self.peak = start or 0
+        try:
+            yield
+        finally:
+            end = rss_bytes()
+            if self.enabled:
+                record["rss_start"], record["rss_peak"] = start, max(self.peak, end or 0)
+
+    def close(self):
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+
+# -- the three measurements ------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by the hook on the deepest block: ends the forward early."""
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hooked(model, modules, save: dict | None):
+    """Forward hooks on `modules`: save each output on the CPU (when `save` is a dict) and
+    raise _Stop after the last (deepest) one. -> the handles to remove."""
+    deepest = modules[-1]
+
+    def hook(name):
+        def run(module, args, output):
+            if save is not None:
+                value = output[0] if isinstance(output, tuple) else output
+                save[name] = value.cpu()
+            if name == deepest:
+                raise _Stop
+        return run
+
+    return [model.get_submodule(n).register_forward_hook(hook(n)) for n in modules]
+
+
+def _forward_stopped(model, ids, mask):
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        return
+    raise AssertionError("the forward ran past the deepest block: the stop hook did not fire")
+
+
+def run_baseline(model, tokenizer, docs, modules, *, batch_size, ctx, device) -> dict:
+    """(2): what people write by hand. Padding per batch in corpus order; nothing written."""
+    import torch
+
+    padded = copy.deepcopy(tokenizer)  # the pad token is set on a copy only
+    padded.pad_token = padded.eos_token
+    saved: dict = {}
+    handles = _hooked(model, modules, saved)
+    real = total = 0
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(docs), batch_size):
+                enc = padded(docs[i:i + batch_size], padding=True, truncation=True,
+                             max_length=ctx, return_tensors="pt")
+                ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                _forward_stopped(model, ids, mask)
+                outputs = [saved.pop(name) for name in modules]  # on the CPU already
+                real += int(enc["attention_mask"].sum())
+                total += ids.numel()
+                del outputs
+        _sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    return {"seconds": seconds, "tokens": real, "padded": total}
+
+
+def crowstream_batches(tokenizer, docs, config_json: dict, shard_size: int) -> list:
+    """The Batches crowstream builds for `docs` under the run's recorded config."""
+    from crowstream.batching import Batch, Tokenizing, shard_stream
+    from crowstream.config import CaptureConfig
+
+    fields = {f.name for f in dataclasses.fields(CaptureConfig)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config_json.items() if k in fields}
+    config = CaptureConfig(**values)
+    stream = shard_stream(iter(enumerate(docs)), Tokenizing(tokenizer, config),
+                          shard_size=shard_size, first_shard=0, source_start=0, tokens_before=0)
+    return [item for item in stream if isinstance(item, Batch)]
+
+
+def run_floor(model, batches, modules, *, device) -> dict:
+    """(3): the bare forward over prebuilt batches, stopped after the deepest block."""
+    import torch
+
+    handles = _hooked(model, [modules[-1]], None)
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in batches:
+                _forward_stopped(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+        _sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    return {"seconds": seconds, "tokens": sum(b.real_tokens for b in batches),
+            "padded": sum(b.input_ids.numel() for b in batches)}
+
+
+def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, device) -> dict:
+    """(1): crowstream end to end, to `out`."""
+    import crowstream
+
+    _sync(device)
+    start = time.perf_counter()
+    run = crowstream.capture(model, docs, modules, out, tokenizer=tokenizer, batch_size=batch_size,
+                             dtype=dtype, device=device, progress=False)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": run.manifest["counts"]["tokens_fed"], "run": run}
+
+
+def disk_usage(out: str, module: str) -> dict:
+    """Rows, file bytes and the vector column's compressed bytes of a module's part files."""
+    import pyarrow.parquet as pq
+
+    rows = file_bytes = vector_bytes = 0
+    for path in sorted(glob.glob(os.path.join(out, "data", f"module={module}", "*.parquet"))):
+        meta = pq.ParquetFile(path).metadata
+        rows += meta.num_rows
+        file_bytes += os.path.getsize(path)
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                if column.path_in_schema == "vector.list.element":
+                    vector_bytes += column.total_compressed_size
+    return {"rows": rows, "file_bytes": file_bytes, "vector_bytes": vector_bytes}
+
+
+def written_doc_ids(out: str, module: str):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    paths = sorted(glob.glob(os.path.join(out, "data", f"module={module}", "*.parquet")))
+    return np.concatenate([pq.read_table(p, columns=["doc_id"])["doc_id"].to_numpy() for p in paths])
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+# -- the report --------------------------------------------------------------------------
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def rate(record: dict) -> float:
+    return record["tokens"] / record["seconds"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=None, help="documents (default 300; 40 with --tiny)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed rounds of (1), (2), (3), rotating their order; best time of each is used")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--tiny", action="store_true", help="2-layer d=64 model, 40 docs: a CI smoke run")
+    parser.add_argument("--fp16-docs", type=int, default=None,
+                        help="documents for the extra float16 capture, the first of --docs "
+                             "(default: a third of them, all with --tiny; 0 skips it)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own; 1 with --tiny)")
+    parser.add_argument("--tmp", default=None, help="directory for the capture outputs (default: system temp)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    spec = TINY if args.tiny else SMALL
+    n_docs = args.docs or (40 if args.tiny else 300)
+    fp16_docs = min(n_docs, n_docs if args.tiny else max(1, n_docs // 3)) if args.fp16_docs is None else args.fp16_docs
+    modules = ["transformer.h.0", "transformer.h.1"] if args.tiny else ["transformer.h.2", "transformer.h.5"]
+    device = torch.device(args.device)
+    if args.threads is None and args.tiny:
+        args.threads = 1  # a d=64 model gains nothing from more, and loses a lot on a busy machine
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    model, tokenizer = build_model(spec)
+    model.to(device)
+    docs = documents(n_docs)
+    ctx = spec.n_positions
+    lengths = sorted(len(ids) for ids in tokenizer(docs, truncation=True, max_length=spec.n_positions)["input_ids"])
+    built = time.perf_counter() - t0
+
+    print(f"crowstream throughput benchmark{' (--tiny)' if args.tiny else ''}")
+    print(f"  machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads, device {device}, "
+          f"load average {os.getloadavg()[0]:.2f} (other processes skew CPU timings)"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"  model: GPT-2 shape, {spec.n_layer} layers, d={spec.n_embd}, {spec.n_head} heads, "
+          f"{spec.n_positions} positions, vocab {len(tokenizer):,} (BPE trained here), random weights; "
+          f"built in {built:.1f} s")
+    print(f"  corpus: {len(docs)} paragraphs of Python's docs, {sum(lengths):,} tokens after truncation to {ctx} "
+          f"(per doc: min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
+          f"p90 {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]})")
+    print(f"  modules: {', '.join(modules)} (forward stopped after {modules[-1]}); "
+          f"batch size {args.batch_size}; best of {args.repeat} round(s)")
+
+    tmp = tempfile.mkdtemp(prefix="crowstream-bench-", dir=args.tmp)
+    sampler = RssSampler()
+    runs = 0
+
+    def new_out() -> str:
+        nonlocal runs
+        runs += 1
+        return os.path.join(tmp, f"run-{runs}")
+
+    try:
+        # Warm-up: every code path once (imports, first forward, allocator) before timing.
+        warm = docs[:args.batch_size]
+        out = new_out()
+        warm_capture = run_capture(model, tokenizer, warm, modules, out, batch_size=args.batch_size,
+                                   dtype="float32", device=device)
+        run_baseline(model, tokenizer, warm, modules, batch_size=args.batch_size, ctx=ctx, device=device)
+        warm_config = warm_capture["run"].manifest
+        run_floor(model, crowstream_batches(tokenizer, warm, warm_config["config"], warm_config["shard_size"]),
+                  modules, device=device)
+        shutil.rmtree(out)
+        # A one-document capture: crowstream's fixed cost per run (probe forward, nnsight
+        # wrapping, vocab.parquet, manifest and card, thread start-up, fsyncs).
+        out = new_out()
+        fixed = run_capture(model, tokenizer, docs[:1], modules, out, batch_size=args.batch_size,
+                            dtype="float32", device=device)["seconds"]
+        shutil.rmtree(out)
+
+        results: dict[str, list[dict]] = {"capture": [], "baseline": [], "floor": []}
+        batches = None
+        keep_out = None
+        order = ["capture", "baseline", "floor"]
+        for r in range(args.repeat):
+            # rotate the order each round; round 0 starts with (1), whose recorded config
+            # the batches of (3) are rebuilt from
+            for phase in order[r % 3:] + order[:r % 3]:
+                record: dict = {}
+                with sampler.phase(record):
+                    if phase == "capture":
+                        out = new_out()
+                        record.update(run_capture(model, tokenizer, docs, modules, out,
+                                                  batch_size=args.batch_size, dtype="float32",
+                                                  device=device))
+                    elif phase == "baseline":
+                        record.update(run_baseline(model, tokenizer, docs, modules,
+                                                   batch_size=args.batch_size, ctx=ctx, device=device))
+                    else:
+                        record.update(run_floor(model, batches, modules, device=device))
+                results[phase].append(record)
+                if phase == "capture" and keep_out is None:
+                    keep_out = out  # kept for the disk numbers and the batch check
+                    manifest = record["run"].manifest
+                    t = time.perf_counter()
+                    batches = crowstream_batches(tokenizer, docs, manifest["config"], manifest["shard_size"])
+                    batching_seconds = time.perf_counter() - t
+                elif phase == "capture":
+                    shutil.rmtree(out)
+
+        fp16 = None
+        if fp16_docs > 0:
+            record = {}
+            with sampler.phase(record):
+                record.update(run_capture(model, tokenizer, docs[:fp16_docs], modules, new_out(),
+                                          batch_size=args.batch_size, dtype="float16", device=device))
+            fp16 = record
+
+        best = {phase: min(records, key=lambda x: x["seconds"]) for phase, records in results.items()}
+        cap, base, floor = best["capture"], best["baseline"], best["floor"]
+
+        # Same documents, same truncation: every phase must see the same real tokens, and
+        # the rebuilt batches must be crowstream's (row order of the part files).
+        same_tokens = cap["tokens"] == base["tokens"] == floor["tokens"]
+        import numpy as np
+        same_batches = all(np.array_equal(written_doc_ids(keep_out, m),
+                                          np.concatenate([b.doc_ids for b in batches])) for m in modules)
+
+        print()
+        print(f"real (non-pad) tokens/s, best of {args.repeat}:")
+        print(f"  (1) crowstream.capture, end to end to disk   {rate(cap):>12,.0f} tok/s  "
+              f"{cap['seconds']:7.2f} s  {cap['tokens']:,} tokens")
+        print(f"  (2) hand-written, padded in corpus order     {rate(base):>12,.0f} tok/s  "
+              f"{base['seconds']:7.2f} s  {base['tokens']:,} real of {base['padded']:,} padded "
+              f"({base['tokens'] / base['padded']:.0%} real)")
+        print(f"  (3) bare forward on crowstream's batches     {rate(floor):>12,.0f} tok/s  "
+              f"{floor['seconds']:7.2f} s  {floor['tokens']:,} real of {floor['padded']:,} padded "
+              f"({floor['tokens'] / floor['padded']:.0%} real), {len(batches)} batches")
+        if fp16 is not None:
+            print(f"  (1') crowstream.capture, dtype=float16       {rate(fp16):>12,.0f} tok/s  "
+                  f"{fp16['seconds']:7.2f} s  {fp16['tokens']:,} tokens (first {fp16_docs} docs; "
+                  "for the bytes/token below, not a ratio)")
+        if args.repeat > 1:
+            for phase, records in results.items():
+                times = [x["seconds"] for x in records]
+                print(f"  {phase}: times {', '.join(f'{t:.2f}' for t in times)} s "
+                      f"(median {statistics.median(times):.2f})")
+        print(f"  crowstream fixed cost per run (one-document capture): {fixed:.2f} s; "
+              f"tokenizing + batching alone (crowstream.batching, untimed in (3)): {batching_seconds:.2f} s")
+        print(f"  same real tokens in (1), (2), (3): {same_tokens}; "
+              f"(3) replays crowstream's batches (doc_id order of the part files): {same_batches}")
+
+        vs_base, vs_floor = rate(cap) / rate(base), rate(cap) / rate(floor)
+        print()
+        print(f"ratio (1)/(2) crowstream vs hand-written baseline: {vs_base:.2f}x "
+              f"(target >= {TARGET_VS_BASELINE}: {verdict(vs_base >= TARGET_VS_BASELINE)})")
+        print(f"ratio (1)/(3) crowstream vs bare forward on its batches: {vs_floor:.3f} "
+              f"(target >= {TARGET_VS_FLOOR}: {verdict(vs_floor >= TARGET_VS_FLOOR)})")
+
+        print()
+        print("memory (RSS of this one process; model weights and libraries included):")
+        for label, phase in (("(1) capture", cap), ("(2) baseline", base), ("(3) floor", floor),
+                             ("(1') capture fp16", fp16)):
+            if phase is not None and "rss_peak" in phase:
+                print(f"  {label:<18} start {mib(phase['rss_start'])}, peak {mib(phase['rss_peak'])} "
+                      f"(+{mib(phase['rss_peak'] - phase['rss_start'])}; sampled every 10 ms)")
+        print(f"  ru_maxrss of the whole process (all phases, warm-up, model build): {mib(peak_rss_bytes())}")
+
+        print()
+        print("bytes per token on disk, per module (part files: doc_id, position, token, vector + footer):")
+        disk_ok = True
+        captures = [("float32", 4, keep_out)] + ([("float16", 2, fp16["run"].path)] if fp16 else [])
+        for dtype, width, path in captures:
+            for module in modules:
+                usage = disk_usage(path, module)
+                d = spec.n_embd
+                on_disk = usage["file_bytes"] / usage["rows"]
+                vector = usage["vector_bytes"] / usage["rows"]
+                over = on_disk / vector - 1
+                disk_ok &= over <= TARGET_DISK_OVERHEAD
+                print(f"  {module} {dtype}: {on_disk:,.1f} B/token on disk; vector column "
+                      f"{vector:,.1f} B/token compressed; raw payload d*{width} = {d * width:,} B "
+                      f"(disk is {on_disk / (d * width):.3f}x raw)")
+                print(f"    within {over:.2%} of the compressed vector payload "
+                      f"(target <= {TARGET_DISK_OVERHEAD:.0%}: {verdict(over <= TARGET_DISK_OVERHEAD)})")
+            total = dir_bytes(path)
+            tokens = usage["rows"]
+            print(f"  whole output dir ({dtype}, incl. vocab, docs, manifest, card): {total:,} bytes, "
+                  f"{total / tokens / len(modules):,.1f} B/token/module")
+
+        missed = [name for name, ok in (("(1)/(2)", vs_base >= TARGET_VS_BASELINE),
+                                        ("(1)/(3)", vs_floor >= TARGET_VS_FLOOR),
+                                        ("disk overhead", disk_ok),
+                                        ("consistency", same_tokens and same_batches)) if not ok]
+        print()
+        print(f"targets: {'all met' if not missed else 'MISSED ' + ', '.join(missed)}")
+        return 1 if (args.check and missed) else 0
+    finally:
+        sampler.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

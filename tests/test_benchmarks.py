@@ -1,0 +1,40 @@
+"""The benchmark scripts run (in their --tiny CI mode) and print every number they promise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _run(script: str, tmp_path) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), "--tiny",
+                           "--tmp", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, f"{script} --tiny exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert not os.listdir(tmp_path), "the benchmark left files behind"
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_throughput_tiny_prints_every_number(tmp_path):
+    out = _run("throughput.py", tmp_path)
+    for line in ("(1) crowstream.capture", "(2) hand-written", "(3) bare forward",
+                 "ratio (1)/(2)", "ratio (1)/(3)", "ru_maxrss", "float32:", "float16:",
+                 "of the compressed vector payload", "targets:"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    # all three phases saw the same documents, and (3) replayed crowstream's own batches
+    assert "same real tokens in (1), (2), (3): True" in out, out
+    assert "(doc_id order of the part files): True" in out, out
+
+
+@pytest.mark.slow
+def test_memory_tiny_prints_growth(tmp_path):
+    out = _run("memory.py", tmp_path)
+    for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment"):
+        assert line in out, f"missing {line!r} in:\n{out}"

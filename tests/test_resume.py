@@ -1,0 +1,446 @@
+"""Resume: an interrupted or failed run continues in the same OUT and ends with exactly the
+rows an uninterrupted run writes; a resume that would change the rows is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import crowstream as cs
+from crowstream.errors import Interrupted, ResumeMismatchError
+from crowstream.tracing import ModelTracer
+
+MODULES = ["transformer.h.0", "transformer.h.2"]
+N = 40                       # documents: 10 shards of 4, one batch per shard
+KW = dict(shard_size=4, batch_size=4, progress=False)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def manifest_of(out) -> dict:
+    with open(os.path.join(out, "crowstream.json")) as f:
+        return json.load(f)
+
+
+def read_rows(out) -> dict:
+    """{module: (doc_id, position, token, vector) sorted by (doc_id, position), "docs": ...}"""
+    manifest = manifest_of(out)
+    rows = {}
+    for name, spec in manifest["modules"].items():
+        paths = sorted(p["path"] for p in manifest["parts"] if p.get("module") == name)
+        tables = [pq.read_table(os.path.join(out, p)) for p in paths]
+        cols = [np.concatenate([t[c].to_numpy() for t in tables]) for c in ("doc_id", "position", "token")]
+        vector = np.concatenate([t["vector"].combine_chunks().values.to_numpy().reshape(-1, spec["d"])
+                                 for t in tables])
+        order = np.lexsort((cols[1], cols[0]))
+        rows[name] = (*(c[order] for c in cols), vector[order])
+    docs = [pq.read_table(os.path.join(out, p["path"])) for p in manifest["parts"] if p["kind"] == "docs"]
+    doc_ids = np.concatenate([t["doc_id"].to_numpy() for t in docs])
+    order = np.argsort(doc_ids, kind="stable")
+    rows["docs"] = (doc_ids[order], np.concatenate([t["n_tokens"].to_numpy() for t in docs])[order],
+                    np.array(sum((t["text"].to_pylist() for t in docs), []), dtype=object)[order])
+    return rows
+
+
+def assert_same_rows(out, reference, *, atol=None) -> None:
+    """Bit-identical rows (or vectors within `atol`), no duplicates."""
+    got, want = read_rows(out), read_rows(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        if name == "docs":
+            assert all(np.array_equal(a, b) for a, b in zip(got[name], want[name])), "docs differ"
+            continue
+        *keys, vector = got[name]
+        *want_keys, want_vector = want[name]
+        for a, b in zip(keys, want_keys):
+            assert np.array_equal(a, b), f"{name}: doc_id/position/token differ"
+        if atol is None:
+            assert vector.dtype == want_vector.dtype and vector.tobytes() == want_vector.tobytes(), \
+                f"{name}: vectors are not bit-identical"
+        else:
+            np.testing.assert_allclose(vector, want_vector, atol=atol, rtol=0)
+        pairs = keys[0].astype(np.int64) * 1_000_000 + keys[1]
+        assert len(np.unique(pairs)) == len(pairs), f"{name}: duplicate rows"
+
+
+def parts_of(out) -> list:
+    return [(p["path"], p["rows"], p["sha256"]) for p in manifest_of(out)["parts"]]
+
+
+def assert_equals_reference(out, reference) -> None:
+    m, ref = manifest_of(out), manifest_of(reference)
+    assert m["status"] == "complete"
+    assert m["counts"] == ref["counts"]
+    assert [{k: v for k, v in s.items()} for s in m["shards"]] == ref["shards"]
+    assert parts_of(out) == parts_of(reference)  # the part files themselves are identical
+    for name, stats in ref["stats"].items():
+        assert m["stats"][name]["count"] == stats["count"]
+        np.testing.assert_allclose(m["stats"][name]["mean"], stats["mean"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(m["stats"][name]["var"], stats["var"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(m["stats"][name]["mean_norm"], stats["mean_norm"], rtol=1e-9)
+    assert_same_rows(out, reference)
+    cs.verify(out)
+    assert os.listdir(os.path.join(out, ".tmp")) == []
+
+
+def tree(path) -> dict:
+    """relative path -> bytes of every file under `path` (directories as None)."""
+    found = {}
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            found[os.path.relpath(os.path.join(root, d), path)] = None
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                found[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return found
+
+
+class Trace:
+    """Wraps ModelTracer.run: records the documents of every forward pass, and performs
+    `action` just before forward pass number `at` (1-based)."""
+
+    def __init__(self, monkeypatch, at=None, action=None):
+        self.calls, self.doc_ids = 0, []
+        original = ModelTracer.run
+
+        def run(tracer, batch):
+            self.calls += 1
+            self.doc_ids.extend(batch.piece_doc_ids.tolist())
+            if self.calls == at:
+                action()
+            return original(tracer, batch)
+
+        monkeypatch.setattr(ModelTracer, "run", run)
+
+
+def send(signum):
+    """Signal this process, but only while crowstream's handler is installed (the default
+    SIGTERM action would kill the whole test session)."""
+    def action():
+        handler = signal.getsignal(signum)
+        assert callable(handler) and handler is not signal.default_int_handler, \
+            f"capture() has no {signal.Signals(signum).name} handler installed"
+        os.kill(os.getpid(), signum)
+    return action
+
+
+def capture(gpt2, data, out, **kw):
+    model, tokenizer = gpt2
+    return cs.capture(model, data, kw.pop("modules", MODULES), out, tokenizer=tokenizer, **{**KW, **kw})
+
+
+@pytest.fixture(scope="module")
+def docs(corpus):
+    return corpus[:N]
+
+
+@pytest.fixture(scope="module")
+def reference(gpt2, docs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("resume-ref") / "out")
+    capture(gpt2, docs, out)
+    return out
+
+
+def interrupted_run(monkeypatch, gpt2, data, out, *, at=5, signum=signal.SIGINT, **kw):
+    """A run stopped by `signum` during forward pass `at`; -> the Interrupted error."""
+    trace = Trace(monkeypatch, at, send(signum))
+    with pytest.raises(Interrupted) as info:
+        capture(gpt2, data, out, **kw)
+    monkeypatch.undo()
+    assert trace.calls == at, "the run kept taking batches after the signal"
+    return info.value
+
+
+# -- resume after interrupts and failures ----------------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_commits_complete_shards_then_resume_is_bit_identical(
+        monkeypatch, gpt2, docs, reference, tmp_path, caplog, signum):
+    out = str(tmp_path / "out")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    error = interrupted_run(monkeypatch, gpt2, docs, out, at=5, signum=signum)
+    assert re.search(rf"interrupted: committed 4 shard\(s\) to {re.escape(repr(out))}\. Rerun the "
+                     r"same call with resume=True \(--resume\)", str(error))
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "signal handlers not restored"
+    assert f"{signal.Signals(signum).name} received" in caplog.text
+    m = manifest_of(out)
+    assert m["status"] == "interrupted" and m["error"] is None
+    assert [s["index"] for s in m["shards"]] == [0, 1, 2, 3]
+    assert parts_of(out) == parts_of(reference)[:len(parts_of(out))]
+    assert cs.verify(out)["parts"] == 4 * 3  # the open shard's files were dropped
+    assert os.listdir(os.path.join(out, ".tmp")) == []
+
+    trace = Trace(monkeypatch)
+    run = capture(gpt2, docs, out, resume=True)
+    assert min(trace.doc_ids) >= 16, "the model was re-run on committed documents"
+    assert sorted(trace.doc_ids) == list(range(16, N))
+    assert run.docs == N and run.run_id == m["run_id"]
+    assert_equals_reference(out, reference)
+
+
+def test_second_signal_aborts_at_once_and_resume_still_completes(monkeypatch, gpt2, docs, reference,
+                                                                 tmp_path):
+    out = str(tmp_path / "out")
+    trace = Trace(monkeypatch, 4, lambda: (send(signal.SIGINT)(), send(signal.SIGINT)()))
+    with pytest.raises(KeyboardInterrupt):
+        capture(gpt2, docs, out)
+    monkeypatch.undo()
+    assert trace.calls == 4
+    m = manifest_of(out)
+    assert m["status"] == "interrupted"
+    assert len(m["shards"]) == 3
+    cs.verify(out)
+    capture(gpt2, docs, out, resume=True)
+    assert_equals_reference(out, reference)
+
+
+def test_failure_mid_run_is_recorded_and_resume_completes(monkeypatch, gpt2, docs, reference, tmp_path):
+    out = str(tmp_path / "out")
+
+    def boom():
+        raise RuntimeError("boom: the model exploded")
+
+    Trace(monkeypatch, 7, boom)
+    with pytest.raises(RuntimeError, match="^boom: the model exploded$"):
+        capture(gpt2, docs, out)
+    monkeypatch.undo()
+    m = manifest_of(out)
+    assert m["status"] == "failed"
+    assert m["error"] == "RuntimeError: boom: the model exploded"
+    assert len(m["shards"]) == 6
+    cs.verify(out)
+    model = gpt2[0]
+    assert not any("forward" in mod.__dict__ for mod in model.modules()), "model left wrapped"
+    capture(gpt2, docs, out, resume=True)
+    assert_equals_reference(out, reference)
+
+
+def test_resume_deletes_stale_tmp_and_unlisted_files_and_keeps_committed_ones(
+        monkeypatch, gpt2, docs, reference, tmp_path, caplog):
+    out = str(tmp_path / "out")
+    interrupted_run(monkeypatch, gpt2, docs, out, at=5)
+    committed = {p["path"]: os.stat(os.path.join(out, p["path"])) for p in manifest_of(out)["parts"]}
+    real_part = os.path.join(out, next(iter(committed)))
+    stale = {
+        ".tmp/transformer.h.0.part-00000-000004.parquet": real_part,
+        ".tmp/crowstream.json.tmp": None,
+        ".tmp/junk": None,
+        "data/module=transformer.h.0/part-00000-000099.parquet": real_part,
+        "data/module=transformer.h.2/part-00000-000004.parquet": real_part,  # same name as a future part
+        "data/module=transformer.h.0/notes.txt": None,
+        "docs/part-00000-000099.parquet": real_part,
+    }
+    for rel, source in stale.items():
+        path = os.path.join(out, rel)
+        if source:
+            shutil.copyfile(source, path)
+        else:
+            with open(path, "w") as f:
+                f.write("half-written")
+    caplog.set_level("INFO", logger="crowstream")
+    capture(gpt2, docs, out, resume=True)
+    assert f"resume: removed {len(stale)} uncommitted file(s)" in caplog.text
+    for rel in stale:
+        assert rel in caplog.text
+    for rel in (".tmp/junk", "data/module=transformer.h.0/notes.txt", "docs/part-00000-000099.parquet",
+                "data/module=transformer.h.0/part-00000-000099.parquet"):
+        assert not os.path.exists(os.path.join(out, rel))
+    for rel, st in committed.items():  # committed parts are kept, not rewritten
+        now = os.stat(os.path.join(out, rel))
+        assert (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size)
+    assert_equals_reference(out, reference)
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_resume_on_missing_or_empty_out_simply_starts(gpt2, docs, reference, tmp_path, state):
+    out = str(tmp_path / "out")
+    if state == "empty":
+        os.mkdir(out)
+    run = capture(gpt2, docs, out, resume=True)
+    assert run.docs == N
+    assert_equals_reference(out, reference)
+
+
+def test_resume_of_a_complete_run_changes_nothing(monkeypatch, gpt2, docs, reference, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference, out)
+    before = tree(out)
+    trace = Trace(monkeypatch)
+    run = capture(gpt2, docs, out, resume=True)
+    assert trace.calls == 0
+    assert run.docs == N and run.tokens == manifest_of(reference)["counts"]["rows"]
+    assert tree(out) == before
+
+
+def test_resume_may_change_batch_size(monkeypatch, gpt2, docs, reference, tmp_path):
+    """batch_size is not part of the rows' identity: a resume with another one is accepted
+    and its rows match within float tolerance."""
+    out = str(tmp_path / "out")
+    interrupted_run(monkeypatch, gpt2, docs, out, at=3)
+    capture(gpt2, docs, out, resume=True, batch_size=3)
+    m = manifest_of(out)
+    assert m["status"] == "complete" and m["counts"] == manifest_of(reference)["counts"]
+    assert_same_rows(out, reference, atol=1e-5)
+    cs.verify(out)
+
+
+# -- resume under every option that decides which rows are written -------------------------
+
+OPTIONS = {
+    "sample": dict(sample=18, seed=7),
+    "max_docs": dict(max_docs=18),
+    "max_tokens": dict(max_tokens=600),
+    "chunk": dict(overflow="chunk", context_size=24),
+    "float16-exclusions-text": dict(dtype="float16", exclude_special_tokens=True,
+                                    exclude_token_ids=[13], store_text=True),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_interrupt_and_resume_equals_uninterrupted_under_option(monkeypatch, gpt2, tmp_path, option):
+    data = list(python_docs_with_specials(24))
+    kw = OPTIONS[option]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    capture(gpt2, data, ref, **kw)
+    shards = len(manifest_of(ref)["shards"])
+    assert shards >= 4
+    if option == "max_tokens":
+        assert manifest_of(ref)["counts"]["docs"] < 24  # the limit really stopped the run
+    interrupted_run(monkeypatch, gpt2, data, out, at=6 if option == "chunk" else 3, **kw)
+    assert 1 <= len(manifest_of(out)["shards"]) < shards
+    committed = set(read_rows(out)["docs"][0].tolist())
+    trace = Trace(monkeypatch)
+    capture(gpt2, data, out, resume=True, **kw)
+    assert trace.doc_ids and not committed & set(trace.doc_ids), "committed documents were re-run"
+    assert_equals_reference(out, ref)
+
+
+def python_docs_with_specials(n):
+    """Real paragraphs, every fifth one with the special token in it, and a None (skipped)."""
+    from crowstream.demo import python_doc_paragraphs
+
+    for i, text in enumerate(python_doc_paragraphs(n, min_chars=1)):
+        yield None if i == 11 else (text + " <|endoftext|> end" if i % 5 == 0 else text)
+
+
+# -- streaming sources -----------------------------------------------------------------------
+
+def make_source(kind, docs):
+    if kind == "iterable_dataset":
+        import datasets
+
+        return datasets.Dataset.from_dict({"text": list(docs)}).to_iterable_dataset()
+    return (text for text in docs)
+
+
+@pytest.mark.parametrize("kind", ["iterable_dataset", "generator"])
+def test_resume_over_streaming_source_does_not_rerun_committed_docs(monkeypatch, gpt2, docs, reference,
+                                                                    tmp_path, kind):
+    out = str(tmp_path / "out")
+    interrupted_run(monkeypatch, gpt2, make_source(kind, docs), out, at=6)
+    done = manifest_of(out)["shards"][-1]["source_end"]
+    assert done == 20
+    trace = Trace(monkeypatch)
+    run = capture(gpt2, make_source(kind, docs), out, resume=True)
+    assert sorted(trace.doc_ids) == list(range(done, N)), "committed documents went through the model"
+    assert run.docs == N
+    assert manifest_of(out)["counts"] == manifest_of(reference)["counts"]
+    assert_same_rows(out, reference)
+    cs.verify(out)
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def interrupted_out(gpt2, docs, tmp_path_factory):
+    """A run stopped after 3 shards by a failure (status "failed"), to resume against."""
+    out = str(tmp_path_factory.mktemp("resume-mismatch") / "out")
+    mp = pytest.MonkeyPatch()
+    try:
+        Trace(mp, 4, lambda: (_ for _ in ()).throw(RuntimeError("stop")))
+        with pytest.raises(RuntimeError):
+            capture(gpt2, docs, out, sample=30, seed=1, max_docs=25, max_tokens=5000)
+    finally:
+        mp.undo()
+    assert len(manifest_of(out)["shards"]) == 3
+    return out
+
+
+def other_model(gpt2):
+    model = copy.deepcopy(gpt2[0])
+    model.config.attn_pdrop = 0.5  # changes the config fingerprint, not the modules
+    return model, gpt2[1]
+
+
+def other_tokenizer(gpt2):
+    tokenizer = copy.deepcopy(gpt2[1])
+    tokenizer.add_tokens(["zzyzx"])
+    return gpt2[0], tokenizer
+
+
+BASE = dict(sample=30, seed=1, max_docs=25, max_tokens=5000)
+MISMATCHES = {
+    "model": (dict(), other_model, None),
+    "tokenizer": (dict(), other_tokenizer, None),
+    "modules": (dict(modules=["transformer.h.1"]), None, None),
+    "context_size": (dict(context_size=32), None, None),
+    "overflow": (dict(overflow="chunk"), None, None),
+    "dtype": (dict(dtype="float16"), None, None),
+    "exclude_special_tokens": (dict(exclude_special_tokens=True), None, None),
+    "exclude_token_ids": (dict(exclude_token_ids=[5]), None, None),
+    "source": (dict(), None, lambda docs: docs[:-1] + ["a different last document"]),
+    "sample": (dict(sample=31), None, None),
+    "seed": (dict(seed=2), None, None),
+    "max_docs": (dict(max_docs=24), None, None),
+    "max_tokens": (dict(max_tokens=None), None, None),
+    "store_text": (dict(store_text=True), None, None),
+    "shard_size": (dict(shard_size=5), None, None),
+}
+
+
+@pytest.mark.parametrize("field", MISMATCHES)
+def test_resume_refuses_a_different_configuration(gpt2, docs, interrupted_out, field):
+    change, swap, data_change = MISMATCHES[field]
+    model, tokenizer = swap(gpt2) if swap else gpt2
+    data = data_change(list(docs)) if data_change else docs
+    before = tree(interrupted_out)
+    kw = {**KW, **BASE, **change}
+    modules = kw.pop("modules", MODULES)
+    with pytest.raises(ResumeMismatchError,
+                       match=rf"cannot resume .*this call differs from the run recorded there "
+                             rf"\({field}(\.\w+)?: manifest has .*, this call has .*\)\. Repeat the original "
+                             r"call, or pass overwrite=True \(--overwrite\) / choose a new OUT"):
+        cs.capture(model, data, modules, interrupted_out, tokenizer=tokenizer, resume=True, **kw)
+    assert tree(interrupted_out) == before
+
+
+def test_resume_mismatch_names_every_difference(gpt2, docs, interrupted_out):
+    before = tree(interrupted_out)
+    with pytest.raises(ResumeMismatchError) as info:
+        capture(gpt2, docs, interrupted_out, resume=True, **{**BASE, "context_size": 32,
+                                                            "dtype": "float16", "seed": 3})
+    message = str(info.value)
+    for field in ("context_size: manifest has 64, this call has 32",
+                  "dtype: manifest has 'float32', this call has 'float16'",
+                  "seed: manifest has 1, this call has 3"):
+        assert field in message
+    assert message.count("manifest has") == 3
+    assert tree(interrupted_out) == before
+
+
+def test_resume_without_manifest_is_refused_and_out_untouched(gpt2, docs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("not a crowstream output")
+    with pytest.raises(cs.CrowstreamError, match=r"is not empty: it has no crowstream.json, so there "
+                                                 r"is nothing to resume; choose another OUT"):
+        capture(gpt2, docs, str(out), resume=True)
+    assert tree(out) == {"mine.txt": b"not a crowstream output"}
