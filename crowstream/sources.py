@@ -56,6 +56,10 @@ def open_source(data, *, text_field: str = "text", split: str = "train",
     rows, n_total, fingerprint = _open(data, text_field, split)
     indices = None
     if sample is not None:
+        if fingerprint["kind"] == "iterable":
+            raise DataError("sample= reads the corpus twice (once to count it), which a generator "
+                            "or other one-shot iterable cannot do; pass a list, a datasets "
+                            "dataset or a file, or list(your_iterable).")
         if n_total is None:
             n_total = sum(1 for _ in rows(0))
         if sample > n_total:

@@ -206,13 +206,11 @@ def test_sample_larger_than_corpus(gpt2, texts, tmp_path):
         run_capture(gpt2, list(texts), tmp_path / "out", sample=50)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sample= on a one-shot iterable counts the rows by "
-                   "consuming the iterator, then samples from the exhausted iterator")
-def test_sample_from_generator(gpt2, texts, tmp_path):
-    run = run_capture(gpt2, (t for t in texts), tmp_path / "out", sample=4, seed=0)
-    picked = _doc_ids(run)
-    assert len(picked) == 4
-    check_docs(run, gpt2[1], {d: texts[d] for d in picked})
+def test_sample_from_generator_is_refused(gpt2, texts, tmp_path):
+    """sample= must count the corpus first, which a one-shot generator cannot survive."""
+    with pytest.raises(cs.CrowstreamError, match=r"sample= reads the corpus twice .* list\(your_iterable\)"):
+        run_capture(gpt2, (t for t in texts), tmp_path / "out", sample=4, seed=0)
+    assert not (tmp_path / "out").exists()
 
 
 def test_max_docs(gpt2, texts, tmp_path):
