@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 def _capture(args) -> None:
     from .pipeline import capture
 
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar too
+
     run = capture(
         args.model, args.data, args.modules, args.out, tokenizer=args.tokenizer,
         text_field=args.text_field, split=args.split, context_size=args.context_size,

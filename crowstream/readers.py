@@ -31,7 +31,11 @@ def load(out, module: str, **kwargs):
     import datasets
 
     out = os.fspath(out)
-    _module_files(out, mf.read_manifest(out), module)
+    manifest = mf.read_manifest(out)
+    _module_files(out, manifest, module)
+    if not manifest["counts"]["rows"][module]:
+        raise ConfigError(f"module {module!r} in {out!r} has no rows yet (status "
+                          f"{manifest['status']!r}); datasets cannot load an empty split.")
     return datasets.load_dataset(out, module, split="train", **kwargs)
 
 
