@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,15 +54,32 @@ def child(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     docs = documents(args.docs, repeat_to=args.docs * args.factor)
+    samples: list[tuple[float, int]] = []  # (time, RSS) every 20 ms while capture runs
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            samples.append((time.perf_counter(), rss_bytes() or 0))
+
+    sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
     before_peak, before_now = peak_rss_bytes(), rss_bytes()
     start = time.perf_counter()
+    sampler.start()
     run = crowstream.capture(model, docs, args.modules, args.out, tokenizer=tokenizer,
                              batch_size=args.batch_size, shard_size=args.shard_size, progress=False)
     seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    # peak RSS in each of `factor` equal slices of the run's time: every slice streams about
+    # as many documents as the 1x run, so a slice's peak is comparable with the 1x peak
+    windows = [0] * args.factor
+    for t, rss in samples:
+        i = min(int((t - start) / seconds * args.factor), args.factor - 1)
+        windows[i] = max(windows[i], rss)
     result = {"docs": run.docs, "tokens": run.manifest["counts"]["tokens_fed"],
               "shards": len(run.manifest["shards"]), "seconds": seconds,
               "peak": peak_rss_bytes(), "before_peak": before_peak, "before_now": before_now,
-              "after_now": rss_bytes()}
+              "after_now": rss_bytes(), "windows": windows}
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
@@ -71,7 +89,10 @@ def spawn(args, model_dir: str, out: str, factor: int) -> subprocess.Popen:
                "--out", out, "--docs", str(args.docs), "--factor", str(factor),
                "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads or 0), "--modules", *args.modules]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if args.fixed_mmap_threshold:  # glibc: no dynamic threshold, big blocks go back to the OS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def result_of(child: subprocess.Popen, factor: int) -> dict:
@@ -94,6 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in the children (default 1: speed is not measured here, "
                              "and one thread is steady on a busy machine)")
+    parser.add_argument("--fixed-mmap-threshold", action="store_true",
+                        help="run the children with MALLOC_MMAP_THRESHOLD_=131072 (glibc), which "
+                             "separates allocator retention from memory the capture really holds")
     parser.add_argument("--tmp", default=None, help="directory for the model and outputs (default: system temp)")
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -146,11 +170,18 @@ def main(argv=None) -> int:
                   f"(before capture {mib(r['before_peak'])}; capture added {mib(r['peak'] - r['before_peak'])}; "
                   f"RSS after capture {mib(r['after_now'])})")
         small, big = results[1], results[args.factor]
+        windows = big["windows"]
+        print(f"  {args.factor}x run, peak RSS in each 1/{args.factor} of its time (each streams about the "
+              f"1x run's documents): {', '.join(f'{w / 2**20:,.0f}' for w in windows)} MiB")
         growth = big["peak"] / small["peak"] - 1
         added_small, added_big = small["peak"] - small["before_peak"], big["peak"] - big["before_peak"]
         print()
         print(f"RSS growth {args.factor}x docs: peak RSS {growth:+.1%} "
               f"(target < {TARGET_GROWTH:.0%}: {'met' if growth < TARGET_GROWTH else 'MISSED'})")
+        later = windows[1:] or windows
+        print(f"  steady state inside the {args.factor}x run: slices 2-{args.factor} peak between "
+              f"{min(later) / 2**20:,.0f} and {max(later) / 2**20:,.0f} MiB; the last slice is "
+              f"{windows[-1] / small['peak'] - 1:+.1%} vs the 1x run's peak (the first slice holds the set-up)")
         print(f"  capture's own increment (peak minus the high-water mark before capture): "
               f"{mib(added_small)} -> {mib(added_big)} ({(added_big - added_small) / 2**20:+,.1f} MiB "
               f"for {args.factor}x the documents)")

@@ -1,6 +1,6 @@
 """Throughput benchmark: crowstream.capture vs. a hand-written loop vs. the bare forward.
 
-    python benchmarks/throughput.py                 # GPT-2-small-sized model, 300 real docs
+    python benchmarks/throughput.py                 # GPT-2-small-sized model, 250 real docs
     python benchmarks/throughput.py --tiny          # CI: 2 layers, d=64, 40 docs, seconds
     python benchmarks/throughput.py --device cuda   # the same on a GPU
 
@@ -127,7 +127,7 @@ class RssSampler:
     """Samples this process's RSS every `interval` s on a thread, so each phase gets its own
     peak (ru_maxrss cannot be reset). Sampling can miss spikes shorter than the interval."""
 
-    def __init__(self, interval: float = 0.01):
+    def __init__(self, interval: float = 0.025):
         self.interval, self.peak = interval, 0
         self.enabled = rss_bytes() is not None
         self._stop = threading.Event()
@@ -147,6 +147,7 @@ class RssSampler:
             yield
         finally:
             end = rss_bytes()
+            record["load"] = os.getloadavg()[0]
             if self.enabled:
                 record["rss_start"], record["rss_peak"] = start, max(self.peak, end or 0)
 
@@ -205,7 +206,7 @@ def run_baseline(model, tokenizer, docs, modules, *, batch_size, ctx, device) ->
     real = total = 0
     try:
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for i in range(0, len(docs), batch_size):
                 enc = padded(docs[i:i + batch_size], padding=True, truncation=True,
@@ -217,11 +218,11 @@ def run_baseline(model, tokenizer, docs, modules, *, batch_size, ctx, device) ->
                 total += ids.numel()
                 del outputs
         _sync(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         for h in handles:
             h.remove()
-    return {"seconds": seconds, "tokens": real, "padded": total}
+    return {"seconds": seconds, "cpu": cpu, "tokens": real, "padded": total}
 
 
 def crowstream_batches(tokenizer, docs, config_json: dict, shard_size: int) -> list:
@@ -244,16 +245,16 @@ def run_floor(model, batches, modules, *, device) -> dict:
     handles = _hooked(model, [modules[-1]], None)
     try:
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for batch in batches:
                 _forward_stopped(model, batch.input_ids.to(device), batch.attention_mask.to(device))
         _sync(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         for h in handles:
             h.remove()
-    return {"seconds": seconds, "tokens": sum(b.real_tokens for b in batches),
+    return {"seconds": seconds, "cpu": cpu, "tokens": sum(b.real_tokens for b in batches),
             "padded": sum(b.input_ids.numel() for b in batches)}
 
 
@@ -262,12 +263,12 @@ def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, devi
     import crowstream
 
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     run = crowstream.capture(model, docs, modules, out, tokenizer=tokenizer, batch_size=batch_size,
                              dtype=dtype, device=device, progress=False)
     _sync(device)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": run.manifest["counts"]["tokens_fed"], "run": run}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "cpu": cpu, "tokens": run.manifest["counts"]["tokens_fed"], "run": run}
 
 
 def disk_usage(out: str, module: str) -> dict:
@@ -313,10 +314,11 @@ def rate(record: dict) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=None, help="documents (default 300; 40 with --tiny)")
+    parser.add_argument("--docs", type=int, default=None, help="documents (default 250; 40 with --tiny)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="timed rounds of (1), (2), (3), rotating their order; best time of each is used")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed rounds of (1), (2), (3), rotating their order; the best time of "
+                             "each is used (default 2; 1 with --tiny)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--tiny", action="store_true", help="2-layer d=64 model, 40 docs: a CI smoke run")
     parser.add_argument("--fp16-docs", type=int, default=None,
@@ -331,10 +333,12 @@ def main(argv=None) -> int:
     import torch
 
     spec = TINY if args.tiny else SMALL
-    n_docs = args.docs or (40 if args.tiny else 300)
+    n_docs = args.docs or (40 if args.tiny else 250)
     fp16_docs = min(n_docs, n_docs if args.tiny else max(1, n_docs // 3)) if args.fp16_docs is None else args.fp16_docs
     modules = ["transformer.h.0", "transformer.h.1"] if args.tiny else ["transformer.h.2", "transformer.h.5"]
     device = torch.device(args.device)
+    if args.repeat is None:
+        args.repeat = 1 if args.tiny else 2
     if args.threads is None and args.tiny:
         args.threads = 1  # a d=64 model gains nothing from more, and loses a lot on a busy machine
     if args.threads:
@@ -438,24 +442,27 @@ def main(argv=None) -> int:
                                           np.concatenate([b.doc_ids for b in batches])) for m in modules)
 
         print()
-        print(f"real (non-pad) tokens/s, best of {args.repeat}:")
-        print(f"  (1) crowstream.capture, end to end to disk   {rate(cap):>12,.0f} tok/s  "
-              f"{cap['seconds']:7.2f} s  {cap['tokens']:,} tokens")
-        print(f"  (2) hand-written, padded in corpus order     {rate(base):>12,.0f} tok/s  "
-              f"{base['seconds']:7.2f} s  {base['tokens']:,} real of {base['padded']:,} padded "
-              f"({base['tokens'] / base['padded']:.0%} real)")
-        print(f"  (3) bare forward on crowstream's batches     {rate(floor):>12,.0f} tok/s  "
-              f"{floor['seconds']:7.2f} s  {floor['tokens']:,} real of {floor['padded']:,} padded "
-              f"({floor['tokens'] / floor['padded']:.0%} real), {len(batches)} batches")
+        print(f"real (non-pad) tokens/s, best of {args.repeat} (wall time; cpu = CPU seconds of all this "
+              "process's threads; load = 1-min load average after the run):")
+
+        def line(label, r, extra):
+            print(f"  {label:<44} {rate(r):>9,.0f} tok/s  {r['seconds']:7.2f} s  cpu {r['cpu']:7.2f} s  "
+                  f"load {r['load']:4.1f}  {extra}")
+
+        line("(1) crowstream.capture, end to end to disk", cap, f"{cap['tokens']:,} tokens")
+        line("(2) hand-written, padded in corpus order", base,
+             f"{base['tokens']:,} real of {base['padded']:,} padded ({base['tokens'] / base['padded']:.0%} real)")
+        line("(3) bare forward on crowstream's batches", floor,
+             f"{floor['tokens']:,} real of {floor['padded']:,} padded ({floor['tokens'] / floor['padded']:.0%} real), "
+             f"{len(batches)} batches")
         if fp16 is not None:
-            print(f"  (1') crowstream.capture, dtype=float16       {rate(fp16):>12,.0f} tok/s  "
-                  f"{fp16['seconds']:7.2f} s  {fp16['tokens']:,} tokens (first {fp16_docs} docs; "
-                  "for the bytes/token below, not a ratio)")
+            line("(1') crowstream.capture, dtype=float16", fp16,
+                 f"{fp16['tokens']:,} tokens (first {fp16_docs} docs; for bytes/token, not a ratio)")
         if args.repeat > 1:
             for phase, records in results.items():
-                times = [x["seconds"] for x in records]
-                print(f"  {phase}: times {', '.join(f'{t:.2f}' for t in times)} s "
-                      f"(median {statistics.median(times):.2f})")
+                print(f"  all rounds, {phase}: " + ", ".join(
+                    f"{x['seconds']:.2f} s (cpu {x['cpu']:.2f}, load {x['load']:.1f})" for x in records)
+                    + f"; median {statistics.median(x['seconds'] for x in records):.2f} s")
         print(f"  crowstream fixed cost per run (one-document capture): {fixed:.2f} s; "
               f"tokenizing + batching alone (crowstream.batching, untimed in (3)): {batching_seconds:.2f} s")
         print(f"  same real tokens in (1), (2), (3): {same_tokens}; "
@@ -467,6 +474,8 @@ def main(argv=None) -> int:
               f"(target >= {TARGET_VS_BASELINE}: {verdict(vs_base >= TARGET_VS_BASELINE)})")
         print(f"ratio (1)/(3) crowstream vs bare forward on its batches: {vs_floor:.3f} "
               f"(target >= {TARGET_VS_FLOOR}: {verdict(vs_floor >= TARGET_VS_FLOOR)})")
+        print(f"  in CPU seconds (less sensitive to other processes): (2)/(1) {base['cpu'] / cap['cpu']:.2f}x, "
+              f"(3)/(1) {floor['cpu'] / cap['cpu']:.3f}")
 
         print()
         print("memory (RSS of this one process; model weights and libraries included):")
@@ -474,7 +483,7 @@ def main(argv=None) -> int:
                              ("(1') capture fp16", fp16)):
             if phase is not None and "rss_peak" in phase:
                 print(f"  {label:<18} start {mib(phase['rss_start'])}, peak {mib(phase['rss_peak'])} "
-                      f"(+{mib(phase['rss_peak'] - phase['rss_start'])}; sampled every 10 ms)")
+                      f"(+{mib(phase['rss_peak'] - phase['rss_start'])}; sampled every 25 ms)")
         print(f"  ru_maxrss of the whole process (all phases, warm-up, model build): {mib(peak_rss_bytes())}")
 
         print()
