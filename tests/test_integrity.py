@@ -112,7 +112,8 @@ def delete(out):
 
 
 def extra(out):
-    shutil.copyfile(os.path.join(out, H0), os.path.join(out, "data/module=transformer.h.0/part-00000-000099.parquet"))
+    shutil.copyfile(os.path.join(out, H0),
+                    os.path.join(out, "data/module=transformer.h.0/part-00000-000099.parquet"))
     shutil.copyfile(os.path.join(out, DOCS), os.path.join(out, "docs/part-00000-000099.parquet"))
     return [r"^extra: data/module=transformer\.h\.0/part-00000-000099\.parquet is not listed in the manifest "
             r"\(left by a crash\? `--resume` removes it\)$",
