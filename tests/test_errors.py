@@ -274,6 +274,25 @@ def test_out_that_is_not_writable_is_refused(gpt2, docs, tmp_path):
         parent.chmod(0o700)
 
 
+@pytest.mark.parametrize("exists", [False, True])
+def test_out_that_is_not_writable_is_refused_even_as_root(monkeypatch, gpt2, docs, tmp_path, exists):
+    """Root ignores permissions, so deny write access through os.access (what crowstream asks)."""
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    out = parent / "out"
+    if exists:
+        out.mkdir()
+        (out / "crowstream.json").write_text("{}")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and
+                        os.fspath(path).startswith(str(parent)) else real_access(path, mode, **kw))
+    # (for a new OUT the message names the existing ancestor it checked, as "OUT")
+    with pytest.raises(errors.OutputError, match=rf"^OUT '{re.escape(str(parent))}(/out)?' is not "
+                                                 r"writable; fix its permissions or choose another OUT\.$"):
+        capture(gpt2, docs, out, resume=exists)
+    assert sorted(os.listdir(parent)) == (["out"] if exists else [])
+
+
 def test_tokenizer_without_pad_token_is_handled_and_left_alone(gpt2, docs, tmp_path):
     model, tokenizer = gpt2
     assert tokenizer.pad_token is None
