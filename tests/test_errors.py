@@ -610,8 +610,14 @@ def test_cli_errors_are_one_line_without_traceback(gpt2_dir, tmp_path):
 
 # -- security ---------------------------------------------------------------------------------
 
+TRAILING_NEWLINE = pytest.param("transformer.h.0\n", marks=pytest.mark.xfail(strict=True, reason=(
+    "BUG: config._MODULE_NAME ends in `$`, which also matches before a trailing newline; "
+    "use _MODULE_NAME.fullmatch (or \\Z)")))
+
+
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "/etc/passwd", "a/../b", "x/..", "a\\b", "",
-                                  ".hidden", "a..b", "model.layers.0/../../x", "a b", "a\x00b"])
+                                  ".hidden", "a..b", "model.layers.0/../../x", "a b", "a\x00b", "a\nb",
+                                  TRAILING_NEWLINE])
 def test_module_names_cannot_escape_out(name):
     from crowstream.config import check_module_name
 
