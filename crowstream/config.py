@@ -122,7 +122,7 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 def check_module_name(name: str) -> None:
     """Module names become directory names: refuse anything that could escape OUT."""
-    if not _MODULE_NAME.match(name) or ".." in name:
+    if not _MODULE_NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"module name {name!r} cannot be used as a directory name; "
             "use the dotted names that `crowstream modules MODEL` lists."

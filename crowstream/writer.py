@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -18,6 +19,8 @@ import pyarrow.parquet as pq
 from crowstream.schemas import ROW_GROUP_BYTES, parquet_options
 
 from .errors import OutputError
+
+log = logging.getLogger("crowstream")
 
 
 @dataclasses.dataclass
@@ -61,11 +64,13 @@ class PartWriter:
                         fsync_and_hash(self.tmp_path))
 
     def abort(self) -> None:
+        """Drop the unfinished file. Called while another error is being reported."""
         try:
             self._writer.close()
-        finally:
-            if os.path.exists(self.tmp_path):
-                os.remove(self.tmp_path)
+        except OSError as error:  # a disk that failed the write usually fails the close too
+            log.debug("closing aborted %s: %s", self.tmp_path, error)
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
 
 
 def write_table(path: str, table: pa.Table) -> PartInfo:
