@@ -258,17 +258,46 @@ def run_floor(model, batches, modules, *, device) -> dict:
             "padded": sum(b.input_ids.numel() for b in batches)}
 
 
+@contextlib.contextmanager
+def _timed_traces(times: list):
+    """Time every `ModelTracer.run` call (one traced forward: nnsight, the model, the kept
+    rows' copy) by wrapping the method for the duration: read-only instrumentation that
+    splits a capture into "traces" and "everything else". Skipped if crowstream changed."""
+    from crowstream import tracing
+
+    original = getattr(getattr(tracing, "ModelTracer", None), "run", None)
+    if original is None:
+        yield
+        return
+
+    def run(self, batch):
+        start = time.perf_counter()
+        try:
+            return original(self, batch)
+        finally:
+            times.append(time.perf_counter() - start)
+
+    tracing.ModelTracer.run = run
+    try:
+        yield
+    finally:
+        tracing.ModelTracer.run = original
+
+
 def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, device) -> dict:
     """(1): crowstream end to end, to `out`."""
     import crowstream
 
-    _sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    run = crowstream.capture(model, docs, modules, out, tokenizer=tokenizer, batch_size=batch_size,
-                             dtype=dtype, device=device, progress=False)
-    _sync(device)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"seconds": seconds, "cpu": cpu, "tokens": run.manifest["counts"]["tokens_fed"], "run": run}
+    traces: list[float] = []
+    with _timed_traces(traces):
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run = crowstream.capture(model, docs, modules, out, tokenizer=tokenizer, batch_size=batch_size,
+                                 dtype=dtype, device=device, progress=False)
+        _sync(device)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "cpu": cpu, "tokens": run.manifest["counts"]["tokens_fed"], "run": run,
+            "traces": sum(traces) if traces else None}
 
 
 def disk_usage(out: str, module: str) -> dict:
@@ -463,6 +492,11 @@ def main(argv=None) -> int:
                 print(f"  all rounds, {phase}: " + ", ".join(
                     f"{x['seconds']:.2f} s (cpu {x['cpu']:.2f}, load {x['load']:.1f})" for x in records)
                     + f"; median {statistics.median(x['seconds'] for x in records):.2f} s")
+        if cap.get("traces") is not None:
+            rest = cap["seconds"] - cap["traces"]
+            print(f"  inside (1): traced forwards (ModelTracer.run: nnsight, model, kept-row copies) "
+                  f"{cap['traces']:.2f} s; everything else (set-up, tokenizing, waiting on writers, "
+                  f"final commit) {rest:.2f} s = {rest / cap['seconds']:.1%} of (1)")
         print(f"  crowstream fixed cost per run (one-document capture): {fixed:.2f} s; "
               f"tokenizing + batching alone (crowstream.batching, untimed in (3)): {batching_seconds:.2f} s")
         print(f"  same real tokens in (1), (2), (3): {same_tokens}; "
