@@ -32,11 +32,14 @@ import crowstream as cs
 from crowstream.errors import VerifyError
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
-N_DOCS = 200         # 50 shards, ~1 s of capture on 2 idle CPU cores
+N_DOCS = 160         # 40 shards, < 1 s of capture on 2 idle CPU cores
 CLI_DOCS = 120       # the SIGINT test's corpus: the first 30 of those shards
 KILLS = 16            # SIGKILLs to deliver before letting the run finish
 SEED = 1234
 RUN_KW = dict(shard_size=4, batch_size=4, progress=False, device="cpu")
+# For the processes started here: idle OpenMP threads sleep instead of spinning, so a busy
+# 2-core machine does not slow them 10x (the numbers computed are the same).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
 
 # A fork server: it pays for the heavy imports (~4 s) once, then each "run" forks a
 # fresh child process that loads the model from disk and runs the capture with
@@ -217,13 +220,13 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
     plan = ["load", "out_appears"] + rng.sample(["commit"] * 6 + ["random"] * 7 + ["load"], 14)
     assert len(plan) == KILLS
     # (the last target leaves room for the kills planned after it: the run must not end early)
-    targets = iter(sorted(rng.sample(range(1, shards - 12), plan.count("random"))))
+    targets = iter(sorted(rng.sample(range(1, shards - 10), plan.count("random"))))
     stats = {"kills": 0, "mid_commit": 0, "before_manifest": 0, "out_absent": 0}
     kill_points = []  # committed docs parts at each kill
     seen: set = set()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(driver), out, gpt2_dir, str(N_DOCS), ",".join(MODULES)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, bufsize=0)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, bufsize=0, env=ENV)
     try:
         lines = Lines(proc.stdout.fileno())
         lines.expect("READY", 120, log_path)
@@ -248,8 +251,8 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
                 now = time.monotonic()
                 assert now - started < 120, "a run took far too long"
                 if deadline is not None:
-                    if now >= deadline:
-                        break
+                    if now >= deadline or (kind == "random" and len(files_under(out, "docs")) > target):
+                        break  # (or a shard later at the latest, whatever the child's pace)
                 elif kind == "out_appears" and os.path.isdir(out):
                     break
                 elif kind == "commit" and set(files_under(out, "data", "docs")) - before:
@@ -331,7 +334,7 @@ def test_cli_sigint_prints_resume_command_and_resume_completes(gpt2_dir, referen
     out = str(tmp_path / "out")
     args = ["capture", gpt2_dir, str(data), "-m", MODULES[0], "-m", MODULES[1], "-o", out,
             "--shard-size", "4", "--batch-size", "4", "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = ENV
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "crowstream", *args], stdout=subprocess.PIPE,
