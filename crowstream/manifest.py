@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 
 from crowstream.schemas import validate_manifest
@@ -104,6 +105,8 @@ def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
         return "resume"
     if overwrite and MANIFEST_NAME in existing:
         return "replace"
+    if (resume or overwrite) and _uncommitted_layout(out, existing):
+        return "replace"  # killed before its first manifest, or while being replaced
     if overwrite:
         raise OutputExistsError(f"refusing to overwrite {out!r}: it is not empty and holds no "
                                 f"{MANIFEST_NAME}, so it is not a crowstream output. Choose "
@@ -114,10 +117,39 @@ def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
     raise OutputExistsError(f"OUT {out!r} is not empty: {hint}.")
 
 
+def _uncommitted_layout(out: str, existing: list[str]) -> bool:
+    """True when OUT holds only what a crowstream run leaves before its first manifest (or
+    an overwrite killed mid-delete): crowstream's own names and part files, nothing else.
+    Without a manifest nothing was committed, so starting afresh loses nothing."""
+    names = set(existing)
+    if not names <= {"README.md", VOCAB_NAME, DATA_DIR, DOCS_DIR, TMP_DIR} or not names & {TMP_DIR, DATA_DIR}:
+        return False
+    card = os.path.join(out, "README.md")
+    if os.path.isfile(card):
+        with open(card, encoding="utf-8", errors="replace") as f:
+            if "crowstream" not in f.read():
+                return False
+    patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}\.parquet"),
+                DOCS_DIR: re.compile(r"part-\d{5}-\d{6}\.parquet")}
+    for top, pattern in patterns.items():
+        for root, _, files in os.walk(os.path.join(out, top)):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), os.path.join(out, top))
+                if not pattern.fullmatch(rel.replace(os.sep, "/")):
+                    return False
+    return True
+
+
 def create_out(out: str, mode: str) -> None:
-    """Make OUT's skeleton; for mode "replace", delete the old crowstream output first."""
+    """Make OUT's skeleton. For mode "replace", delete the old output first, its manifest
+    last, so an overwrite killed midway is still recognised as a crowstream output."""
     if mode == "replace":
-        shutil.rmtree(out)
+        for name in os.listdir(out):
+            if name != MANIFEST_NAME:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if os.path.exists(manifest_path(out)):
+            os.remove(manifest_path(out))
     try:
         for sub in (TMP_DIR, DATA_DIR, DOCS_DIR):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -134,6 +166,13 @@ def _existing_ancestor(path: str) -> str:
 def _check_writable(out: str) -> None:
     if not os.access(out, os.W_OK):
         raise OutputError(f"OUT {out!r} is not writable; fix its permissions or choose another OUT.")
+
+
+def damaged_parts(out: str, manifest: dict) -> list[str]:
+    """Listed part files that are missing or not of their recorded size (cheap check)."""
+    return [p["path"] for p in manifest["parts"]
+            if not os.path.isfile(os.path.join(out, p["path"]))
+            or os.path.getsize(os.path.join(out, p["path"])) != p["bytes"]]
 
 
 def clean_for_resume(out: str, manifest: dict) -> list[str]:

@@ -24,7 +24,8 @@ from crowstream.schemas import docs_schema, row_schema, vocab_schema
 from . import manifest as mf
 from .config import (DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
                      CaptureConfig, check_choice, check_positive)
-from .errors import ConfigError, CrowstreamError, DataError, Interrupted, OutOfMemory, ResumeMismatchError
+from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
+                     OutOfMemory, ResumeMismatchError)
 
 log = logging.getLogger("crowstream")
 RANK = 0  # one process writes part-00000-*; distributed ranks would each take their own
@@ -97,8 +98,9 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     if mode != "resume":
         if not peek:
             raise DataError("the corpus has no documents; check data, split and max_docs.")
-        mf.create_out(out, mode)
-        session.start(peek, _provenance(model, tokenizer))
+        with _write_errors(out):
+            mf.create_out(out, mode)
+            session.start(peek, _provenance(model, tokenizer))
     return session.run(itertools.chain(peek, rows), source.n_docs)
 
 
@@ -148,6 +150,16 @@ class _Session:
                 f"cannot resume {self.out!r}: this call differs from the run recorded there "
                 f"({'; '.join(differences)}). Repeat the original call, or pass "
                 "overwrite=True (--overwrite) / choose a new OUT to start afresh.")
+        damaged = mf.damaged_parts(self.out, manifest)
+        if damaged:
+            raise ManifestError(
+                f"cannot resume {self.out!r}: {len(damaged)} committed part file(s) are missing or "
+                f"changed in size ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}). "
+                "`crowstream verify OUT` shows the damage; capture again with overwrite=True "
+                "(--overwrite) or into a new OUT.")
+        if self.config.source.get("kind") == "iterable":
+            log.warning("resuming over a generator: crowstream cannot check that it yields the "
+                        "same documents as the interrupted run did")
         removed = mf.clean_for_resume(self.out, manifest)
         if removed:
             log.info("resume: removed %d uncommitted file(s): %s", len(removed), ", ".join(removed))
@@ -179,7 +191,8 @@ class _Session:
         if manifest["status"] == "complete":
             return self._result()
         manifest["status"], manifest["error"] = "running", None
-        mf.write_manifest(self.out, manifest)
+        with _write_errors(self.out):
+            mf.write_manifest(self.out, manifest)
         writers = _Writers(self.out, self.config, self.tracer.dims, manifest)
         stream = prefetch(self._batches(rows))
         try:
@@ -201,12 +214,11 @@ class _Session:
         except BaseException as error:
             stream.close()
             writers.abort()  # keeps committing complete shards; the open one is dropped
-            self._record_failure(error)
-            os_error = _os_error_in(error)
-            if os_error is not None:
-                from .writer import describe_os_error
-                raise describe_os_error(os_error, self.out, writers.bytes_written) from error
-            raise
+            failure = _translate(error, self.out, writers.bytes_written)
+            self._record_failure(failure)
+            if failure is error:
+                raise
+            raise failure from error
         if self.stop_requested.is_set():
             self._record_failure(Interrupted("interrupted"))
             raise Interrupted(f"interrupted: committed {len(manifest['shards'])} shard(s) to "
@@ -284,7 +296,7 @@ class _Writers:
         self.shard_stats: dict = {}      # module -> ModuleStats of the open shard
         self.stats = {name: ModuleStats(d, manifest["stats"].get(name)) for name, d in dims.items()}
         self.shard = len(manifest["shards"])  # index of the open shard (main thread only)
-        self.bytes_written = sum(p["bytes"] for p in manifest["parts"])
+        self.bytes_written = 0  # by this run (a resume starts again from zero)
 
     def write(self, batch, captured) -> None:
         for name, worker in self.workers.items():
@@ -409,6 +421,25 @@ def _write_vocab(out: str, tokenizer) -> None:
 
 def _safe(name: str) -> str:
     return name.replace("/", "_")
+
+
+def _translate(error: BaseException, out: str, bytes_written: int) -> BaseException:
+    """A failed write (here or on a writer thread) becomes one OutputError naming OUT."""
+    from .writer import describe_os_error
+
+    os_error = _os_error_in(error)
+    return error if os_error is None else describe_os_error(os_error, out, bytes_written)
+
+
+@contextlib.contextmanager
+def _write_errors(out: str):
+    try:
+        yield
+    except OSError as error:
+        failure = _translate(error, out, 0)
+        if failure is error:
+            raise
+        raise failure from error
 
 
 def _os_error_in(error: BaseException) -> OSError | None:

@@ -89,7 +89,7 @@ def _open(data, text_field: str, split: str):
             return enumerate(data.skip(skip) if skip else data, start=skip)
         return rows, None, {"kind": "datasets.IterableDataset", "name": str(data.info.dataset_name),
                             "config": str(data.config_name), "split": str(data.split),
-                            "features": str(data.features)}
+                            "features": str(data.features), "head_sha256": _head_digest(data)}
     if isinstance(data, (list, tuple)):
         digest = hashlib.sha256()
         for item in data:
@@ -173,6 +173,14 @@ def _text_lines(path: str, skip: int) -> Iterator[tuple[int, str]]:
         for index, line in enumerate(lines):
             if index >= skip:
                 yield index, line.rstrip("\r\n")
+
+
+def _head_digest(rows: Iterable, n: int = 64) -> str:
+    """sha256 of the first `n` rows: tells two in-memory streaming corpora apart."""
+    digest = hashlib.sha256()
+    for item in itertools.islice(rows, n):
+        digest.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _file_digest(path: str) -> dict:

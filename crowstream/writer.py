@@ -69,6 +69,7 @@ class PartWriter:
             self._writer.close()
         except OSError as error:  # a disk that failed the write usually fails the close too
             log.debug("closing aborted %s: %s", self.tmp_path, error)
+            self._writer.is_open = False  # or its __del__ retries the close and fails again
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
 

@@ -462,10 +462,6 @@ def test_resume_from_exact_crash_point(monkeypatch, gpt2, small_reference, tmp_p
 
 
 @pytest.mark.crash
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a kill between create_out() and the first write_manifest() leaves OUT with "
-    ".tmp/, data/, docs/ (and maybe vocab.parquet, README.md) but no crowstream.json; "
-    "inspect_out(resume=True) then refuses it as 'not empty ... nothing to resume'"))
 def test_kill_before_first_manifest_is_resumable(monkeypatch, gpt2, small_reference, tmp_path):
     out, snap = str(tmp_path / "out"), str(tmp_path / "snap")
     snapshot_run_at(monkeypatch, gpt2, out, snap, "crowstream.manifest", "write_manifest", 1)
@@ -479,14 +475,8 @@ def test_kill_before_first_manifest_is_resumable(monkeypatch, gpt2, small_refere
 
 @pytest.mark.crash
 @pytest.mark.parametrize("state", [
-    pytest.param("manifest deleted first", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: overwrite deletes the old output with shutil.rmtree (directory order); killed after "
-        "crowstream.json went but before the rest, OUT is refused by overwrite=True ('not a "
-        "crowstream output') and by resume=True ('nothing to resume')"))),
-    pytest.param("a part deleted first", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: killed while rmtree empties data/ (crowstream.json still there), a rerun with "
-        "resume=True trusts the manifest: it reports the run complete although listed part "
-        "files are gone (verify fails)"))),
+    "manifest deleted first",
+    "a part deleted first",
 ])
 def test_kill_during_overwrite_cleanup_is_recoverable(gpt2, small_reference, tmp_path, state):
     """`capture(..., overwrite=True)` killed while deleting the previous output, then rerun."""

@@ -651,10 +651,6 @@ def failing_writes(monkeypatch, site: str) -> None:
 
 
 @pytest.mark.parametrize("site", ["fresh run: vocab", "resume: manifest"])
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: writes before the guarded loop (session.start(): vocab.parquet, README.md, the first "
-    "manifest; run(): the 'running' manifest) are outside run()'s try/except, so a full disk "
-    "there escapes as a bare OSError instead of OutputError('disk full while writing to OUT ...')"))
 def test_disk_full_before_the_first_shard_is_one_clear_error(monkeypatch, gpt2, docs, reference,
                                                              tmp_path, site):
     out = tmp_path / "out"

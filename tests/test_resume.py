@@ -446,10 +446,6 @@ def test_resume_without_manifest_is_refused_and_out_untouched(gpt2, docs, tmp_pa
     assert tree(out) == {"mine.txt": b"not a crowstream output"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the fingerprint of a datasets.IterableDataset is only its name, config, split and "
-    "features (sources._open), all None/equal for two different in-memory corpora, so a resume "
-    "over a different IterableDataset is accepted and mixes two corpora in one dataset"))
 def test_resume_refuses_a_different_iterable_dataset(monkeypatch, gpt2, docs, tmp_path):
     out = str(tmp_path / "out")
     interrupted_run(monkeypatch, gpt2, make_source("iterable_dataset", docs), out, at=3)
