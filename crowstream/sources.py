@@ -209,5 +209,5 @@ def _text_of(item, text_field: str, index: int) -> str | None:
         item = item[text_field]
     if item is None or isinstance(item, str):
         return item
-    raise DataError(f"document {index} is a {type(item).__name__}, not a string "
+    raise DataError(f"document {index} has type {type(item).__name__}, not str "
                     f"(value {str(item)[:60]!r}); check text_field (now {text_field!r}).")

@@ -135,7 +135,7 @@ BAD_INPUTS = {
         r"Pass text_field=\.$"),
     "non-string text": (
         dict(data=["fine", "also fine", 42]), errors.DataError,
-        r"^document 2 is a int, not a string \(value '42'\); check text_field \(now 'text'\)\.$"),
+        r"^document 2 has type int, not str \(value '42'\); check text_field \(now 'text'\)\.$"),
     "unsupported data type": (dict(data=3.5), errors.DataError,
                               r"^data of type float is not supported"),
     "data path that does not exist": (
@@ -318,7 +318,7 @@ def test_non_string_text_after_the_first_window_fails_cleanly(gpt2, tmp_path):
     bad = SORT_WINDOW_DOCS + 6
     data = ["a b c"] * bad + [b"bytes, not text"] + ["d e"] * 3
     out = tmp_path / "out"
-    with pytest.raises(errors.DataError, match=rf"^document {bad} is a bytes, not a string"):
+    with pytest.raises(errors.DataError, match=rf"^document {bad} has type bytes, not str"):
         capture(gpt2, data, out, shard_size=256, batch_size=64)
     m = manifest_of(out)
     assert m["status"] == "failed" and m["error"].startswith("DataError: document")

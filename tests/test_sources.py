@@ -94,7 +94,7 @@ def test_datasets_dataset(gpt2, texts, tmp_path):
     with pytest.raises(cs.CrowstreamError, match=r"text field 'text' is not a column of the dataset; "
                                                  r"available columns: n, body"):
         run_capture(gpt2, ds, tmp_path / "out2")
-    with pytest.raises(cs.CrowstreamError, match=r"document 0 is a int, not a string"):
+    with pytest.raises(cs.CrowstreamError, match=r"document 0 has type int, not str"):
         run_capture(gpt2, ds, tmp_path / "out3", text_field="n")
 
 

@@ -259,7 +259,7 @@ def test_gpt2_model_left_as_found_after_failure(gpt2, gpt2_texts, tmp_path):
     """A run that dies mid-corpus still puts the model back and leaves no thread."""
     model, tokenizer = gpt2
     texts = [*list(gpt2_texts.values())[:5], 12345]
-    with pytest.raises(cs.CrowstreamError, match=r"document 5 is a int, not a string"):
+    with pytest.raises(cs.CrowstreamError, match=r"document 5 has type int, not str"):
         capture(model, tokenizer, texts, ["transformer.h.0"], tmp_path / "out", shard_size=2)
     assert_untouched(model, tokenizer, pad_token=None, padding_side="right")
 
