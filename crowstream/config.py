@@ -75,11 +75,12 @@ class CaptureConfig:
     split: str = "train"
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as JSON values (tuples as lists), as the manifest stores it."""
+        return _jsonable(dataclasses.asdict(self))
 
     def differences(self, recorded: dict) -> list[str]:
         """Human-readable list of RESUME_FIELDS whose values differ from `recorded`."""
-        mine = _jsonable(self.to_json())
+        mine = self.to_json()
         found = []
         for field in RESUME_FIELDS:
             old, new = _jsonable(recorded.get(field)), mine[field]

@@ -176,7 +176,7 @@ class _Session:
         modules = {name: {"d": self.tracer.dims[name], "dtype": config.dtype,
                           "path": mf.module_dir(name), "type": self.tracer.types[name]}
                    for name in config.modules}
-        self.manifest = mf.new_manifest(uuid.uuid4().hex[:16], _jsonable(config.to_json()),
+        self.manifest = mf.new_manifest(uuid.uuid4().hex[:16], config.to_json(),
                                         shard_size, provenance, modules)
         _write_vocab(self.out, self.tokenizer)
         mf.write_card(self.out, self.manifest)
@@ -523,11 +523,3 @@ class _Progress:
 
     def __exit__(self, *exc):
         self.bar.close()
-
-
-def _jsonable(value):
-    from .config import _jsonable as convert
-    return convert(value)
-
-
-__all__ = ["Run", "capture", "CrowstreamError"]
