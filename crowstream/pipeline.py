@@ -22,7 +22,7 @@ import pyarrow as pa
 from crowstream.schemas import docs_schema, row_schema, vocab_schema
 
 from . import manifest as mf
-from .config import (DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
+from .config import (DATA_DIR, DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
                      CaptureConfig, check_choice, check_positive)
 from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
                      OutOfMemory, ResumeMismatchError)
@@ -197,6 +197,7 @@ class _Session:
         stream = prefetch(self._batches(rows))
         try:
             with _signals(self.stop_requested), self.tracer, self._progress_bar(n_docs) as bar:
+                finished = False
                 for item in stream:
                     if self.stop_requested.is_set():
                         break
@@ -207,19 +208,24 @@ class _Session:
                     else:
                         writers.commit(item)
                         bar.shard(item, writers.bytes_written)
+                else:
+                    finished = True  # a signal after the last batch interrupts nothing
                 stream.close()
-                if self.stop_requested.is_set():
+                if not finished:
                     writers.abort()
                 writers.finish()
         except BaseException as error:
             stream.close()
-            writers.abort()  # keeps committing complete shards; the open one is dropped
+            try:
+                writers.abort()  # keeps committing complete shards; the open one is dropped
+            except OSError as secondary:  # e.g. a failing disk: report the original error
+                log.error("while stopping after %s: %s", type(error).__name__, secondary)
             failure = _translate(error, self.out, writers.bytes_written)
             self._record_failure(failure)
             if failure is error:
                 raise
             raise failure from error
-        if self.stop_requested.is_set():
+        if not finished:
             self._record_failure(Interrupted("interrupted"))
             raise Interrupted(f"interrupted: committed {len(manifest['shards'])} shard(s) to "
                               f"{self.out!r}. Rerun the same call with resume=True (--resume) "
@@ -352,7 +358,9 @@ class _Writers:
         for info, rel, _ in entries:
             os.makedirs(os.path.dirname(os.path.join(self.out, rel)), exist_ok=True)
             os.replace(info.tmp_path, os.path.join(self.out, rel))
-        for directory in {os.path.dirname(os.path.join(self.out, rel)) for _, rel, _ in entries}:
+        # data/ too: the first commit creates its module=<name> directories
+        directories = {os.path.dirname(os.path.join(self.out, rel)) for _, rel, _ in entries}
+        for directory in directories | {os.path.join(self.out, DATA_DIR)}:
             mf.fsync_dir(directory)
         self._record(end, entries, results)
         mf.write_manifest(self.out, self.manifest)
@@ -483,7 +491,8 @@ def _signals(stop: threading.Event):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        log.warning("%s received: finishing committed shards; press Ctrl-C again to abort now",
+        log.warning("%s received: committing the shards already complete, then stopping "
+                    "(a second Ctrl-C stops without waiting for the open shard)",
                     signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}

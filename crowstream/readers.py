@@ -32,10 +32,13 @@ def load(out, module: str, **kwargs):
 
     out = os.fspath(out)
     manifest = mf.read_manifest(out)
-    _module_files(out, manifest, module)
+    listed = _module_files(out, manifest, module)
     if not manifest["counts"]["rows"][module]:
         raise ConfigError(f"module {module!r} in {out!r} has no rows yet (status "
                           f"{manifest['status']!r}); datasets cannot load an empty split.")
+    on_disk = glob.glob(os.path.join(out, mf.module_dir(module), "*.parquet"))
+    if sorted(on_disk) != sorted(listed):  # a crash left uncommitted parts: read only listed ones
+        return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
     return datasets.load_dataset(out, module, split="train", **kwargs)
 
 

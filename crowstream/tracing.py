@@ -29,11 +29,11 @@ class Captured:
     """Kept rows of one batch: {module: [N, d]} on the CPU, valid once `wait()` returns."""
 
     vectors: dict[str, torch.Tensor]
-    ready: torch.cuda.Event | None = None
+    ready: tuple = ()  # CUDA events, one per device the copies came from
 
     def wait(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
+        for event in self.ready:
+            event.synchronize()
 
 
 def resolve_modules(model, requested) -> list[str]:
@@ -184,9 +184,14 @@ class ModelTracer:
         for name, rows in kept.items():
             host[name] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
             host[name].copy_(rows, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return Captured(host, ready)
+        # the writer thread waits on these instead of this thread syncing the device;
+        # with device_map, outputs (and so copies) may sit on several GPUs
+        events = []
+        for device in {rows.device for rows in kept.values()}:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        return Captured(host, tuple(events))
 
     def _trace(self, ids, mask, index) -> dict[str, torch.Tensor]:
         import nnsight
@@ -198,8 +203,9 @@ class ModelTracer:
                 value = envoy.output
                 if isinstance(value, tuple):
                     value = value[0]
-                # [B, T, d] -> [N_kept, d], cast on the model's device before the copy
-                kept[name] = nnsight.save(value.reshape(-1, value.shape[-1]).index_select(0, index).to(dtype))
+                # [B, T, d] -> [N_kept, d], cast on the output's device before the copy
+                rows = value.reshape(-1, value.shape[-1]).index_select(0, index.to(value.device))
+                kept[name] = nnsight.save(rows.to(dtype))
             tracer.stop()
         return kept
 
