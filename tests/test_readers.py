@@ -115,6 +115,22 @@ def test_cs_load_equals_load_dataset(out32, tmp_path):
         cs.load(out32.path, "transformer.h.1")
 
 
+def test_cs_load_reads_only_committed_parts_after_a_crash(out32, tmp_path):
+    """A kill between a part's rename and the manifest update leaves an unlisted part in
+    data/: cs.load must not return its rows (the manifest is the truth)."""
+    import shutil
+
+    out = str(tmp_path / "crashed")
+    shutil.copytree(out32.path, out)
+    module_dir = os.path.join(out, "data", f"module={MODULES[0]}")
+    shutil.copy(sorted(glob.glob(os.path.join(module_dir, "*.parquet")))[0],
+                os.path.join(module_dir, "part-00000-000099.parquet"))
+    raw = datasets.load_dataset(out, MODULES[0], split="train", cache_dir=str(tmp_path / "a"))
+    ours = cs.load(out, MODULES[0], cache_dir=str(tmp_path / "b"))
+    assert raw.num_rows > out32.tokens[MODULES[0]]
+    assert ours.num_rows == out32.tokens[MODULES[0]]
+
+
 def test_bare_load_dataset_names_the_configs(out32, tmp_path):
     """Without a config, datasets refuses to merge modules and lists every config."""
     with pytest.raises(ValueError, match=r"Config name is missing") as error:

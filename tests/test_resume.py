@@ -452,3 +452,22 @@ def test_resume_refuses_a_different_iterable_dataset(monkeypatch, gpt2, docs, tm
     other = make_source("iterable_dataset", [text.upper() for text in docs])
     with pytest.raises(ResumeMismatchError, match=r"source"):
         capture(gpt2, other, out, resume=True)
+
+
+def test_signal_after_the_last_batch_still_completes(monkeypatch, gpt2, docs, reference, tmp_path):
+    """A Ctrl-C that lands while the final commits drain interrupts nothing: every shard is
+    committed, so the run must say complete, not ask for a resume."""
+    from crowstream import pipeline
+
+    finish = pipeline._Writers.finish
+
+    def finish_after_a_signal(self):
+        send(signal.SIGINT)()
+        finish(self)
+
+    monkeypatch.setattr(pipeline._Writers, "finish", finish_after_a_signal)
+    out = str(tmp_path / "out")
+    run = capture(gpt2, docs, out)
+    assert run.manifest["status"] == "complete"
+    assert manifest_of(out)["status"] == "complete"
+    assert_equals_reference(out, reference)
