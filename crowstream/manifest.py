@@ -7,6 +7,7 @@ what a crashed run left behind before a resume.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -161,6 +162,27 @@ def _existing_ancestor(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
+
+
+@contextlib.contextmanager
+def exclusive(out: str):
+    """Hold an advisory lock on the OUT directory for a run, so two captures never write
+    (or clean up, or overwrite) the same OUT at once. Released when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks to take
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise OutputError(f"another crowstream process is writing to {out!r}; let it finish "
+                              "(or stop it) before resuming or overwriting.") from error
+        yield
+    finally:
+        os.close(fd)
 
 
 def _check_writable(out: str) -> None:

@@ -91,17 +91,22 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
         exclude_token_ids=tuple(int(t) for t in exclude_token_ids), store_text=store_text,
         text_field=text_field, split=split)
     session = _Session(out, config, tracer, tokenizer, progress)
-    if mode == "resume":
-        session.load(mf.read_manifest(out))
-    rows = source.rows(session.source_done)
-    peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
-    if mode != "resume":
-        if not peek:
-            raise DataError("the corpus has no documents; check data, split and max_docs.")
-        with _write_errors(out):
-            mf.create_out(out, mode)
-            session.start(peek, _provenance(model, tokenizer))
-    return session.run(itertools.chain(peek, rows), source.n_docs)
+    with contextlib.ExitStack() as held:
+        if mode != "fresh":  # before resume's clean-up or overwrite's delete touch anything
+            held.enter_context(mf.exclusive(out))
+        if mode == "resume":
+            session.load(mf.read_manifest(out))
+        rows = source.rows(session.source_done)
+        peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
+        if mode != "resume":
+            if not peek:
+                raise DataError("the corpus has no documents; check data, split and max_docs.")
+            with _write_errors(out):
+                mf.create_out(out, mode)
+                if mode == "fresh":
+                    held.enter_context(mf.exclusive(out))
+                session.start(peek, _provenance(model, tokenizer))
+        return session.run(itertools.chain(peek, rows), source.n_docs)
 
 
 def _validate(*, overflow, dtype, batch_size, max_batch_tokens, max_docs, max_tokens, sample,
@@ -214,6 +219,7 @@ class _Session:
                 if not finished:
                     writers.abort()
                 writers.finish()
+                bar.written(writers.bytes_written)
         except BaseException as error:
             stream.close()
             try:
@@ -522,10 +528,13 @@ class _Progress:
 
     def shard(self, end, bytes_written: int) -> None:
         self.bar.n = end.source_end
-        written = bytes_written / 2**20
+        self.written(bytes_written)
+
+    def written(self, bytes_written: int) -> None:
+        """Bytes committed so far (commits run on a background thread, so this lags)."""
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens:,} tok, {rate:,.0f} tok/s, {written:,.1f} MiB",
-                                 refresh=True)
+        self.bar.set_postfix_str(f"{self.tokens:,} tok, {rate:,.0f} tok/s, "
+                                 f"{bytes_written / 2**20:,.1f} MiB", refresh=True)
 
     def __enter__(self):
         return self

@@ -471,3 +471,25 @@ def test_signal_after_the_last_batch_still_completes(monkeypatch, gpt2, docs, re
     assert run.manifest["status"] == "complete"
     assert manifest_of(out)["status"] == "complete"
     assert_equals_reference(out, reference)
+
+
+def test_a_second_capture_into_a_busy_out_is_refused(gpt2, docs, reference, tmp_path):
+    """While one process holds OUT (its run is in flight), a resume or an overwrite from
+    another must not clean up or delete its files."""
+    import fcntl
+
+    out = str(tmp_path / "out")
+    shutil.copytree(reference, out)
+    before = tree(out)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running capture holds
+        for flag in ("resume", "overwrite"):
+            with pytest.raises(cs.CrowstreamError, match=r"another crowstream process is writing "
+                                                         r"to .*; let it finish"):
+                capture(gpt2, docs, out, **{flag: True})
+            assert tree(out) == before
+    finally:
+        os.close(fd)
+    run = capture(gpt2, docs, out, resume=True)  # the lock died with its holder
+    assert run.manifest["status"] == "complete"
