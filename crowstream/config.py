@@ -18,9 +18,8 @@ DATA_DIR = "data"
 DOCS_DIR = "docs"
 VOCAB_NAME = "vocab.parquet"
 
-# ~16 MiB row groups: big enough for zstd and BYTE_STREAM_SPLIT to work well, small
-# enough that selective reads stay fast (huge row groups made them 8-60x slower).
-ROW_GROUP_BYTES = 16 << 20
+# Row-group size and the Parquet settings live in schemas/rows.json (the format's single
+# source of truth): ~16 MiB, because huge row groups made selective reads 8-60x slower.
 # Default shard: documents whose vectors (largest module) come to ~256 MiB raw, so part
 # files land at a few hundred MB; a crash loses at most one shard of work.
 SHARD_TARGET_BYTES = 256 << 20
