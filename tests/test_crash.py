@@ -24,12 +24,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 import crowstream as cs
 from crowstream.errors import VerifyError
+from helpers import assert_same_rows, manifest_of
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N_DOCS = 160         # 40 shards, < 1 s of capture on 2 idle CPU cores
@@ -86,54 +86,6 @@ def corpus_docs():
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-def read_rows(out) -> dict:
-    """{module: (doc_id, position, token, vector) sorted by (doc_id, position), "docs": ...}
-    from the part files the manifest lists."""
-    with open(os.path.join(out, "crowstream.json")) as f:
-        manifest = json.load(f)
-    rows = {}
-    for name, spec in manifest["modules"].items():
-        paths = sorted(p["path"] for p in manifest["parts"] if p.get("module") == name)
-        tables = [pq.read_table(os.path.join(out, p)) for p in paths]
-        doc_id = np.concatenate([t["doc_id"].to_numpy() for t in tables])
-        position = np.concatenate([t["position"].to_numpy() for t in tables])
-        token = np.concatenate([t["token"].to_numpy() for t in tables])
-        vector = np.concatenate([t["vector"].combine_chunks().values.to_numpy().reshape(-1, spec["d"])
-                                 for t in tables])
-        order = np.lexsort((position, doc_id))
-        rows[name] = (doc_id[order], position[order], token[order], vector[order])
-    paths = sorted(p["path"] for p in manifest["parts"] if p["kind"] == "docs")
-    docs = [pq.read_table(os.path.join(out, p)) for p in paths]
-    doc_ids = np.concatenate([t["doc_id"].to_numpy() for t in docs])
-    n_tokens = np.concatenate([t["n_tokens"].to_numpy() for t in docs])
-    order = np.argsort(doc_ids, kind="stable")
-    rows["docs"] = (doc_ids[order], n_tokens[order])
-    return rows
-
-
-def assert_same_rows(out, reference, docs_below=None) -> None:
-    """Bit-identical rows, no duplicates; `docs_below` compares with the reference's
-    documents below that id only (the first shards of a longer corpus)."""
-    got, want = read_rows(out), read_rows(reference)
-    if docs_below is not None:
-        want = {name: tuple(column[cols[0] < docs_below] for column in cols) for name, cols in want.items()}
-    assert got.keys() == want.keys()
-    for name in want:
-        for a, b in zip(got[name], want[name]):
-            assert a.shape == b.shape, name
-            assert a.tobytes() == b.tobytes(), f"{name}: rows differ from the uninterrupted run"
-    for name in MODULES:
-        doc_id, position = got[name][0], got[name][1]
-        pairs = doc_id.astype(np.int64) * 100_000 + position
-        assert len(np.unique(pairs)) == len(pairs), f"{name}: duplicate rows"
-    assert len(np.unique(got["docs"][0])) == len(got["docs"][0]), "duplicate documents"
-
-
-def manifest_of(out) -> dict:
-    with open(os.path.join(out, "crowstream.json")) as f:
-        return json.load(f)
-
 
 def files_under(out, *tops) -> list[str]:
     found = []

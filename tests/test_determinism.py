@@ -3,7 +3,6 @@ vocab and card, whatever container the corpus comes in."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -12,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import crowstream as cs
+from helpers import manifest_of
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N = 20
@@ -29,11 +29,6 @@ def files(out) -> dict:
                 with open(os.path.join(root, name), "rb") as f:
                     found[rel] = f.read()
     return found
-
-
-def manifest_of(out) -> dict:
-    with open(os.path.join(out, "crowstream.json")) as f:
-        return json.load(f)
 
 
 def rows(out, module) -> dict:

@@ -14,63 +14,17 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 import crowstream as cs
 from crowstream import errors
 from crowstream.tracing import ModelTracer
+from helpers import assert_same_rows, manifest_of, parts_of, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 KW = dict(shard_size=4, batch_size=4, progress=False)
 N = 24
-
-
-def manifest_of(out) -> dict:
-    with open(os.path.join(out, "crowstream.json")) as f:
-        return json.load(f)
-
-
-def tree(path) -> dict:
-    found = {}
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            found[os.path.relpath(os.path.join(root, d), path)] = None
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                found[os.path.relpath(os.path.join(root, f), path)] = fh.read()
-    return found
-
-
-def read_rows(out) -> dict:
-    manifest = manifest_of(out)
-    rows = {}
-    for name, spec in manifest["modules"].items():
-        tables = [pq.read_table(os.path.join(out, p["path"])) for p in manifest["parts"]
-                  if p.get("module") == name]
-        cols = [np.concatenate([t[c].to_numpy() for t in tables]) for c in ("doc_id", "position", "token")]
-        vector = np.concatenate([t["vector"].combine_chunks().values.to_numpy().reshape(-1, spec["d"])
-                                 for t in tables])
-        order = np.lexsort((cols[1], cols[0]))
-        rows[name] = (*(c[order] for c in cols), vector[order])
-    return rows
-
-
-def assert_same_rows(out, reference, *, atol=None) -> None:
-    got, want = read_rows(out), read_rows(reference)
-    assert got.keys() == want.keys()
-    for name in want:
-        for a, b in zip(got[name][:3], want[name][:3]):
-            assert np.array_equal(a, b), f"{name}: doc_id/position/token differ"
-        if atol is None:
-            assert got[name][3].tobytes() == want[name][3].tobytes(), f"{name}: vectors differ"
-        else:
-            np.testing.assert_allclose(got[name][3], want[name][3], atol=atol, rtol=0)
-
-
-def parts_of(out) -> list:
-    return [(p["path"], p["rows"], p["sha256"]) for p in manifest_of(out)["parts"]]
 
 
 def capture(gpt2, data, out, **kw):

@@ -16,6 +16,7 @@ import pytest
 import crowstream as cs
 from crowstream.errors import VerifyError
 from crowstream.schemas import docs_schema, row_schema
+from helpers import tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N = 24
@@ -78,15 +79,6 @@ def problems_of(out) -> list[str]:
     problems = info.value.problems
     assert str(info.value) == f"{out!r} is damaged: {len(problems)} problem(s): " + "; ".join(problems)
     return problems
-
-
-def tree(path) -> dict:
-    found = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                found[os.path.relpath(os.path.join(root, f), path)] = fh.read()
-    return found
 
 
 def test_intact_output_verifies(out):

@@ -4,19 +4,18 @@ rows an uninterrupted run writes; a resume that would change the rows is refused
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
 import signal
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 import crowstream as cs
 from crowstream.errors import Interrupted, ResumeMismatchError
 from crowstream.tracing import ModelTracer
+from helpers import assert_same_rows, manifest_of, parts_of, read_rows, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N = 40                       # documents: 10 shards of 4, one batch per shard
@@ -24,56 +23,6 @@ KW = dict(shard_size=4, batch_size=4, progress=False)
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-def manifest_of(out) -> dict:
-    with open(os.path.join(out, "crowstream.json")) as f:
-        return json.load(f)
-
-
-def read_rows(out) -> dict:
-    """{module: (doc_id, position, token, vector) sorted by (doc_id, position), "docs": ...}"""
-    manifest = manifest_of(out)
-    rows = {}
-    for name, spec in manifest["modules"].items():
-        paths = sorted(p["path"] for p in manifest["parts"] if p.get("module") == name)
-        tables = [pq.read_table(os.path.join(out, p)) for p in paths]
-        cols = [np.concatenate([t[c].to_numpy() for t in tables]) for c in ("doc_id", "position", "token")]
-        vector = np.concatenate([t["vector"].combine_chunks().values.to_numpy().reshape(-1, spec["d"])
-                                 for t in tables])
-        order = np.lexsort((cols[1], cols[0]))
-        rows[name] = (*(c[order] for c in cols), vector[order])
-    docs = [pq.read_table(os.path.join(out, p["path"])) for p in manifest["parts"] if p["kind"] == "docs"]
-    doc_ids = np.concatenate([t["doc_id"].to_numpy() for t in docs])
-    order = np.argsort(doc_ids, kind="stable")
-    rows["docs"] = (doc_ids[order], np.concatenate([t["n_tokens"].to_numpy() for t in docs])[order],
-                    np.array(sum((t["text"].to_pylist() for t in docs), []), dtype=object)[order])
-    return rows
-
-
-def assert_same_rows(out, reference, *, atol=None) -> None:
-    """Bit-identical rows (or vectors within `atol`), no duplicates."""
-    got, want = read_rows(out), read_rows(reference)
-    assert got.keys() == want.keys()
-    for name in want:
-        if name == "docs":
-            assert all(np.array_equal(a, b) for a, b in zip(got[name], want[name])), "docs differ"
-            continue
-        *keys, vector = got[name]
-        *want_keys, want_vector = want[name]
-        for a, b in zip(keys, want_keys):
-            assert np.array_equal(a, b), f"{name}: doc_id/position/token differ"
-        if atol is None:
-            assert vector.dtype == want_vector.dtype and vector.tobytes() == want_vector.tobytes(), \
-                f"{name}: vectors are not bit-identical"
-        else:
-            np.testing.assert_allclose(vector, want_vector, atol=atol, rtol=0)
-        pairs = keys[0].astype(np.int64) * 1_000_000 + keys[1]
-        assert len(np.unique(pairs)) == len(pairs), f"{name}: duplicate rows"
-
-
-def parts_of(out) -> list:
-    return [(p["path"], p["rows"], p["sha256"]) for p in manifest_of(out)["parts"]]
-
 
 def assert_equals_reference(out, reference) -> None:
     m, ref = manifest_of(out), manifest_of(reference)
@@ -89,18 +38,6 @@ def assert_equals_reference(out, reference) -> None:
     assert_same_rows(out, reference)
     cs.verify(out)
     assert os.listdir(os.path.join(out, ".tmp")) == []
-
-
-def tree(path) -> dict:
-    """relative path -> bytes of every file under `path` (directories as None)."""
-    found = {}
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            found[os.path.relpath(os.path.join(root, d), path)] = None
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                found[os.path.relpath(os.path.join(root, f), path)] = fh.read()
-    return found
 
 
 class Trace:

@@ -1,0 +1,78 @@
+"""Helpers the reliability tests share: reading an OUT back row by row and comparing two."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def manifest_of(out) -> dict:
+    with open(os.path.join(out, "crowstream.json")) as f:
+        return json.load(f)
+
+
+def parts_of(out) -> list:
+    return [(p["path"], p["rows"], p["sha256"]) for p in manifest_of(out)["parts"]]
+
+
+def tree(path) -> dict:
+    """relative path -> bytes of every file under `path` (directories map to None)."""
+    found = {}
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            found[os.path.relpath(os.path.join(root, d), path)] = None
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                found[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return found
+
+
+def read_rows(out) -> dict:
+    """From the part files the manifest lists: {module: (doc_id, position, token, vector)}
+    sorted by (doc_id, position), and "docs": (doc_id, n_tokens, text) sorted by doc_id."""
+    manifest = manifest_of(out)
+    rows = {}
+    for name, spec in manifest["modules"].items():
+        paths = sorted(p["path"] for p in manifest["parts"] if p.get("module") == name)
+        tables = [pq.read_table(os.path.join(out, p)) for p in paths]
+        cols = [np.concatenate([t[c].to_numpy() for t in tables]) for c in ("doc_id", "position", "token")]
+        vector = np.concatenate([t["vector"].combine_chunks().values.to_numpy().reshape(-1, spec["d"])
+                                 for t in tables])
+        order = np.lexsort((cols[1], cols[0]))
+        rows[name] = (*(c[order] for c in cols), vector[order])
+    paths = sorted(p["path"] for p in manifest["parts"] if p["kind"] == "docs")
+    docs = [pq.read_table(os.path.join(out, p)) for p in paths]
+    doc_ids = np.concatenate([t["doc_id"].to_numpy() for t in docs])
+    order = np.argsort(doc_ids, kind="stable")
+    rows["docs"] = (doc_ids[order], np.concatenate([t["n_tokens"].to_numpy() for t in docs])[order],
+                    np.array(sum((t["text"].to_pylist() for t in docs), []), dtype=object)[order])
+    return rows
+
+
+def assert_same_rows(out, reference, *, atol=None, docs_below=None) -> None:
+    """Same documents and rows as `reference`, vectors bit-identical (or within `atol`), no
+    duplicates. `docs_below` compares with the reference's documents below that id only
+    (the first shards of a longer corpus)."""
+    got, want = read_rows(out), read_rows(reference)
+    if docs_below is not None:
+        want = {name: tuple(column[cols[0] < docs_below] for column in cols) for name, cols in want.items()}
+    assert got.keys() == want.keys()
+    for name in want:
+        if name == "docs":
+            assert all(np.array_equal(a, b) for a, b in zip(got[name], want[name])), "docs differ"
+            assert len(np.unique(got[name][0])) == len(got[name][0]), "duplicate documents"
+            continue
+        *keys, vector = got[name]
+        *want_keys, want_vector = want[name]
+        for a, b in zip(keys, want_keys):
+            assert np.array_equal(a, b), f"{name}: doc_id/position/token differ"
+        if atol is None:
+            assert vector.dtype == want_vector.dtype and vector.tobytes() == want_vector.tobytes(), \
+                f"{name}: vectors are not bit-identical"
+        else:
+            np.testing.assert_allclose(vector, want_vector, atol=atol, rtol=0)
+        pairs = keys[0].astype(np.int64) * 1_000_000 + keys[1]
+        assert len(np.unique(pairs)) == len(pairs), f"{name}: duplicate rows"
