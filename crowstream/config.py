@@ -103,6 +103,11 @@ def _jsonable(value):
     return value
 
 
+def looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else (./x, /x, ~/x, a/b/c) is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

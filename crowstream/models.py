@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .config import DEFAULT_CONTEXT_CAP
+from .config import DEFAULT_CONTEXT_CAP, looks_like_path
 from .errors import ConfigError, ModelLoadError
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -80,7 +80,7 @@ def _tokenizer(name: str, trust_remote_code: bool):
 def _check_exists(name: str) -> None:
     if os.path.isdir(name):
         return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isfile(name):
+    if looks_like_path(name) or os.path.isfile(name):
         raise ModelLoadError(f"model path {name!r} does not exist (or is not a directory); "
                              "pass a directory written by save_pretrained, or a hub id.")
 

@@ -201,7 +201,7 @@ class _Session:
         writers = _Writers(self.out, self.config, self.tracer.dims, manifest)
         stream = prefetch(self._batches(rows))
         try:
-            with _signals(self.stop_requested), self.tracer, self._progress_bar(n_docs) as bar:
+            with _signals(self.stop_requested), self.tracer, _Progress(n_docs, self.source_done, enabled=self.progress) as bar:
                 finished = False
                 for item in stream:
                     if self.stop_requested.is_set():
@@ -282,9 +282,6 @@ class _Session:
         with contextlib.suppress(OSError):  # the original error matters more than this one
             mf.write_manifest(self.out, self.manifest)
 
-    def _progress_bar(self, n_docs):
-        return _Progress(n_docs, self.source_done, enabled=self.progress)
-
     def _result(self) -> Run:
         m = self.manifest
         return Run(path=self.out, run_id=m["run_id"],
@@ -329,7 +326,7 @@ class _Writers:
         from .writer import PartWriter
 
         if name not in self.parts:
-            tmp = os.path.join(self.out, TMP_DIR, f"{_safe(name)}.{mf.part_name(RANK, shard)}")
+            tmp = os.path.join(self.out, TMP_DIR, f"{name}.{mf.part_name(RANK, shard)}")
             self.parts[name] = PartWriter(tmp, row_schema(self.dims[name], self.config.dtype))
         return self.parts[name]
 
@@ -433,10 +430,6 @@ def _write_vocab(out: str, tokenizer) -> None:
     os.replace(tmp, os.path.join(out, VOCAB_NAME))
 
 
-def _safe(name: str) -> str:
-    return name.replace("/", "_")
-
-
 def _translate(error: BaseException, out: str, bytes_written: int) -> BaseException:
     """A failed write (here or on a writer thread) becomes one OutputError naming OUT."""
     from .writer import describe_os_error
@@ -498,7 +491,7 @@ def _signals(stop: threading.Event):
             raise KeyboardInterrupt
         stop.set()
         log.warning("%s received: committing the shards already complete, then stopping "
-                    "(a second Ctrl-C stops without waiting for the open shard)",
+                    "(a second Ctrl-C stops inside the batch in progress)",
                     signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}

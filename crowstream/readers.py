@@ -10,7 +10,7 @@ import glob
 import os
 
 from . import manifest as mf
-from .config import DOCS_DIR, VOCAB_NAME
+from .config import VOCAB_NAME
 from .errors import ConfigError
 
 
@@ -133,10 +133,9 @@ def docs(out):
     import polars as pl
 
     out = os.fspath(out)
-    files = sorted(glob.glob(os.path.join(out, DOCS_DIR, "*.parquet")))
-    manifest = mf.read_manifest(out)
-    listed = {os.path.join(out, p["path"]) for p in manifest["parts"] if p["kind"] == "docs"}
-    return pl.scan_parquet([f for f in files if f in listed]) if listed else pl.LazyFrame(
+    listed = [os.path.join(out, p["path"]) for p in mf.read_manifest(out)["parts"]
+              if p["kind"] == "docs"]
+    return pl.scan_parquet(listed) if listed else pl.LazyFrame(
         schema={"doc_id": pl.Int64, "n_tokens": pl.Int32, "text": pl.String})
 
 

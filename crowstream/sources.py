@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import looks_like_path
 from .errors import DataError
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -85,11 +86,10 @@ def _open(data, text_field: str, split: str):
     if isinstance(data, datasets.Dataset):
         return _open_dataset(data, text_field)
     if isinstance(data, datasets.IterableDataset):
-        def rows(skip):
-            return enumerate(data.skip(skip) if skip else data, start=skip)
-        return rows, None, {"kind": "datasets.IterableDataset", "name": str(data.info.dataset_name),
-                            "config": str(data.config_name), "split": str(data.split),
-                            "features": str(data.features), "head_sha256": _head_digest(data)}
+        return _streaming_rows(data), None, {
+            "kind": "datasets.IterableDataset", "name": str(data.info.dataset_name),
+            "config": str(data.config_name), "split": str(data.split),
+            "features": str(data.features), "head_sha256": _head_digest(data)}
     if isinstance(data, (list, tuple)):
         digest = hashlib.sha256()
         for item in data:
@@ -135,7 +135,7 @@ def _open_path_or_hub(path: str, split: str):
                             "line), .jsonl, .json, .parquet and .csv.")
         ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train",
                                    streaming=True)
-        return (lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)), None, fingerprint
+        return _streaming_rows(ds), None, fingerprint
     if os.path.isdir(path):
         files = sorted(os.path.relpath(os.path.join(d, f), path)
                        for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
@@ -144,14 +144,17 @@ def _open_path_or_hub(path: str, split: str):
         fingerprint = {"kind": "directory", "path": os.path.abspath(path),
                        "files": [[f, os.path.getsize(os.path.join(path, f))] for f in files]}
         ds = _load_split(path, split, streaming=True)
-        return (lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)), None, fingerprint
-    looks_like_path = (path.startswith((".", "/", "~")) or path.count("/") > 1
-                       or os.path.splitext(path)[1].lower() in {".txt", *_FILE_BUILDERS})
-    if looks_like_path:
+        return _streaming_rows(ds), None, fingerprint
+    if looks_like_path(path) or os.path.splitext(path)[1].lower() in {".txt", *_FILE_BUILDERS}:
         raise DataError(f"data path {path!r} does not exist; pass an existing file or directory.")
     ds = _load_split(path, split, streaming=True)
-    return (lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)), None, {
+    return _streaming_rows(ds), None, {
         "kind": "hub", "id": path, "split": split}
+
+
+def _streaming_rows(ds):
+    """rows(skip) for a streaming dataset: `.skip` leaves committed rows unread."""
+    return lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)
 
 
 def _load_split(path: str, split: str, *, streaming: bool):
