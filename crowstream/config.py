@@ -11,11 +11,12 @@ from typing import Literal
 
 from .errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "crowstream.json"
 TMP_DIR = ".tmp"
 DATA_DIR = "data"
 DOCS_DIR = "docs"
+COMMITS_DIR = "commits"  # one record (+ partial statistics) per committed shard
 VOCAB_NAME = "vocab.parquet"
 
 # Row-group size and the Parquet settings live in schemas/rows.json (the format's single

@@ -1,75 +1,336 @@
-"""The manifest and the output directory. It owns `crowstream.json` (created, updated and
-read atomically: temp file, fsync, `os.replace`, fsync the directory), the dataset card
-`README.md` whose YAML `configs:` make `datasets.load_dataset(OUT, module)` work, and the
-layout rules: which files belong in OUT, preparing OUT for a fresh run, and cleaning up
-what a crashed run left behind before a resume.
+"""The manifest and the output directory's layout. It owns:
+
+- the typed manifest (`Manifest`, `ShardRecord`, `Part`, `FileRef`, `ModuleInfo`, `Counts`,
+  `StatsSummary`) and its JSON form, `crowstream.json` (format 2; format 1 reads too);
+- the commit protocol (`commit`): one small record per shard in `commits/`, so a commit
+  writes O(1) bytes however long the run (see `commit` for the order);
+- the committed state (`committed`): `crowstream.json` consolidated with the records,
+  which is what readers, `verify` and resume see;
+- recovery before a resume (`recover`): roll committed shards forward, delete the rest;
+- the dataset card `README.md`, preparing OUT for a fresh run, and the advisory lock.
+
+While a run is in progress `crowstream.json` says `"running"` and lists no shards: the
+records are the truth. It is consolidated (every shard, counts, merged statistics) at the
+end of a run, on interrupt and on failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import re
 import shutil
 
-from crowstream.schemas import validate_manifest
+from crowstream.schemas import validate_manifest, validate_record
 
-from .config import DATA_DIR, DOCS_DIR, FORMAT_VERSION, MANIFEST_NAME, TMP_DIR, VOCAB_NAME
+from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, FORMAT_VERSION, MANIFEST_NAME, TMP_DIR,
+                     VOCAB_NAME)
 from .errors import ManifestError, OutputError, OutputExistsError
+
+RECORD_NAME = re.compile(r"shard-(\d{8})\.json")
+STATS_NAME = re.compile(r"shard-(\d{8})\.stats\.parquet")
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def new_manifest(run_id: str, config: dict, shard_size: int, provenance: dict,
-                 modules: dict) -> dict:
-    return {
-        "format": "crowstream", "format_version": FORMAT_VERSION, "run_id": run_id,
-        "status": "running", "error": None, "created": now(), "updated": now(),
-        "config": config, "shard_size": shard_size, "provenance": provenance,
-        "modules": modules, "shards": [], "parts": [],
-        "counts": {"docs": 0, "skipped_docs": 0, "tokens_fed": 0,
-                   "rows": {name: 0 for name in modules}},
-        "stats": {},
-    }
+# -- the typed manifest ---------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class FileRef:
+    """A file in OUT (path relative to OUT) with its size and checksum."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict) -> FileRef:
+        return cls(value["path"], value["bytes"], value["sha256"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Part(FileRef):
+    """A committed part file: `kind` "module" (with `module`) or "docs"; `rows` rows."""
+
+    kind: str = "module"
+    module: str | None = None
+    rows: int = 0
+
+    def to_json(self) -> dict:
+        value = {"path": self.path, "kind": self.kind, "module": self.module, "rows": self.rows,
+                 "bytes": self.bytes, "sha256": self.sha256}
+        if self.module is None:
+            del value["module"]
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict) -> Part:
+        return cls(value["path"], value["bytes"], value["sha256"], value["kind"],
+                   value.get("module"), value["rows"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """One committed shard: the deterministic range of source rows it covers, what it fed
+    the model, its part files and its partial statistics file (`None` in format 1).
+
+    `rank` is the process that wrote it (0 for now; the scale-out hands shard k to rank
+    k mod world). This is also the content of `commits/shard-<index:08d>.json`.
+    """
+
+    index: int
+    rank: int
+    source_start: int
+    source_end: int
+    docs: int
+    skipped: int
+    tokens: int
+    parts: tuple[Part, ...]
+    stats: FileRef | None = None
+
+    def to_json(self) -> dict:
+        value = {"index": self.index, "rank": self.rank, "source_start": self.source_start,
+                 "source_end": self.source_end, "docs": self.docs, "skipped": self.skipped,
+                 "tokens": self.tokens, "parts": [p.to_json() for p in self.parts]}
+        if self.stats is not None:
+            value["stats"] = self.stats.to_json()
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict) -> ShardRecord:
+        stats = value.get("stats")
+        return cls(value["index"], value.get("rank", 0), value["source_start"],
+                   value["source_end"], value["docs"], value["skipped"], value["tokens"],
+                   tuple(Part.from_json(p) for p in value["parts"]),
+                   FileRef.from_json(stats) if stats else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleInfo:
+    """A captured module: width `d`, stored `dtype`, its partition directory `path`."""
+
+    d: int
+    dtype: str
+    path: str
+    type: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, value: dict) -> ModuleInfo:
+        return cls(value["d"], value["dtype"], value["path"], value.get("type"))
+
+
+@dataclasses.dataclass
+class Counts:
+    """Totals over the committed shards; `rows` maps module -> rows stored."""
+
+    docs: int = 0
+    skipped_docs: int = 0
+    tokens_fed: int = 0
+    rows: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, shards, modules) -> Counts:
+        rows = {name: 0 for name in modules}
+        for shard in shards:
+            for part in shard.parts:
+                if part.kind == "module":
+                    rows[part.module] = rows.get(part.module, 0) + part.rows
+        return cls(sum(s.docs for s in shards), sum(s.skipped for s in shards),
+                   sum(s.tokens for s in shards), rows)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict) -> Counts:
+        return cls(value["docs"], value["skipped_docs"], value["tokens_fed"], dict(value["rows"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsSummary:
+    """Per-module statistics as the manifest states them: `mean`, `var` (population) per
+    dimension and `mean_norm`, over `count` rows. Entries that are not finite (because
+    `nonfinite` stored values were NaN or infinite) are `None` in JSON."""
+
+    count: int
+    mean: tuple
+    var: tuple
+    mean_norm: float | None
+    nonfinite: int = 0
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "mean": [_finite(x) for x in self.mean],
+                "var": [_finite(x) for x in self.var], "mean_norm": _finite(self.mean_norm),
+                "nonfinite": self.nonfinite}
+
+    @classmethod
+    def from_json(cls, value: dict) -> StatsSummary:
+        nan = float("nan")
+        return cls(value["count"], tuple(nan if x is None else x for x in value["mean"]),
+                   tuple(nan if x is None else x for x in value["var"]),
+                   value["mean_norm"], value.get("nonfinite", 0))
+
+
+def _finite(x):
+    """JSON has no NaN or Infinity: such a value becomes null (and is counted elsewhere)."""
+    import math
+
+    return x if x is not None and math.isfinite(x) else None
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Everything crowstream knows about one OUT (`crowstream.json`, typed).
+
+    `shards` are the committed shards in index order; `parts` lists their files. Get the
+    committed state of any OUT (running, interrupted, crashed or complete) with
+    `committed(out)`; `read_manifest(out)` gives the file alone.
+    """
+
+    run_id: str
+    status: str
+    config: dict
+    shard_size: int
+    provenance: dict
+    modules: dict[str, ModuleInfo]
+    shards: list[ShardRecord] = dataclasses.field(default_factory=list)
+    counts: Counts = dataclasses.field(default_factory=Counts)
+    stats: dict[str, StatsSummary] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    created: str = dataclasses.field(default_factory=now)
+    updated: str = dataclasses.field(default_factory=now)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def parts(self) -> list[Part]:
+        return [part for shard in self.shards for part in shard.parts]
+
+    def module_parts(self, module: str) -> list[Part]:
+        return [p for p in self.parts if p.kind == "module" and p.module == module]
+
+    @property
+    def source_done(self) -> int:
+        """Source rows covered by the committed shards (where a resume starts)."""
+        return self.shards[-1].source_end if self.shards else 0
+
+    def to_json(self) -> dict:
+        return {
+            "format": "crowstream", "format_version": FORMAT_VERSION, "run_id": self.run_id,
+            "status": self.status, "error": self.error, "created": self.created,
+            "updated": self.updated, "config": self.config, "shard_size": self.shard_size,
+            "provenance": self.provenance,
+            "modules": {name: m.to_json() for name, m in self.modules.items()},
+            "shards": [s.to_json() for s in self.shards], "counts": self.counts.to_json(),
+            "stats": {name: s.to_json() for name, s in self.stats.items()},
+        }
+
+    @classmethod
+    def from_json(cls, value: dict) -> Manifest:
+        """Format 2 as written, or format 1 (one file with flat `parts`) converted."""
+        shards = value["shards"]
+        if value["format_version"] == 1:
+            by_shard: dict = {}
+            for part in value["parts"]:
+                by_shard.setdefault(part["shard"], []).append(part)
+            shards = [{**s, "rank": 0, "parts": by_shard.get(s["index"], [])} for s in shards]
+        return cls(
+            run_id=value["run_id"], status=value["status"], config=value["config"],
+            shard_size=value["shard_size"], provenance=value["provenance"],
+            modules={n: ModuleInfo.from_json(m) for n, m in value["modules"].items()},
+            shards=[ShardRecord.from_json(s) for s in shards],
+            counts=Counts.from_json(value["counts"]),
+            stats={n: StatsSummary.from_json(s) for n, s in value["stats"].items()},
+            error=value.get("error"), created=value["created"], updated=value["updated"],
+            format_version=value["format_version"])
+
+
+# -- files --------------------------------------------------------------------------------------
 
 def manifest_path(out: str) -> str:
     return os.path.join(out, MANIFEST_NAME)
 
 
-def read_manifest(out: str) -> dict:
-    """Parse and validate OUT/crowstream.json; a damaged manifest is explained, never fixed."""
+def record_path(index: int) -> str:
+    """The commit record of shard `index`, relative to OUT."""
+    return f"{COMMITS_DIR}/shard-{index:08d}.json"
+
+
+def stats_path(index: int) -> str:
+    """The partial statistics of shard `index`, relative to OUT."""
+    return f"{COMMITS_DIR}/shard-{index:08d}.stats.parquet"
+
+
+def part_name(rank: int, shard: int) -> str:
+    return f"part-{rank:05d}-{shard:06d}.parquet"
+
+
+def module_dir(module: str) -> str:
+    return f"{DATA_DIR}/module={module}"
+
+
+def staging_path(out: str, rel: str) -> str:
+    """Where the part file that will be committed as `rel` is written: in `.tmp/`, under a
+    flat name derived from `rel` (so a resume can roll a committed shard forward)."""
+    return os.path.join(out, TMP_DIR, rel.replace("/", "__"))
+
+
+def read_manifest(out: str) -> Manifest:
+    """Parse and validate OUT/crowstream.json alone; a damaged manifest is explained, never
+    fixed. While a run is in progress it lists no shards: use `committed(out)`."""
     path = manifest_path(out)
     if not os.path.isfile(path):
         raise ManifestError(f"{out!r} has no {MANIFEST_NAME}: it is not a crowstream output "
                             "(or the run never started).")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path} is damaged ({error}); it was left as it is. Restore it from "
-                            "a backup or capture again into a new OUT.") from error
-    problems = validate_manifest(manifest) if isinstance(manifest, dict) else ["not a JSON object"]
+    value = _read_json(path)
+    problems = validate_manifest(value) if isinstance(value, dict) else ["not a JSON object"]
     if problems:
         raise ManifestError(f"{path} does not match the manifest schema: {problems[0]}"
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                             + ". It was left as it is.")
-    return manifest
+    return Manifest.from_json(value)
 
 
-def write_manifest(out: str, manifest: dict) -> None:
-    manifest["updated"] = now()
-    tmp = os.path.join(out, TMP_DIR, MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{path} is damaged ({error}); it was left as it is. Restore it from "
+                            "a backup or capture again into a new OUT.") from error
+
+
+def write_manifest(out: str, manifest: Manifest) -> None:
+    """Replace crowstream.json atomically. Called at start, on resume and to consolidate at
+    the end, on interrupt and on failure: never per shard."""
+    manifest.updated = now()
+    _write_atomic(out, MANIFEST_NAME, _dumps(manifest.to_json()).encode())
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _write_atomic(out: str, rel: str, data: bytes) -> None:
+    """tmp in .tmp/, fsync, os.replace to `rel`, fsync its directory."""
+    tmp = os.path.join(out, TMP_DIR, os.path.basename(rel) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, manifest_path(out))
-    fsync_dir(out)
+    final = os.path.join(out, rel)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
 
 
 def fsync_dir(path: str) -> None:
@@ -80,13 +341,217 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def part_name(rank: int, shard: int) -> str:
-    return f"part-{rank:05d}-{shard:06d}.parquet"
+# -- the commit -------------------------------------------------------------------------------
+
+def commit(out: str, run_id: str, record: ShardRecord, stats: dict) -> ShardRecord:
+    """Commit one shard whose part files are closed and fsynced at their `staging_path`s.
+
+    The order (each step's files are fsynced and renamed atomically):
+    1. the shard's partial statistics (`stats`, module -> `writer.ModuleStats`) go to
+       `commits/shard-<index>.stats.parquet`;
+    2. the record `commits/shard-<index>.json` is written: from here on the shard counts;
+    3. the parts are renamed from `.tmp/` into `data/` and `docs/`.
+    A crash before 2 leaves files that a resume deletes; after 2, a resume rolls the shard
+    forward. Readers that glob `data/` therefore never see an uncommitted part. The bytes
+    written do not depend on how many shards came before. -> the record, with its stats file.
+    """
+    record = write_record(out, run_id, record, stats)
+    move_into_place(out, record.parts)
+    return record
 
 
-def module_dir(module: str) -> str:
-    return f"{DATA_DIR}/module={module}"
+def write_record(out: str, run_id: str, record: ShardRecord, stats: dict) -> ShardRecord:
+    """Steps 1 and 2 of `commit`: the statistics file, then the record. -> the record."""
+    import pyarrow.parquet as pq
 
+    from .writer import fsync_and_hash
+
+    rel = stats_path(record.index)
+    tmp = os.path.join(out, TMP_DIR, os.path.basename(rel))
+    pq.write_table(stats_table(stats), tmp, compression="zstd", compression_level=1)
+    stats_ref = FileRef(rel, os.path.getsize(tmp), fsync_and_hash(tmp))
+    os.replace(tmp, os.path.join(out, rel))
+    fsync_dir(os.path.join(out, COMMITS_DIR))
+    record = dataclasses.replace(record, stats=stats_ref)
+    value = {"format": "crowstream-commit", "format_version": FORMAT_VERSION, "run_id": run_id,
+             **record.to_json()}
+    _write_atomic(out, record_path(record.index), _dumps(value).encode())
+    return record
+
+
+def move_into_place(out: str, parts) -> list[str]:
+    """Rename each part still in `.tmp/` to its final path; fsync the directories.
+    -> the paths moved (a part already in place is skipped)."""
+    moved = []
+    for part in parts:
+        final = os.path.join(out, part.path)
+        staged = staging_path(out, part.path)
+        if os.path.exists(final) and not os.path.exists(staged):
+            continue
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(staged, final)
+        moved.append(part.path)
+    # data/ too: the first commit creates its module=<name> directories
+    directories = {os.path.dirname(os.path.join(out, p)) for p in moved}
+    for directory in sorted(directories | ({os.path.join(out, DATA_DIR)} if moved else set())):
+        fsync_dir(directory)
+    return moved
+
+
+def stats_table(stats: dict):
+    """Partial statistics as a small table: one row per module (count, mean[d], m2[d],
+    norm_sum, nonfinite), all float64."""
+    import pyarrow as pa
+
+    names = list(stats)
+    return pa.table({
+        "module": pa.array(names, pa.string()),
+        "count": pa.array([stats[n].count for n in names], pa.int64()),
+        "mean": pa.array([stats[n].mean for n in names], pa.list_(pa.float64())),
+        "m2": pa.array([stats[n].m2 for n in names], pa.list_(pa.float64())),
+        "norm_sum": pa.array([stats[n].norm_sum for n in names], pa.float64()),
+        "nonfinite": pa.array([stats[n].nonfinite for n in names], pa.int64()),
+    })
+
+
+def read_stats(out: str, ref: FileRef) -> dict:
+    """A shard's partial statistics: module -> `writer.ModuleStats`."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .writer import ModuleStats
+
+    table = pq.read_table(os.path.join(out, ref.path)).to_pydict()
+    found = {}
+    for i, name in enumerate(table["module"]):
+        found[name] = ModuleStats.of(table["count"][i], np.asarray(table["mean"][i], np.float64),
+                                     np.asarray(table["m2"][i], np.float64),
+                                     table["norm_sum"][i], table["nonfinite"][i])
+    return found
+
+
+def merged_stats(out: str, shards, modules) -> dict:
+    """module -> `writer.ModuleStats` over `shards`, merged in index order (Chan et al.)."""
+    from .writer import ModuleStats
+
+    total = {name: ModuleStats(info.d) for name, info in modules.items()}
+    for shard in shards:
+        for name, partial in read_stats(out, shard.stats).items():
+            total[name].merge(partial)
+    return total
+
+
+def read_records(out: str, run_id: str) -> list[ShardRecord]:
+    """Every commit record in `commits/`, in index order; a gap, a damaged record or one of
+    another run is a `ManifestError` (records are written atomically: a crash leaves none
+    of these)."""
+    directory = os.path.join(out, COMMITS_DIR)
+    names = sorted(n for n in os.listdir(directory) if RECORD_NAME.fullmatch(n)) \
+        if os.path.isdir(directory) else []
+    records = []
+    for expected, name in enumerate(names):
+        path = os.path.join(directory, name)
+        value = _read_json(path)
+        problems = validate_record(value) if isinstance(value, dict) else ["not a JSON object"]
+        if problems:
+            raise ManifestError(f"{path} does not match the commit record schema: {problems[0]}. "
+                                "It was left as it is.")
+        if value["run_id"] != run_id:
+            raise ManifestError(f"{path} belongs to run {value['run_id']}, not to this OUT's run "
+                                f"{run_id}. It was left as it is; capture again into a new OUT.")
+        record = ShardRecord.from_json(value)
+        if record.index != expected or name != os.path.basename(record_path(record.index)):
+            raise ManifestError(f"{directory} has no record for shard {expected} (found {name}): "
+                                "records were deleted or renamed. Capture again into a new OUT.")
+        records.append(record)
+    return records
+
+
+def consolidated(out: str, manifest: Manifest) -> Manifest:
+    """`manifest` with every committed shard, their counts and merged statistics, from the
+    records in `commits/`."""
+    shards = read_records(out, manifest.run_id)
+    stats = merged_stats(out, shards, manifest.modules)
+    return dataclasses.replace(manifest, shards=shards, counts=Counts.of(shards, manifest.modules),
+                               stats={n: s.summary() for n, s in stats.items()})
+
+
+def committed(out: str) -> Manifest:
+    """The committed state of OUT, whatever its status: a consolidated `crowstream.json`
+    as it is, a running (or crashed) run's consolidated with its commit records."""
+    manifest = read_manifest(out)
+    if manifest.format_version == 1 or manifest.status != "running":
+        return manifest
+    return consolidated(out, manifest)
+
+
+def readable(out: str) -> Manifest:
+    """`committed(out)` without any shard whose parts are not all in place yet (a commit in
+    progress, or cut short by a crash until a resume rolls it forward): what readers use."""
+    manifest = committed(out)
+    if manifest.status == "complete":
+        return manifest
+    shards = [s for s in manifest.shards
+              if all(os.path.isfile(os.path.join(out, p.path)) for p in s.parts)]
+    return dataclasses.replace(manifest, shards=shards)
+
+
+# -- recovery before a resume -------------------------------------------------------------------
+
+def recover(out: str, manifest: Manifest) -> tuple[Manifest, list[str], list[str]]:
+    """Prepare OUT for a resume: roll forward every committed shard whose parts are still in
+    `.tmp/`, then delete every file no record lists (in `.tmp/`, `data/`, `docs/` and
+    `commits/`). -> (the committed manifest, paths rolled forward, paths removed).
+
+    Raises `ManifestError` when a listed part is missing or not of its recorded size
+    (before anything is deleted)."""
+    state = consolidated(out, manifest)
+    rolled = move_into_place(out, [p for p in state.parts
+                                   if os.path.exists(staging_path(out, p.path))])
+    damaged = damaged_parts(out, state)
+    if damaged:
+        raise ManifestError(
+            f"cannot resume {out!r}: {len(damaged)} committed part file(s) are missing or "
+            f"changed in size ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}). "
+            "`crowstream verify OUT` shows the damage; capture again with overwrite=True "
+            "(--overwrite) or into a new OUT.")
+    listed = {p.path for p in state.parts} | {s.stats.path for s in state.shards}
+    listed |= {record_path(s.index) for s in state.shards}
+    removed = [rel for rel in _files(out, TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR)
+               if rel not in listed]
+    for rel in removed:
+        os.remove(os.path.join(out, rel))
+    for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    return state, rolled, removed
+
+
+def _files(out: str, *tops: str) -> list[str]:
+    """Every file under the given top-level directories, relative to OUT, sorted."""
+    found = []
+    for top in tops:
+        for root, _, files in os.walk(os.path.join(out, top)):
+            found += [os.path.relpath(os.path.join(root, n), out).replace(os.sep, "/") for n in files]
+    return sorted(found)
+
+
+def unlisted_files(out: str, manifest: Manifest) -> list[str]:
+    """Files in `data/`, `docs/` and `commits/` that no committed shard lists."""
+    listed = {p.path for p in manifest.parts}
+    listed |= {s.stats.path for s in manifest.shards if s.stats is not None}
+    if manifest.format_version != 1:
+        listed |= {record_path(s.index) for s in manifest.shards}
+    return [rel for rel in _files(out, DATA_DIR, DOCS_DIR, COMMITS_DIR) if rel not in listed]
+
+
+def damaged_parts(out: str, manifest: Manifest) -> list[str]:
+    """Listed part files that are missing or not of their recorded size (cheap check)."""
+    return [p.path for p in manifest.parts
+            if not os.path.isfile(os.path.join(out, p.path))
+            or os.path.getsize(os.path.join(out, p.path)) != p.bytes]
+
+
+# -- OUT as a whole -----------------------------------------------------------------------------
 
 def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
     """Decide what to do with OUT, changing nothing: -> "fresh", "resume" or "replace".
@@ -123,7 +588,8 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
     an overwrite killed mid-delete): crowstream's own names and part files, nothing else.
     Without a manifest nothing was committed, so starting afresh loses nothing."""
     names = set(existing)
-    if not names <= {"README.md", VOCAB_NAME, DATA_DIR, DOCS_DIR, TMP_DIR} or not names & {TMP_DIR, DATA_DIR}:
+    ours = {"README.md", VOCAB_NAME, DATA_DIR, DOCS_DIR, TMP_DIR, COMMITS_DIR}
+    if not names <= ours or not names & {TMP_DIR, DATA_DIR}:
         return False
     card = os.path.join(out, "README.md")
     if os.path.isfile(card):
@@ -131,7 +597,8 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
             if "crowstream" not in f.read():
                 return False
     patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}\.parquet"),
-                DOCS_DIR: re.compile(r"part-\d{5}-\d{6}\.parquet")}
+                DOCS_DIR: re.compile(r"part-\d{5}-\d{6}\.parquet"),
+                COMMITS_DIR: re.compile(r"shard-\d{8}\.(json|stats\.parquet)")}
     for top, pattern in patterns.items():
         for root, _, files in os.walk(os.path.join(out, top)):
             for name in files:
@@ -152,7 +619,7 @@ def create_out(out: str, mode: str) -> None:
         if os.path.exists(manifest_path(out)):
             os.remove(manifest_path(out))
     try:
-        for sub in (TMP_DIR, DATA_DIR, DOCS_DIR):
+        for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create OUT {out!r}: {error}. Choose a writable path.") from error
@@ -190,57 +657,30 @@ def _check_writable(out: str) -> None:
         raise OutputError(f"OUT {out!r} is not writable; fix its permissions or choose another OUT.")
 
 
-def damaged_parts(out: str, manifest: dict) -> list[str]:
-    """Listed part files that are missing or not of their recorded size (cheap check)."""
-    return [p["path"] for p in manifest["parts"]
-            if not os.path.isfile(os.path.join(out, p["path"]))
-            or os.path.getsize(os.path.join(out, p["path"])) != p["bytes"]]
-
-
-def clean_for_resume(out: str, manifest: dict) -> list[str]:
-    """Delete `.tmp/` leftovers and any part file the manifest does not list; -> removed."""
-    listed = {part["path"] for part in manifest["parts"]}
-    removed = []
-    tmp = os.path.join(out, TMP_DIR)
-    if os.path.isdir(tmp):
-        for name in os.listdir(tmp):
-            os.remove(os.path.join(tmp, name))
-            removed.append(f"{TMP_DIR}/{name}")
-    for top in (DATA_DIR, DOCS_DIR):
-        for root, _, files in os.walk(os.path.join(out, top)):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), out).replace(os.sep, "/")
-                if rel not in listed:
-                    os.remove(os.path.join(out, rel))
-                    removed.append(rel)
-    for sub in (TMP_DIR, DATA_DIR, DOCS_DIR):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
-    return removed
-
-
-def write_card(out: str, manifest: dict) -> None:
+def write_card(out: str, manifest: Manifest) -> None:
     """OUT/README.md: a dataset card with one `configs:` entry per module, docs and vocab."""
     lines = ["---", "configs:"]
-    for name in manifest["modules"]:
+    for name in manifest.modules:
         lines += [f"- config_name: {json.dumps(name)}", "  data_files:", "  - split: train",
                   f"    path: {json.dumps(module_dir(name) + '/*.parquet')}"]
     lines += ["- config_name: docs", "  data_files:", "  - split: train", f"    path: {DOCS_DIR}/*.parquet",
               "- config_name: vocab", "  data_files:", "  - split: train", f"    path: {VOCAB_NAME}",
               "tags:", "- activations", "- interpretability", "- crowstream", "---", ""]
-    config = manifest["config"]
-    model = manifest["provenance"]["model"]
+    config = manifest.config
+    model = manifest.provenance["model"]
     lines += [
         "# Activation dataset", "",
         f"Written by crowstream from model `{model.get('name_or_path') or model.get('class')}` "
         f"(context {config['context_size']}, {config['dtype']}).", "",
         "| module | d | path |", "|---|---|---|",
-        *[f"| `{n}` | {m['d']} | `{m['path']}/` |" for n, m in manifest["modules"].items()], "",
+        *[f"| `{n}` | {m.d} | `{m.path}/` |" for n, m in manifest.modules.items()], "",
         "Each row is one token: `doc_id` (row index in the source), `position` (token index in "
         "the document), `token` (id; join `vocab.parquet`), `vector` (the module output).", "",
         "```python", "import datasets",
-        f"ds = datasets.load_dataset(OUT, {json.dumps(next(iter(manifest['modules'])))}, split=\"train\")",
+        f"ds = datasets.load_dataset(OUT, {json.dumps(next(iter(manifest.modules)))}, split=\"train\")",
         "```", "", "`crowstream.json` lists every committed part file with its checksum and the "
-        "per-module statistics (count, mean, var, mean_norm).", "",
+        "per-module statistics (count, mean, var, mean_norm) once the run has ended; while it "
+        "runs, each committed shard has a record in `commits/`.", "",
     ]
     path = os.path.join(out, "README.md")
     tmp = os.path.join(out, TMP_DIR, "README.md.tmp")

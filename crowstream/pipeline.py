@@ -33,14 +33,15 @@ RANK = 0  # one process writes part-00000-*; distributed ranks would each take t
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """What `capture` wrote: `modules` maps name -> d, `tokens` name -> rows written."""
+    """What `capture` wrote: `modules` maps name -> d, `tokens` name -> rows written,
+    `manifest` is the consolidated `crowstream.manifest.Manifest`."""
 
     path: str
     run_id: str
     modules: dict[str, int]
     docs: int
     tokens: dict[str, int]
-    manifest: dict
+    manifest: mf.Manifest
 
 
 def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "text",
@@ -95,7 +96,7 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
         if mode != "fresh":  # before resume's clean-up or overwrite's delete touch anything
             held.enter_context(mf.exclusive(out))
         if mode == "resume":
-            session.load(mf.read_manifest(out))
+            session.load()
         rows = source.rows(session.source_done)
         peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
         if mode != "resume":
@@ -142,34 +143,38 @@ class _Session:
     def __init__(self, out, config: CaptureConfig, tracer, tokenizer, progress: bool):
         self.out, self.config, self.tracer, self.tokenizer = out, config, tracer, tokenizer
         self.progress = progress
-        self.manifest: dict | None = None
+        self.manifest: mf.Manifest | None = None
         self.source_done = 0
         self.stop_requested = threading.Event()
         self.oom_cap: int | None = None
 
     # -- set-up -----------------------------------------------------------------------
-    def load(self, manifest: dict) -> None:
-        differences = self.config.differences(manifest["config"])
+    def load(self) -> None:
+        """Resume: check the call against the recorded run, then `manifest.recover` OUT
+        (committed shards rolled forward, everything else deleted)."""
+        manifest = mf.read_manifest(self.out)
+        if manifest.format_version == 1:
+            raise ManifestError(
+                f"cannot resume {self.out!r}: it was written by crowstream 0.1 (format 1), which "
+                "this version reads but does not continue. Capture into a new OUT (or pass "
+                "overwrite=True / --overwrite to replace it).")
+        differences = self.config.differences(manifest.config)
         if differences:
             raise ResumeMismatchError(
                 f"cannot resume {self.out!r}: this call differs from the run recorded there "
                 f"({'; '.join(differences)}). Repeat the original call, or pass "
                 "overwrite=True (--overwrite) / choose a new OUT to start afresh.")
-        damaged = mf.damaged_parts(self.out, manifest)
-        if damaged:
-            raise ManifestError(
-                f"cannot resume {self.out!r}: {len(damaged)} committed part file(s) are missing or "
-                f"changed in size ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}). "
-                "`crowstream verify OUT` shows the damage; capture again with overwrite=True "
-                "(--overwrite) or into a new OUT.")
         if self.config.source.get("kind") == "iterable":
             log.warning("resuming over a generator: crowstream cannot check that it yields the "
                         "same documents as the interrupted run did")
-        removed = mf.clean_for_resume(self.out, manifest)
+        manifest, rolled, removed = mf.recover(self.out, manifest)
+        if rolled:
+            log.info("resume: moved %d committed part file(s) into place: %s", len(rolled),
+                     ", ".join(rolled))
         if removed:
             log.info("resume: removed %d uncommitted file(s): %s", len(removed), ", ".join(removed))
         self.manifest = manifest
-        self.source_done = manifest["shards"][-1]["source_end"] if manifest["shards"] else 0
+        self.source_done = manifest.source_done
 
     def start(self, peek, provenance: dict) -> None:
         from .batching import Tokenizing, estimate_shard_size
@@ -178,11 +183,13 @@ class _Session:
         row_bytes = max(self.tracer.dims.values()) * (4 if config.dtype == "float32" else 2)
         shard_size = config.shard_size or estimate_shard_size(
             [text for _, text in peek], Tokenizing(self.tokenizer, config), row_bytes)
-        modules = {name: {"d": self.tracer.dims[name], "dtype": config.dtype,
-                          "path": mf.module_dir(name), "type": self.tracer.types[name]}
+        modules = {name: mf.ModuleInfo(self.tracer.dims[name], config.dtype, mf.module_dir(name),
+                                       self.tracer.types[name])
                    for name in config.modules}
-        self.manifest = mf.new_manifest(uuid.uuid4().hex[:16], config.to_json(),
-                                        shard_size, provenance, modules)
+        self.manifest = mf.Manifest(run_id=uuid.uuid4().hex[:16], status="running",
+                                    config=config.to_json(), shard_size=shard_size,
+                                    provenance=provenance, modules=modules,
+                                    counts=mf.Counts.of([], modules))
         _write_vocab(self.out, self.tokenizer)
         mf.write_card(self.out, self.manifest)
         mf.write_manifest(self.out, self.manifest)
@@ -192,13 +199,15 @@ class _Session:
         from ._threads import prefetch
         from .batching import Batch
 
-        manifest = self.manifest
-        if manifest["status"] == "complete":
+        if self.manifest.status == "complete":
             return self._result()
-        manifest["status"], manifest["error"] = "running", None
+        committed = self.manifest
+        # while running, crowstream.json lists nothing: the records in commits/ are the truth
         with _write_errors(self.out):
-            mf.write_manifest(self.out, manifest)
-        writers = _Writers(self.out, self.config, self.tracer.dims, manifest)
+            mf.write_manifest(self.out, dataclasses.replace(
+                committed, status="running", error=None, shards=[], stats={},
+                counts=mf.Counts.of([], committed.modules)))
+        writers = _Writers(self.out, self.config, self.tracer.dims, committed)
         stream = prefetch(self._batches(rows))
         try:
             with _signals(self.stop_requested), self.tracer, _Progress(n_docs, self.source_done, enabled=self.progress) as bar:
@@ -227,27 +236,25 @@ class _Session:
             except OSError as secondary:  # e.g. a failing disk: report the original error
                 log.error("while stopping after %s: %s", type(error).__name__, secondary)
             failure = _translate(error, self.out, writers.bytes_written)
-            self._record_failure(failure)
+            self._record_failure(failure, writers)
             if failure is error:
                 raise
             raise failure from error
         if not finished:
-            self._record_failure(Interrupted("interrupted"))
-            raise Interrupted(f"interrupted: committed {len(manifest['shards'])} shard(s) to "
+            self._record_failure(Interrupted("interrupted"), writers)
+            raise Interrupted(f"interrupted: committed {len(self.manifest.shards)} shard(s) to "
                               f"{self.out!r}. Rerun the same call with resume=True (--resume) "
                               "to continue.")
-        manifest["status"] = "complete"
-        mf.write_manifest(self.out, manifest)
+        self._consolidate(writers, "complete")
         return self._result()
 
     def _batches(self, rows):
         from .batching import Tokenizing, shard_stream
 
-        shards = self.manifest["shards"]
         stream = shard_stream(rows, Tokenizing(self.tokenizer, self.config),
-                            shard_size=self.manifest["shard_size"], first_shard=len(shards),
-                            source_start=self.source_done,
-                            tokens_before=self.manifest["counts"]["tokens_fed"])
+                              shard_size=self.manifest.shard_size,
+                              first_shard=len(self.manifest.shards), source_start=self.source_done,
+                              tokens_before=self.manifest.counts.tokens_fed)
         if self.tracer.device.type != "cuda":
             return stream
         # pinned on the prefetch thread, so the forward loop's copies to the GPU are async
@@ -273,38 +280,45 @@ class _Session:
                         "(pass a smaller --batch-size to avoid this)", batch.n_docs, self.oom_cap)
             return self._forward(batch)
 
-    def _record_failure(self, error: BaseException) -> None:
-        if self.manifest is None:
-            return
+    def _record_failure(self, error: BaseException, writers) -> None:
         interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
-        self.manifest["status"] = "interrupted" if interrupted else "failed"
-        self.manifest["error"] = None if interrupted else f"{type(error).__name__}: {error}"
         with contextlib.suppress(OSError):  # the original error matters more than this one
-            mf.write_manifest(self.out, self.manifest)
+            self._consolidate(writers, "interrupted" if interrupted else "failed",
+                              None if interrupted else f"{type(error).__name__}: {error}")
+
+    def _consolidate(self, writers, status: str, error: str | None = None) -> None:
+        """Write crowstream.json with every committed shard, their counts and merged stats."""
+        shards = list(writers.shards)
+        self.manifest = dataclasses.replace(
+            self.manifest, status=status, error=error, shards=shards,
+            counts=mf.Counts.of(shards, self.manifest.modules),
+            stats={name: stats.summary() for name, stats in writers.stats.items()})
+        mf.write_manifest(self.out, self.manifest)
 
     def _result(self) -> Run:
         m = self.manifest
-        return Run(path=self.out, run_id=m["run_id"],
-                   modules={n: v["d"] for n, v in m["modules"].items()},
-                   docs=m["counts"]["docs"], tokens=dict(m["counts"]["rows"]), manifest=m)
+        return Run(path=self.out, run_id=m.run_id, modules={n: v.d for n, v in m.modules.items()},
+                   docs=m.counts.docs, tokens=dict(m.counts.rows), manifest=m)
 
 
 class _Writers:
     """One background writer per module plus a committer thread that commits shards in
     order. Part files are written in `.tmp/` and only appear in `data/` at commit."""
 
-    def __init__(self, out, config: CaptureConfig, dims: dict, manifest: dict):
+    def __init__(self, out, config: CaptureConfig, dims: dict, committed: mf.Manifest):
         from ._threads import Worker
-        from .writer import ModuleStats
 
-        self.out, self.config, self.dims, self.manifest = out, config, dims, manifest
+        self.out, self.config, self.dims, self.run_id = out, config, dims, committed.run_id
         self.workers = {name: Worker(f"crowstream-writer[{name}]", WRITER_QUEUE_BATCHES)
                         for name in dims}
         self.committer = Worker("crowstream-committer", 2)
         self.parts: dict = {}            # module -> open PartWriter (writer threads only)
         self.shard_stats: dict = {}      # module -> ModuleStats of the open shard
-        self.stats = {name: ModuleStats(d, manifest["stats"].get(name)) for name, d in dims.items()}
-        self.shard = len(manifest["shards"])  # index of the open shard (main thread only)
+        # committed so far (committer thread only): records, and their statistics merged
+        # in shard order, so a resumed run's totals equal an uninterrupted run's exactly
+        self.shards = list(committed.shards)
+        self.stats = mf.merged_stats(out, self.shards, committed.modules)
+        self.shard = len(self.shards)  # index of the open shard (main thread only)
         self.bytes_written = 0  # by this run (a resume starts again from zero)
 
     def write(self, batch, captured) -> None:
@@ -326,7 +340,7 @@ class _Writers:
         from .writer import PartWriter
 
         if name not in self.parts:
-            tmp = os.path.join(self.out, TMP_DIR, f"{name}.{mf.part_name(RANK, shard)}")
+            tmp = mf.staging_path(self.out, f"{mf.module_dir(name)}/{mf.part_name(RANK, shard)}")
             self.parts[name] = PartWriter(tmp, row_schema(self.dims[name], self.config.dtype))
         return self.parts[name]
 
@@ -345,47 +359,29 @@ class _Writers:
         self.shard += 1
 
     def _commit(self, end, futures) -> None:
-        """Commit one shard, in this order: (1) wait until every module's part is closed
-        and fsynced in .tmp/, and write the shard's docs part there; (2) rename each into
-        data/ or docs/ and fsync those directories; (3) replace the manifest, which now
-        lists them. A crash before (3) leaves unlisted files that a resume deletes."""
+        """Commit one shard: wait until every module's part is closed and fsynced in .tmp/,
+        write the shard's docs part there, then `manifest.commit` it (statistics, record,
+        renames into data/ and docs/; its docstring has the order and what a crash leaves)."""
         from .writer import write_table
 
         results = {name: future.result() for name, future in futures.items()}
         name = mf.part_name(RANK, end.index)
-        docs_tmp = os.path.join(self.out, TMP_DIR, f"docs.{name}")
-        docs_info = write_table(docs_tmp, _docs_table(end))
-        entries = [(docs_info, f"{DOCS_DIR}/{name}", {"kind": "docs"})]
-        entries += [(info, f"{mf.module_dir(m)}/{name}", {"kind": "module", "module": m})
-                    for m, (info, _) in results.items()]
-        for info, rel, _ in entries:
-            os.makedirs(os.path.dirname(os.path.join(self.out, rel)), exist_ok=True)
-            os.replace(info.tmp_path, os.path.join(self.out, rel))
-        # data/ too: the first commit creates its module=<name> directories
-        directories = {os.path.dirname(os.path.join(self.out, rel)) for _, rel, _ in entries}
-        for directory in directories | {os.path.join(self.out, DATA_DIR)}:
-            mf.fsync_dir(directory)
-        self._record(end, entries, results)
-        mf.write_manifest(self.out, self.manifest)
-
-    def _record(self, end, entries, results) -> None:
-        m = self.manifest
-        for info, rel, extra in entries:
-            m["parts"].append({"path": rel, **extra, "shard": end.index, "rows": info.rows,
-                               "bytes": info.bytes, "sha256": info.sha256})
-            self.bytes_written += info.bytes
-        tokens = int(end.n_tokens.sum())
-        m["shards"].append({"index": end.index, "source_start": end.source_start,
-                            "source_end": end.source_end, "docs": len(end.doc_ids),
-                            "skipped": end.skipped, "tokens": tokens})
-        counts = m["counts"]
-        counts["docs"] += len(end.doc_ids)
-        counts["skipped_docs"] += end.skipped
-        counts["tokens_fed"] += tokens
-        for module, (info, stats) in results.items():
-            counts["rows"][module] += info.rows
-            self.stats[module].add(stats)
-            m["stats"][module] = self.stats[module].to_json()
+        docs_rel = f"{DOCS_DIR}/{name}"
+        docs_info = write_table(mf.staging_path(self.out, docs_rel), _docs_table(end))
+        parts = [mf.Part(docs_rel, docs_info.bytes, docs_info.sha256, "docs", None, docs_info.rows)]
+        parts += [mf.Part(f"{mf.module_dir(m)}/{name}", info.bytes, info.sha256, "module", m, info.rows)
+                  for m, (info, _) in results.items()]
+        record = mf.ShardRecord(index=end.index, rank=RANK, source_start=end.source_start,
+                                source_end=end.source_end, docs=len(end.doc_ids),
+                                skipped=end.skipped, tokens=int(end.n_tokens.sum()),
+                                parts=tuple(parts))
+        stats = {m: shard_stats for m, (_, shard_stats) in results.items()}
+        record = mf.write_record(self.out, self.run_id, record, stats)
+        self.shards.append(record)  # counted from here on, as on disk
+        for module, shard_stats in stats.items():
+            self.stats[module].merge(shard_stats)
+        self.bytes_written += sum(part.bytes for part in parts)
+        mf.move_into_place(self.out, record.parts)
 
     def finish(self) -> None:
         """Wait for every queued commit; re-raise the first background failure."""

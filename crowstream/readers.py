@@ -1,7 +1,9 @@
 """Readers. It owns getting a capture back out of OUT: `load` (a `datasets.Dataset`, as
 `datasets.load_dataset(OUT, module)` gives), `stream` (fast shuffled torch batches for SAE
 training, straight from pyarrow), `scan`/`vocab`/`docs` (polars LazyFrames for analysis)
-and `info` (a summary of the manifest). Nothing here imports torch unless asked to.
+and `info` (a summary of the manifest). Every reader sees the committed state
+(`manifest.readable`), also of a run in progress or cut short by a crash. Nothing here
+imports torch unless asked to.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from .config import VOCAB_NAME
 from .errors import ConfigError
 
 
-def _module_files(out: str, manifest: dict, module: str) -> list[str]:
-    if module not in manifest["modules"]:
+def _module_files(out: str, manifest: mf.Manifest, module: str) -> list[str]:
+    if module not in manifest.modules:
         raise ConfigError(f"{out!r} has no module {module!r}; it has "
-                          f"{', '.join(map(repr, manifest['modules']))}.")
-    return [os.path.join(out, p["path"]) for p in manifest["parts"] if p.get("module") == module]
+                          f"{', '.join(map(repr, manifest.modules))}.")
+    return [os.path.join(out, p.path) for p in manifest.module_parts(module)]
 
 
 def load(out, module: str, **kwargs):
@@ -31,11 +33,11 @@ def load(out, module: str, **kwargs):
     import datasets
 
     out = os.fspath(out)
-    manifest = mf.read_manifest(out)
+    manifest = mf.readable(out)
     listed = _module_files(out, manifest, module)
-    if not manifest["counts"]["rows"][module]:
+    if not sum(p.rows for p in manifest.module_parts(module)):
         raise ConfigError(f"module {module!r} in {out!r} has no rows yet (status "
-                          f"{manifest['status']!r}); datasets cannot load an empty split.")
+                          f"{manifest.status!r}); datasets cannot load an empty split.")
     on_disk = glob.glob(os.path.join(out, mf.module_dir(module), "*.parquet"))
     if sorted(on_disk) != sorted(listed):  # a crash left uncommitted parts: read only listed ones
         return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
@@ -56,9 +58,9 @@ def stream(out, module: str, *, batch_size: int = 4096, shuffle_buffer: int = 0,
     import torch
 
     out = os.fspath(out)
-    manifest = mf.read_manifest(out)
+    manifest = mf.readable(out)
     files = _module_files(out, manifest, module)
-    d = manifest["modules"][module]["d"]
+    d = manifest.modules[module].d
     rng = np.random.default_rng(seed)
     if shuffle_buffer:
         files = [files[i] for i in rng.permutation(len(files))]
@@ -105,10 +107,10 @@ def scan(out):
     import polars as pl
 
     out = os.fspath(out)
-    manifest = mf.read_manifest(out)
-    widths = {m["d"] for m in manifest["modules"].values()}
+    manifest = mf.readable(out)
+    widths = {m.d for m in manifest.modules.values()}
     frames = []
-    for module in manifest["modules"]:
+    for module in manifest.modules:
         files = _module_files(out, manifest, module)
         if not files:
             continue
@@ -133,29 +135,31 @@ def docs(out):
     import polars as pl
 
     out = os.fspath(out)
-    listed = [os.path.join(out, p["path"]) for p in mf.read_manifest(out)["parts"]
-              if p["kind"] == "docs"]
+    listed = [os.path.join(out, p.path) for p in mf.readable(out).parts if p.kind == "docs"]
     return pl.scan_parquet(listed) if listed else pl.LazyFrame(
         schema={"doc_id": pl.Int64, "n_tokens": pl.Int32, "text": pl.String})
 
 
 def info(out) -> dict:
-    """A summary of OUT's manifest: status, model, modules (d, dtype, rows, bytes, mean
-    norm), documents, tokens, shards and bytes on disk."""
+    """A summary of OUT's committed state: status, model, modules (d, dtype, rows, bytes,
+    mean norm), documents, tokens, shards and bytes on disk."""
     out = os.fspath(out)
-    m = mf.read_manifest(out)
+    m = mf.committed(out)
     modules = {}
-    for name, spec in m["modules"].items():
-        parts = [p for p in m["parts"] if p.get("module") == name]
-        modules[name] = {"d": spec["d"], "dtype": spec["dtype"], "rows": m["counts"]["rows"][name],
-                         "bytes": sum(p["bytes"] for p in parts), "files": len(parts),
-                         "mean_norm": m["stats"].get(name, {}).get("mean_norm")}
+    for name, spec in m.modules.items():
+        parts = m.module_parts(name)
+        stats = m.stats.get(name)
+        modules[name] = {"d": spec.d, "dtype": spec.dtype, "rows": m.counts.rows.get(name, 0),
+                         "bytes": sum(p.bytes for p in parts), "files": len(parts),
+                         "mean_norm": stats.mean_norm if stats else None,
+                         "nonfinite": stats.nonfinite if stats else 0}
     return {
-        "path": out, "run_id": m["run_id"], "status": m["status"], "error": m.get("error"),
-        "model": m["provenance"]["model"].get("name_or_path") or m["provenance"]["model"]["class"],
-        "context_size": m["config"]["context_size"], "overflow": m["config"]["overflow"],
-        "docs": m["counts"]["docs"], "skipped_docs": m["counts"]["skipped_docs"],
-        "tokens_fed": m["counts"]["tokens_fed"], "shards": len(m["shards"]),
-        "shard_size": m["shard_size"], "bytes": sum(p["bytes"] for p in m["parts"]),
-        "modules": modules, "created": m["created"], "updated": m["updated"],
+        "path": out, "run_id": m.run_id, "status": m.status, "error": m.error,
+        "format_version": m.format_version,
+        "model": m.provenance["model"].get("name_or_path") or m.provenance["model"]["class"],
+        "context_size": m.config["context_size"], "overflow": m.config["overflow"],
+        "docs": m.counts.docs, "skipped_docs": m.counts.skipped_docs,
+        "tokens_fed": m.counts.tokens_fed, "shards": len(m.shards),
+        "shard_size": m.shard_size, "bytes": sum(p.bytes for p in m.parts),
+        "modules": modules, "created": m.created, "updated": m.updated,
     }

@@ -102,36 +102,60 @@ def describe_os_error(error: OSError, out: str, bytes_written: int) -> OutputErr
 
 
 class ModuleStats:
-    """Running statistics of one module's vectors, in float64."""
+    """Statistics of one module's stored vectors, in float64: `count` rows, `mean` and `m2`
+    (sum of squared deviations from the mean) per dimension, `norm_sum` (sum of row L2
+    norms) and `nonfinite` (stored values that are NaN or infinite). Partial statistics
+    (one per batch, one per shard) combine exactly with `merge`, so each shard keeps its
+    own and a resume re-merges them in the same order as an uninterrupted run."""
 
-    def __init__(self, d: int, recorded: dict | None = None):
+    def __init__(self, d: int):
         self.count = 0
-        self.sum = np.zeros(d)
-        self.sum_sq = np.zeros(d)
+        self.mean = np.zeros(d)
+        self.m2 = np.zeros(d)
         self.norm_sum = 0.0
-        if recorded and recorded.get("count"):
-            self.count = int(recorded["count"])
-            mean = np.asarray(recorded["mean"])
-            self.sum = mean * self.count
-            self.sum_sq = (np.asarray(recorded["var"]) + mean ** 2) * self.count
-            self.norm_sum = float(recorded["mean_norm"]) * self.count
+        self.nonfinite = 0
+
+    @classmethod
+    def of(cls, count, mean, m2, norm_sum, nonfinite) -> ModuleStats:
+        stats = cls(len(mean))
+        stats.count, stats.mean, stats.m2 = int(count), mean, m2
+        stats.norm_sum, stats.nonfinite = float(norm_sum), int(nonfinite)
+        return stats
 
     def update(self, vectors: np.ndarray) -> None:
+        """Add the rows of `vectors` [N, d] (as stored: float32 or float16)."""
         v = vectors.astype(np.float32, copy=False)  # [N, d]
-        self.count += len(v)
-        self.sum += v.sum(0, dtype=np.float64)
-        self.sum_sq += np.einsum("ij,ij->j", v, v, dtype=np.float64)
-        self.norm_sum += float(np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)).sum())
+        n = len(v)
+        if not n:
+            return
+        total = v.sum(0, dtype=np.float64)                          # [d]
+        squares = np.einsum("ij,ij->j", v, v, dtype=np.float64)     # [d]
+        norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))  # [N]
+        nonfinite = 0
+        if not (np.isfinite(total).all() and np.isfinite(squares).all()):
+            nonfinite = int(v.size - np.count_nonzero(np.isfinite(v)))  # rare: only then count
+        mean = total / n
+        # within one batch of float32 values, float64 sums lose nothing that matters; across
+        # batches and shards `merge` avoids the cancellation of a global sum of squares
+        m2 = np.maximum(squares - total * mean, 0.0)
+        self.merge(ModuleStats.of(n, mean, m2, norms.sum(), nonfinite))
 
-    def add(self, other: ModuleStats) -> None:
-        self.count += other.count
-        self.sum += other.sum
-        self.sum_sq += other.sum_sq
+    def merge(self, other: ModuleStats) -> None:
+        """Combine with another partial (Chan, Golub and LeVeque's parallel update)."""
+        if not other.count:
+            return
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / n)
+        self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        self.count = n
         self.norm_sum += other.norm_sum
+        self.nonfinite += other.nonfinite
 
-    def to_json(self) -> dict:
+    def summary(self):
+        """-> `manifest.StatsSummary`: mean, population variance and mean norm."""
+        from .manifest import StatsSummary
+
         n = max(self.count, 1)
-        mean = self.sum / n
-        return {"count": self.count, "mean": mean.tolist(),
-                "var": np.maximum(self.sum_sq / n - mean ** 2, 0.0).tolist(),
-                "mean_norm": self.norm_sum / n}
+        return StatsSummary(self.count, tuple(self.mean.tolist()), tuple((self.m2 / n).tolist()),
+                            self.norm_sum / n, self.nonfinite)

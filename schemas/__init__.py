@@ -1,6 +1,8 @@
 """The format's single source of truth, shipped inside the package as `crowstream.schemas`.
 
-It owns `manifest.schema.json` (JSON Schema of crowstream.json) and `rows.json` (the
+It owns `manifest.schema.json` (JSON Schema of crowstream.json, format 2, and in its
+`$defs/commit` of the commit records in `commits/`), `manifest-v1.schema.json` (format 1,
+still read) and `rows.json` (the
 part-file, docs and vocab columns and Parquet settings), and builds the Arrow schemas
 and Parquet writer options from them, so writer, readers, `verify` and tests agree.
 """
@@ -15,8 +17,20 @@ import pyarrow as pa
 
 
 @functools.cache
-def manifest_schema() -> dict:
-    return json.loads(resources.files(__name__).joinpath("manifest.schema.json").read_text())
+def manifest_schema(version: int = 2) -> dict:
+    name = "manifest.schema.json" if version == 2 else f"manifest-v{version}.schema.json"
+    return json.loads(resources.files(__name__).joinpath(name).read_text())
+
+
+@functools.cache
+def _validator(kind: str):
+    import jsonschema
+
+    if kind == "commit":
+        schema = {"$defs": manifest_schema()["$defs"], "$ref": "#/$defs/commit"}
+    else:
+        schema = manifest_schema(1 if kind == "manifest-v1" else 2)
+    return jsonschema.Draft202012Validator(schema)
 
 
 @functools.cache
@@ -25,12 +39,19 @@ def rows_spec() -> dict:
 
 
 def validate_manifest(manifest: dict) -> list[str]:
-    """-> every way `manifest` breaks the JSON Schema (empty when valid)."""
-    import jsonschema
+    """-> every way `manifest` breaks the JSON Schema of its format version (empty when valid)."""
+    return _problems("manifest-v1" if manifest.get("format_version") == 1 else "manifest", manifest)
 
-    validator = jsonschema.Draft202012Validator(manifest_schema())
+
+def validate_record(record: dict) -> list[str]:
+    """-> every way a commit record (`commits/shard-*.json`) breaks its schema."""
+    return _problems("commit", record)
+
+
+def _problems(kind: str, document: dict) -> list[str]:
+    errors = _validator(kind).iter_errors(document)
     return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
-            for e in sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))]
+            for e in sorted(errors, key=lambda e: list(e.absolute_path))]
 
 
 def row_schema(d: int, dtype: str) -> pa.Schema:

@@ -8,14 +8,22 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
+from crowstream import manifest as mf
 
-def manifest_of(out) -> dict:
+
+def manifest_of(out) -> mf.Manifest:
+    """The committed state of OUT (crowstream.json consolidated with the commit records)."""
+    return mf.committed(out)
+
+
+def raw_manifest(out) -> dict:
+    """crowstream.json itself, as JSON."""
     with open(os.path.join(out, "crowstream.json")) as f:
         return json.load(f)
 
 
 def parts_of(out) -> list:
-    return [(p["path"], p["rows"], p["sha256"]) for p in manifest_of(out)["parts"]]
+    return [(p.path, p.rows, p.sha256) for p in manifest_of(out).parts]
 
 
 def tree(path) -> dict:
@@ -35,15 +43,15 @@ def read_rows(out) -> dict:
     sorted by (doc_id, position), and "docs": (doc_id, n_tokens, text) sorted by doc_id."""
     manifest = manifest_of(out)
     rows = {}
-    for name, spec in manifest["modules"].items():
-        paths = sorted(p["path"] for p in manifest["parts"] if p.get("module") == name)
+    for name, spec in manifest.modules.items():
+        paths = sorted(p.path for p in manifest.module_parts(name))
         tables = [pq.read_table(os.path.join(out, p)) for p in paths]
         cols = [np.concatenate([t[c].to_numpy() for t in tables]) for c in ("doc_id", "position", "token")]
-        vector = np.concatenate([t["vector"].combine_chunks().values.to_numpy().reshape(-1, spec["d"])
+        vector = np.concatenate([t["vector"].combine_chunks().values.to_numpy().reshape(-1, spec.d)
                                  for t in tables])
         order = np.lexsort((cols[1], cols[0]))
         rows[name] = (*(c[order] for c in cols), vector[order])
-    paths = sorted(p["path"] for p in manifest["parts"] if p["kind"] == "docs")
+    paths = sorted(p.path for p in manifest.parts if p.kind == "docs")
     docs = [pq.read_table(os.path.join(out, p)) for p in paths]
     doc_ids = np.concatenate([t["doc_id"].to_numpy() for t in docs])
     order = np.argsort(doc_ids, kind="stable")

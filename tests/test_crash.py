@@ -156,8 +156,8 @@ def check_readers_see_whole_files(out, seen: set) -> None:
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, reference, tmp_path):
     ref_out = reference
     ref_manifest = manifest_of(ref_out)
-    ref_sha = {p["path"]: p["sha256"] for p in ref_manifest["parts"]}
-    shards = len(ref_manifest["shards"])
+    ref_sha = {p.path: p.sha256 for p in ref_manifest.parts}
+    shards = len(ref_manifest.shards)
     out = str(tmp_path / "out")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -240,7 +240,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
                 continue
             cs.info(out)  # reads the manifest through its schema: it must validate
             manifest = manifest_of(out)
-            for part in manifest["parts"]:
+            for part in manifest.parts:
                 assert ref_sha.get(part["path"]) == part["sha256"], \
                     f"committed {part['path']} differs from the uninterrupted run's"
             try:
@@ -264,10 +264,10 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
           f"OUT existed); docs parts on disk at each kill: {kill_points} of {shards}")
     assert stats["kills"] == KILLS, stats
     manifest = manifest_of(out)
-    assert manifest["status"] == "complete"
-    assert manifest["counts"] == ref_manifest["counts"]
-    assert [(p["path"], p["rows"], p["sha256"]) for p in manifest["parts"]] == \
-        [(p["path"], p["rows"], p["sha256"]) for p in ref_manifest["parts"]]
+    assert manifest.status == "complete"
+    assert manifest.counts == ref_manifest.counts
+    assert [(p.path, p.rows, p.sha256) for p in manifest.parts] == \
+        [(p.path, p.rows, p.sha256) for p in ref_manifest.parts]
     assert_same_rows(out, ref_out)
     assert cs.verify(out)["rows"] == cs.verify(ref_out)["rows"]
     assert os.listdir(os.path.join(out, ".tmp")) == []
@@ -295,7 +295,7 @@ def test_cli_sigint_prints_resume_command_and_resume_completes(gpt2_dir, referen
             assert proc.poll() is None, "the capture ended before it could be interrupted"
             assert time.monotonic() < deadline, "no shard committed in time"
             try:
-                if manifest_of(out)["shards"]:
+                if manifest_of(out).shards:
                     break
             except (FileNotFoundError, json.JSONDecodeError):
                 pass
@@ -315,8 +315,8 @@ def test_cli_sigint_prints_resume_command_and_resume_completes(gpt2_dir, referen
     command = shlex.split(resume_lines[0][len("resume with: "):])
     assert command == ["crowstream", *args, "--resume"]
     manifest = manifest_of(out)
-    assert manifest["status"] == "interrupted"
-    assert 1 <= len(manifest["shards"]) < CLI_DOCS // 4
+    assert manifest.status == "interrupted"
+    assert 1 <= len(manifest.shards) < CLI_DOCS // 4
     cs.verify(out)  # the open shard was dropped: no unlisted files, every part intact
 
     done = subprocess.run([sys.executable, "-m", "crowstream", *command[1:]], capture_output=True,
@@ -324,10 +324,10 @@ def test_cli_sigint_prints_resume_command_and_resume_completes(gpt2_dir, referen
     assert done.returncode == 0, done.stderr
     assert f"wrote {CLI_DOCS} documents to {out}" in done.stdout
     manifest = manifest_of(out)
-    assert manifest["status"] == "complete"
-    ref_parts = [p for p in manifest_of(ref_out)["parts"] if p["shard"] < CLI_DOCS // 4]
-    assert [(p["path"], p["rows"], p["sha256"]) for p in manifest["parts"]] == \
-        [(p["path"], p["rows"], p["sha256"]) for p in ref_parts]
+    assert manifest.status == "complete"
+    ref_parts = [p for p in manifest_of(ref_out).parts if int(p.path[-14:-8]) < CLI_DOCS // 4]
+    assert [(p.path, p.rows, p.sha256) for p in manifest.parts] == \
+        [(p.path, p.rows, p.sha256) for p in ref_parts]
     assert_same_rows(out, ref_out, docs_below=CLI_DOCS)
     cs.verify(out)
 
@@ -404,8 +404,8 @@ def test_resume_from_exact_crash_point(monkeypatch, gpt2, small_reference, tmp_p
     run = cs.capture(model, corpus_docs()[:SMALL], MODULES, snap, tokenizer=tokenizer,
                      resume=True, **RUN_KW)
     assert run.docs == SMALL
-    assert manifest_of(snap)["status"] == "complete"
-    assert manifest_of(snap)["counts"] == manifest_of(small_reference)["counts"]
+    assert manifest_of(snap).status == "complete"
+    assert manifest_of(snap).counts == manifest_of(small_reference).counts
     assert_same_rows(snap, small_reference)
     cs.verify(snap)
     assert os.listdir(os.path.join(snap, ".tmp")) == []
@@ -435,7 +435,7 @@ def test_kill_during_overwrite_cleanup_is_recoverable(gpt2, small_reference, tmp
     if state == "manifest deleted first":
         os.remove(os.path.join(out, "crowstream.json"))
     else:
-        os.remove(os.path.join(out, manifest_of(out)["parts"][1]["path"]))
+        os.remove(os.path.join(out, manifest_of(out).parts[1].path))
     model, tokenizer = gpt2
     again = dict(tokenizer=tokenizer, **RUN_KW)
     try:

@@ -34,8 +34,8 @@ def files(out) -> dict:
 def rows(out, module) -> dict:
     """The module's columns, read part by part in manifest order."""
     m = manifest_of(out)
-    table = pa.concat_tables(pq.read_table(os.path.join(out, p["path"]))
-                             for p in m["parts"] if p.get("module") == module)
+    table = pa.concat_tables(pq.read_table(os.path.join(out, p.path))
+                             for p in m.parts if p.module == module)
     return {c: table[c].combine_chunks() for c in table.column_names}
 
 

@@ -20,7 +20,7 @@ import pytest
 import crowstream as cs
 from crowstream import errors
 from crowstream.tracing import ModelTracer
-from helpers import assert_same_rows, manifest_of, parts_of, tree
+from helpers import assert_same_rows, manifest_of, parts_of, raw_manifest, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 KW = dict(shard_size=4, batch_size=4, progress=False)
@@ -275,8 +275,8 @@ def test_non_string_text_after_the_first_window_fails_cleanly(gpt2, tmp_path):
     with pytest.raises(errors.DataError, match=rf"^document {bad} has type bytes, not str"):
         capture(gpt2, data, out, shard_size=256, batch_size=64)
     m = manifest_of(out)
-    assert m["status"] == "failed" and m["error"].startswith("DataError: document")
-    assert len(m["shards"]) == 4  # the 1024 documents before the bad one's shard
+    assert m.status == "failed" and m.error.startswith("DataError: document")
+    assert len(m.shards) == 4  # the 1024 documents before the bad one's shard
     cs.verify(out)
 
 
@@ -309,9 +309,9 @@ def patch_disk_full(monkeypatch, site: str, after: int) -> DiskFull:
                             full.wrap(crowstream.writer.PartWriter.write))
     elif site == "fsync_and_hash":
         monkeypatch.setattr(crowstream.writer, "fsync_and_hash", full.wrap(crowstream.writer.fsync_and_hash))
-    elif site == "manifest":
-        monkeypatch.setattr(crowstream.manifest, "write_manifest",
-                            full.wrap(crowstream.manifest.write_manifest))
+    elif site == "manifest":  # crowstream.json and the commit records
+        monkeypatch.setattr(crowstream.manifest, "_write_atomic",
+                            full.wrap(crowstream.manifest._write_atomic))
     elif site == "every Parquet write":
         monkeypatch.setattr(pq.ParquetWriter, "write_table", full.wrap(pq.ParquetWriter.write_table))
         monkeypatch.setattr(pq.ParquetWriter, "close", full.wrap(pq.ParquetWriter.close))
@@ -321,7 +321,7 @@ def patch_disk_full(monkeypatch, site: str, after: int) -> DiskFull:
 DISK_SITES = {
     "PartWriter.write": 9,      # 2 writes per shard: shards 0-3 commit
     "fsync_and_hash": 7,        # the vocab, then 3 per shard: shards 0-1 commit
-    "manifest": 4,              # start, "running", shards 0 and 1; shard 2's update fails
+    "manifest": 4,              # start, "running", records 0 and 1; shard 2's record fails
     # a full disk stays full: the aborted part's close fails too (it must not mask the error)
     "every Parquet write": 12,  # writes and closes (docs and vocab too): shard 0 commits
 }
@@ -338,20 +338,20 @@ def test_disk_full_is_one_clear_error_committed_shards_intact_then_resume(
     assert full.failed >= 1
     monkeypatch.undo()  # the disk has space again
     m = manifest_of(out)
-    assert 1 <= len(m["shards"]) < N // 4
+    assert 1 <= len(m.shards) < N // 4
     if site != "manifest":  # a manifest that could not be written still says "running"
-        assert m["status"] == "failed"
-    committed = {p["path"] for p in m["parts"]}
+        assert m.status == "failed"
+    committed = {p.path for p in m.parts}
     try:
         cs.verify(out)
     except errors.VerifyError as error:  # a commit cut short by the full disk: unlisted files
         assert site == "manifest" and all(p.startswith("extra:") for p in error.problems), error.problems
     for path in committed:  # committed parts are whole and match the uninterrupted run's
-        assert (path, next(p["sha256"] for p in m["parts"] if p["path"] == path)) in \
+        assert (path, next(p.sha256 for p in m.parts if p.path == path)) in \
             {(p, s) for p, _, s in parts_of(reference)}
     assert model_is_clean(gpt2[0])
     capture(gpt2, docs, out, resume=True)
-    assert manifest_of(out)["status"] == "complete"
+    assert manifest_of(out).status == "complete"
     assert parts_of(out) == parts_of(reference)
     assert_same_rows(out, reference)
     cs.verify(out)
@@ -447,8 +447,8 @@ def test_oom_on_a_single_document_is_a_clear_error(monkeypatch, gpt2, docs, tmp_
         capture(gpt2, docs, out, batch_size=8, shard_size=8)
     assert isinstance(info.value, MemoryError)
     m = manifest_of(out)
-    assert m["status"] == "failed" and m["error"].startswith("OutOfMemory: out of memory")
-    assert m["shards"] == [] and cs.verify(out)["parts"] == 0
+    assert m.status == "failed" and m.error.startswith("OutOfMemory: out of memory")
+    assert m.shards == [] and cs.verify(out)["parts"] == 0
     assert model_is_clean(gpt2[0])
 
 
@@ -459,9 +459,9 @@ DAMAGE = {
     "truncated JSON": (None, r"is damaged \("),
     "not an object": (b"[1, 2, 3]", r"does not match the manifest schema: not a JSON object\."),
     "bad status": ("status", r"does not match the manifest schema: status: 'exploded' is not one of"),
-    "missing parts": ("parts", r"does not match the manifest schema: \(top\): 'parts' is a required "
-                               r"property\."),
-    "path escaping OUT": ("path", r"does not match the manifest schema: parts/0/path: "
+    "missing shards": ("shards", r"does not match the manifest schema: \(top\): 'shards' is a "
+                                 r"required property\."),
+    "path escaping OUT": ("path", r"does not match the manifest schema: shards/0/parts/0/path: "
                                   r"'\.\./\.\./etc/passwd' does not match"),
 }
 
@@ -478,10 +478,10 @@ def damage_manifest(out, kind) -> bytes:
         m = json.loads(raw)
         if content == "status":
             m["status"] = "exploded"
-        elif content == "parts":
-            del m["parts"]
+        elif content == "shards":
+            del m["shards"]
         else:
-            m["parts"][0]["path"] = "../../etc/passwd"
+            m["shards"][0]["parts"][0]["path"] = "../../etc/passwd"
         data = json.dumps(m).encode()
     pathlib.Path(path).write_bytes(data)
     return data
@@ -610,7 +610,7 @@ def test_disk_full_before_the_first_shard_is_one_clear_error(monkeypatch, gpt2, 
     out = tmp_path / "out"
     if site == "resume: manifest":
         shutil.copytree(reference, out)
-        m = manifest_of(out)
+        m = raw_manifest(out)
         m["status"] = "interrupted"
         (out / "crowstream.json").write_text(json.dumps(m))
     failing_writes(monkeypatch, site)

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 import crowstream as cs
-from crowstream.schemas import docs_schema, row_schema, validate_manifest, vocab_schema
+from crowstream.schemas import docs_schema, row_schema, validate_manifest, validate_record, vocab_schema
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 
@@ -47,7 +47,7 @@ def out32(gpt2, corpus, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("readers") / "out32")
     run = cs.capture(gpt2[0], corpus[:30], MODULES, out, tokenizer=gpt2[1], shard_size=10,
                      progress=False)
-    assert len(run.manifest["shards"]) == 3
+    assert len(run.manifest.shards) == 3
     return run
 
 
@@ -142,7 +142,7 @@ def test_bare_load_dataset_names_the_configs(out32, tmp_path):
 def test_docs_and_vocab_configs(out32, gpt2, tmp_path):
     docs = datasets.load_dataset(out32.path, "docs", split="train", cache_dir=str(tmp_path))
     assert sorted(docs["doc_id"]) == list(range(30))
-    assert sum(docs["n_tokens"]) == out32.manifest["counts"]["tokens_fed"]
+    assert sum(docs["n_tokens"]) == out32.manifest.counts.tokens_fed
     vocab = datasets.load_dataset(out32.path, "vocab", split="train", cache_dir=str(tmp_path))
     assert vocab.num_rows == len(gpt2[1])
 
@@ -269,7 +269,7 @@ def test_info(out32):
     assert info["run_id"] == out32.run_id
     assert (info["docs"], info["skipped_docs"], info["shards"], info["shard_size"]) == (30, 0, 3, 10)
     assert info["context_size"] == 64 and info["overflow"] == "truncate"
-    assert info["tokens_fed"] == out32.manifest["counts"]["tokens_fed"]
+    assert info["tokens_fed"] == out32.manifest.counts.tokens_fed
     on_disk = 0
     for module in MODULES:
         files = glob.glob(os.path.join(out32.path, "data", f"module={module}", "*.parquet"))
@@ -279,10 +279,10 @@ def test_info(out32):
         on_disk += m["bytes"]
         vectors = read_rows(out32.path, module)["vector"].astype(np.float64)
         assert m["mean_norm"] == pytest.approx(np.linalg.norm(vectors, axis=1).mean(), rel=1e-6)
-        stats = out32.manifest["stats"][module]
-        assert stats["count"] == len(vectors)
-        np.testing.assert_allclose(stats["mean"], vectors.mean(0), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(stats["var"], vectors.var(0), rtol=1e-4, atol=1e-9)
+        stats = out32.manifest.stats[module]
+        assert stats.count == len(vectors)
+        np.testing.assert_allclose(stats.mean, vectors.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats.var, vectors.var(0), rtol=1e-4, atol=1e-9)
     docs = glob.glob(os.path.join(out32.path, "docs", "*.parquet"))
     assert info["bytes"] == on_disk + sum(os.path.getsize(f) for f in docs)
 
@@ -292,11 +292,16 @@ def test_manifest_validates(out32, out16):
         with open(os.path.join(run.path, "crowstream.json"), encoding="utf-8") as f:
             manifest = json.load(f)
         assert validate_manifest(manifest) == []
-        assert manifest["format_version"] == 1 and manifest["status"] == "complete"
-        for part in manifest["parts"]:
-            assert os.path.getsize(os.path.join(run.path, part["path"])) == part["bytes"]
+        assert manifest["format_version"] == 2 and manifest["status"] == "complete"
+        for shard in manifest["shards"]:
+            for part in shard["parts"]:
+                assert os.path.getsize(os.path.join(run.path, part["path"])) == part["bytes"]
         broken = {k: v for k, v in manifest.items() if k != "run_id"}
         assert validate_manifest(broken)  # the schema is not vacuous
+        for name in sorted(os.listdir(os.path.join(run.path, "commits"))):
+            if name.endswith(".json"):
+                with open(os.path.join(run.path, "commits", name), encoding="utf-8") as f:
+                    assert validate_record(json.load(f)) == []
 
 
 def test_layout_only_parts_under_data(out32):
@@ -311,7 +316,7 @@ def test_layout_only_parts_under_data(out32):
 @pytest.mark.parametrize("which", ["out32", "out16"])
 def test_part_file_parquet_settings(which, request):
     run = request.getfixturevalue(which)
-    dtype = run.manifest["config"]["dtype"]
+    dtype = run.manifest.config["dtype"]
     files = glob.glob(os.path.join(run.path, "data", "module=*", "*.parquet"))
     assert files
     for path in files:

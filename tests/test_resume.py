@@ -26,15 +26,11 @@ KW = dict(shard_size=4, batch_size=4, progress=False)
 
 def assert_equals_reference(out, reference) -> None:
     m, ref = manifest_of(out), manifest_of(reference)
-    assert m["status"] == "complete"
-    assert m["counts"] == ref["counts"]
-    assert m["shards"] == ref["shards"]
+    assert m.status == "complete"
+    assert m.counts == ref.counts
+    assert m.shards == ref.shards
     assert parts_of(out) == parts_of(reference)  # the part files themselves are identical
-    for name, stats in ref["stats"].items():
-        assert m["stats"][name]["count"] == stats["count"]
-        np.testing.assert_allclose(m["stats"][name]["mean"], stats["mean"], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(m["stats"][name]["var"], stats["var"], rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(m["stats"][name]["mean_norm"], stats["mean_norm"], rtol=1e-9)
+    assert m.stats == ref.stats  # exactly: partial statistics re-merged in the same order
     assert_same_rows(out, reference)
     cs.verify(out)
     assert os.listdir(os.path.join(out, ".tmp")) == []
@@ -109,8 +105,8 @@ def test_signal_commits_complete_shards_then_resume_is_bit_identical(
     assert {s: signal.getsignal(s) for s in handlers} == handlers, "signal handlers not restored"
     assert f"{signal.Signals(signum).name} received" in caplog.text
     m = manifest_of(out)
-    assert m["status"] == "interrupted" and m["error"] is None
-    assert [s["index"] for s in m["shards"]] == [0, 1, 2, 3]
+    assert m.status == "interrupted" and m.error is None
+    assert [s.index for s in m.shards] == [0, 1, 2, 3]
     assert parts_of(out) == parts_of(reference)[:len(parts_of(out))]
     assert cs.verify(out)["parts"] == 4 * 3  # the open shard's files were dropped
     assert os.listdir(os.path.join(out, ".tmp")) == []
@@ -119,7 +115,7 @@ def test_signal_commits_complete_shards_then_resume_is_bit_identical(
     run = capture(gpt2, docs, out, resume=True)
     assert min(trace.doc_ids) >= 16, "the model was re-run on committed documents"
     assert sorted(trace.doc_ids) == list(range(16, N))
-    assert run.docs == N and run.run_id == m["run_id"]
+    assert run.docs == N and run.run_id == m.run_id
     assert_equals_reference(out, reference)
 
 
@@ -132,8 +128,8 @@ def test_second_signal_aborts_at_once_and_resume_still_completes(monkeypatch, gp
     monkeypatch.undo()
     assert trace.calls == 4
     m = manifest_of(out)
-    assert m["status"] == "interrupted"
-    assert len(m["shards"]) == 3
+    assert m.status == "interrupted"
+    assert len(m.shards) == 3
     cs.verify(out)
     capture(gpt2, docs, out, resume=True)
     assert_equals_reference(out, reference)
@@ -150,9 +146,9 @@ def test_failure_mid_run_is_recorded_and_resume_completes(monkeypatch, gpt2, doc
         capture(gpt2, docs, out)
     monkeypatch.undo()
     m = manifest_of(out)
-    assert m["status"] == "failed"
-    assert m["error"] == "RuntimeError: boom: the model exploded"
-    assert len(m["shards"]) == 6
+    assert m.status == "failed"
+    assert m.error == "RuntimeError: boom: the model exploded"
+    assert len(m.shards) == 6
     cs.verify(out)
     model = gpt2[0]
     assert not any("forward" in mod.__dict__ for mod in model.modules()), "model left wrapped"
@@ -164,7 +160,7 @@ def test_resume_deletes_stale_tmp_and_unlisted_files_and_keeps_committed_ones(
         monkeypatch, gpt2, docs, reference, tmp_path, caplog):
     out = str(tmp_path / "out")
     interrupted_run(monkeypatch, gpt2, docs, out, at=5)
-    committed = {p["path"]: os.stat(os.path.join(out, p["path"])) for p in manifest_of(out)["parts"]}
+    committed = {p.path: os.stat(os.path.join(out, p.path)) for p in manifest_of(out).parts}
     real_part = os.path.join(out, next(iter(committed)))
     stale = {
         ".tmp/transformer.h.0.part-00000-000004.parquet": real_part,
@@ -213,7 +209,7 @@ def test_resume_of_a_complete_run_changes_nothing(monkeypatch, gpt2, docs, refer
     trace = Trace(monkeypatch)
     run = capture(gpt2, docs, out, resume=True)
     assert trace.calls == 0
-    assert run.docs == N and run.tokens == manifest_of(reference)["counts"]["rows"]
+    assert run.docs == N and run.tokens == manifest_of(reference).counts.rows
     assert tree(out) == before
 
 
@@ -224,7 +220,7 @@ def test_resume_may_change_batch_size(monkeypatch, gpt2, docs, reference, tmp_pa
     interrupted_run(monkeypatch, gpt2, docs, out, at=3)
     capture(gpt2, docs, out, resume=True, batch_size=3)
     m = manifest_of(out)
-    assert m["status"] == "complete" and m["counts"] == manifest_of(reference)["counts"]
+    assert m.status == "complete" and m.counts == manifest_of(reference).counts
     assert_same_rows(out, reference, atol=1e-5)
     cs.verify(out)
 
@@ -247,12 +243,12 @@ def test_interrupt_and_resume_equals_uninterrupted_under_option(monkeypatch, gpt
     kw = OPTIONS[option]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     capture(gpt2, data, ref, **kw)
-    shards = len(manifest_of(ref)["shards"])
+    shards = len(manifest_of(ref).shards)
     assert shards >= 4
     if option == "max_tokens":
-        assert manifest_of(ref)["counts"]["docs"] < 24  # the limit really stopped the run
+        assert manifest_of(ref).counts.docs < 24  # the limit really stopped the run
     interrupted_run(monkeypatch, gpt2, data, out, at=6 if option == "chunk" else 3, **kw)
-    assert 1 <= len(manifest_of(out)["shards"]) < shards
+    assert 1 <= len(manifest_of(out).shards) < shards
     committed = set(read_rows(out)["docs"][0].tolist())
     trace = Trace(monkeypatch)
     capture(gpt2, data, out, resume=True, **kw)
@@ -283,13 +279,13 @@ def test_resume_over_streaming_source_does_not_rerun_committed_docs(monkeypatch,
                                                                     tmp_path, kind):
     out = str(tmp_path / "out")
     interrupted_run(monkeypatch, gpt2, make_source(kind, docs), out, at=6)
-    done = manifest_of(out)["shards"][-1]["source_end"]
+    done = manifest_of(out).shards[-1].source_end
     assert done == 20
     trace = Trace(monkeypatch)
     run = capture(gpt2, make_source(kind, docs), out, resume=True)
     assert sorted(trace.doc_ids) == list(range(done, N)), "committed documents went through the model"
     assert run.docs == N
-    assert manifest_of(out)["counts"] == manifest_of(reference)["counts"]
+    assert manifest_of(out).counts == manifest_of(reference).counts
     assert_same_rows(out, reference)
     cs.verify(out)
 
@@ -307,7 +303,7 @@ def interrupted_out(gpt2, docs, tmp_path_factory):
             capture(gpt2, docs, out, sample=30, seed=1, max_docs=25, max_tokens=5000)
     finally:
         mp.undo()
-    assert len(manifest_of(out)["shards"]) == 3
+    assert len(manifest_of(out).shards) == 3
     return out
 
 
@@ -405,8 +401,8 @@ def test_signal_after_the_last_batch_still_completes(monkeypatch, gpt2, docs, re
     monkeypatch.setattr(pipeline._Writers, "finish", finish_after_a_signal)
     out = str(tmp_path / "out")
     run = capture(gpt2, docs, out)
-    assert run.manifest["status"] == "complete"
-    assert manifest_of(out)["status"] == "complete"
+    assert run.manifest.status == "complete"
+    assert manifest_of(out).status == "complete"
     assert_equals_reference(out, reference)
 
 
@@ -429,4 +425,4 @@ def test_a_second_capture_into_a_busy_out_is_refused(gpt2, docs, reference, tmp_
     finally:
         os.close(fd)
     run = capture(gpt2, docs, out, resume=True)  # the lock died with its holder
-    assert run.manifest["status"] == "complete"
+    assert run.manifest.status == "complete"

@@ -63,7 +63,7 @@ def check_docs(run, tokenizer, expected: dict[int, str], *, context_size=64, tex
                    rows.column("token").to_numpy()[order].tolist()))
     assert got == want
     assert run.docs == len(expected)
-    assert run.tokens[MODULE] == len(want) == run.manifest["counts"]["tokens_fed"]
+    assert run.tokens[MODULE] == len(want) == run.manifest.counts.tokens_fed
 
 
 # -- in-memory sources -----------------------------------------------------------------
@@ -71,7 +71,7 @@ def check_docs(run, tokenizer, expected: dict[int, str], *, context_size=64, tex
 def test_list_of_strings(gpt2, texts, tmp_path):
     run = run_capture(gpt2, list(texts), tmp_path / "out")
     check_docs(run, gpt2[1], dict(enumerate(texts)))
-    assert run.manifest["config"]["source"]["kind"] == "list"
+    assert run.manifest.config["source"]["kind"] == "list"
 
 
 def test_list_of_dicts_with_text_field(gpt2, texts, tmp_path):
@@ -102,7 +102,7 @@ def test_datasets_iterable_dataset(gpt2, texts, tmp_path):
     ds = datasets.Dataset.from_dict({"text": list(texts)}).to_iterable_dataset(num_shards=3)
     run = run_capture(gpt2, ds, tmp_path / "out", shard_size=5)
     check_docs(run, gpt2[1], dict(enumerate(texts)))
-    assert [s["source_end"] for s in run.manifest["shards"]] == [5, 10, 12]
+    assert [s.source_end for s in run.manifest.shards] == [5, 10, 12]
 
 
 def test_generator(gpt2, texts, tmp_path):
@@ -118,7 +118,7 @@ def test_txt_doc_id_is_line_number(gpt2, texts, tmp_path):
     path.write_bytes(("\n".join(lines) + "\n").encode())
     run = run_capture(gpt2, str(path), tmp_path / "out")
     check_docs(run, gpt2[1], {0: texts[0], 1: "", 2: texts[1], 3: texts[2], 4: texts[3]})
-    assert run.manifest["config"]["source"]["kind"] == "file"
+    assert run.manifest.config["source"]["kind"] == "file"
 
 
 def _write(path, kind, records):
@@ -153,7 +153,7 @@ def test_directory(gpt2, texts, tmp_path):
     _write(corpus_dir / "part-b.jsonl", "jsonl", [{"text": t} for t in texts[5:]])
     run = run_capture(gpt2, str(corpus_dir), tmp_path / "out")
     check_docs(run, gpt2[1], dict(enumerate(texts)))
-    assert run.manifest["config"]["source"]["kind"] == "directory"
+    assert run.manifest.config["source"]["kind"] == "directory"
 
 
 def test_bad_paths(gpt2, tmp_path):
@@ -231,7 +231,7 @@ def test_max_tokens_keeps_crossing_document_whole(gpt2, texts, shard_size, tmp_p
     run = run_capture(gpt2, list(texts), tmp_path / "cross", max_tokens=int(cumsum[4]) + 1,
                       shard_size=shard_size)
     check_docs(run, tokenizer, dict(enumerate(texts[:6])))
-    assert run.manifest["counts"]["tokens_fed"] == cumsum[5]
+    assert run.manifest.counts.tokens_fed == cumsum[5]
     # exactly the first 5 documents' tokens: stop after them
     run = run_capture(gpt2, list(texts), tmp_path / "exact", max_tokens=int(cumsum[4]),
                       shard_size=shard_size)
@@ -242,9 +242,9 @@ def test_none_skipped_and_empty_kept(gpt2, texts, tmp_path):
     data = [texts[0], None, "", texts[1], None, texts[2]]
     run = run_capture(gpt2, data, tmp_path / "out", store_text=True, shard_size=2)
     check_docs(run, gpt2[1], {0: texts[0], 2: "", 3: texts[1], 5: texts[2]}, texts_stored=True)
-    assert run.manifest["counts"]["skipped_docs"] == 2
+    assert run.manifest.counts.skipped_docs == 2
     assert cs.info(run.path)["skipped_docs"] == 2
-    assert sum(s["skipped"] for s in run.manifest["shards"]) == 2
+    assert sum(s.skipped for s in run.manifest.shards) == 2
 
 
 def test_store_text(gpt2, texts, tmp_path):

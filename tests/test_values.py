@@ -191,7 +191,7 @@ def test_gpt2_rows_equal_unpadded_forward(gpt2, gpt2_texts, gpt2_expected, batch
     assert run.modules == {"transformer.h.2": 64, "transformer.h.1.mlp": 64, "transformer.h.0": 64}
     assert list(run.modules) == GPT2_MODULES  # the order the user gave
     check_capture(run, gpt2_expected, GPT2_MODULES)
-    assert run.manifest["counts"]["tokens_fed"] == sum(len(ids) for ids, _ in gpt2_expected.values())
+    assert run.manifest.counts.tokens_fed == sum(len(ids) for ids, _ in gpt2_expected.values())
     assert_untouched(model, tokenizer, pad_token=None, padding_side="right")
 
 
@@ -229,7 +229,7 @@ def test_gpt2_float16(gpt2, gpt2_texts, gpt2_expected, tmp_path):
     run = capture(model, tokenizer, list(gpt2_texts.values()), ["transformer.h.2", "transformer.h.0"],
                   tmp_path / "out", dtype="float16", batch_size=16)
     check_capture(run, gpt2_expected, ["transformer.h.2", "transformer.h.0"], dtype="float16")
-    assert run.manifest["modules"]["transformer.h.2"]["dtype"] == "float16"
+    assert run.manifest.modules["transformer.h.2"].dtype == "float16"
 
 
 def test_gpt2_exclude_token_ids(gpt2, gpt2_texts, gpt2_expected, tmp_path):
