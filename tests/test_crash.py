@@ -165,15 +165,17 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
     rng = random.Random(SEED)
     # Kill kinds: "load" a few ms after the child starts (model loading), "out_appears" as
     # soon as OUT exists (creating OUT, vocab, card, first manifest), "commit" the moment a
-    # new file lands in data/ or docs/ (in the middle of a commit), "random" once a seeded
+    # new file lands in data/ or docs/ (in the middle of a commit's renames), "record" the
+    # moment a new commit record appears (between the record and the renames), "random" once a seeded
     # random number of shards is committed, at a random moment within the next shard (in the
     # middle of forward passes and part writes). Random targets are in units of progress, so
     # they spread over the whole run whatever the machine's speed.
-    plan = ["load", "out_appears"] + rng.sample(["commit"] * 6 + ["random"] * 7 + ["load"], 14)
+    plan = ["load", "out_appears"] + rng.sample(["commit"] * 3 + ["record"] * 3 + ["random"] * 7
+                                                + ["load"], 14)
     assert len(plan) == KILLS
     # (the last target leaves room for the kills planned after it: the run must not end early)
     targets = iter(sorted(rng.sample(range(1, shards - 10), plan.count("random"))))
-    stats = {"kills": 0, "mid_commit": 0, "before_manifest": 0, "out_absent": 0}
+    stats = {"kills": 0, "mid_commit": 0, "pending": 0, "before_manifest": 0, "out_absent": 0}
     kill_points = []  # committed docs parts at each kill
     seen: set = set()
     with open(log_path, "w") as log:
@@ -192,12 +194,14 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
             proc.stdin.flush()
             child = int(lines.expect("CHILD", 30, log_path).split()[1])
             before = set(files_under(out, "data", "docs"))
+            records_before = set(files_under(out, "commits"))
             started = time.monotonic()
             deadline = started + rng.uniform(0, 0.05) if kind == "load" else None
             reached = None
             exited = None
             while exited is None:
-                exited = lines.poll(0.002 if kind in ("commit", "out_appears", "random") else 0.02)
+                fast = kind in ("commit", "record", "out_appears", "random")
+                exited = lines.poll(0.002 if fast else 0.02)
                 if exited is not None:
                     break
                 now = time.monotonic()
@@ -208,6 +212,9 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
                 elif kind == "out_appears" and os.path.isdir(out):
                     break
                 elif kind == "commit" and set(files_under(out, "data", "docs")) - before:
+                    break
+                elif kind == "record" and any(
+                        f.endswith(".json") for f in set(files_under(out, "commits")) - records_before):
                     break
                 elif kind == "random" and len(files_under(out, "docs")) >= target:
                     if reached is None:
@@ -238,16 +245,22 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
                 assert not files_under(out, "data", "docs")
                 stats["before_manifest"] += 1
                 continue
-            cs.info(out)  # reads the manifest through its schema: it must validate
+            cs.info(out)  # reads the manifest and the records through their schemas
             manifest = manifest_of(out)
             for part in manifest.parts:
-                assert ref_sha.get(part["path"]) == part["sha256"], \
-                    f"committed {part['path']} differs from the uninterrupted run's"
+                assert ref_sha.get(part.path) == part.sha256, \
+                    f"committed {part.path} differs from the uninterrupted run's"
+            listed = {os.path.join(out, p.path) for p in manifest.parts}
+            assert set(files_under(out, "data", "docs")) <= listed, "an uncommitted part is visible"
             try:
                 cs.verify(out)
-            except VerifyError as error:  # only unlisted files of a commit in flight
-                assert all(p.startswith("extra:") for p in error.problems), error.problems
+            except VerifyError as error:
+                # a commit in flight: its statistics file without a record (deleted on resume),
+                # or a recorded shard whose parts are still in .tmp/ (rolled forward on resume)
+                assert all(p.startswith("pending:") or p.startswith("extra: commits/")
+                           for p in error.problems), error.problems
                 stats["mid_commit"] += 1
+                stats["pending"] += any(p.startswith("pending:") for p in error.problems)
         assert completed, "the run never completed"
         proc.stdin.write(b"quit\n")
         proc.stdin.flush()
@@ -260,6 +273,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
         proc.stdout.close()
 
     print(f"\nkill test: survived {stats['kills']} SIGKILLs ({stats['mid_commit']} mid-commit, "
+          f"{stats['pending']} with a recorded shard still in .tmp/, "
           f"{stats['before_manifest']} before the first manifest, {stats['out_absent']} before "
           f"OUT existed); docs parts on disk at each kill: {kill_points} of {shards}")
     assert stats["kills"] == KILLS, stats
@@ -268,6 +282,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(gpt2_dir, re
     assert manifest.counts == ref_manifest.counts
     assert [(p.path, p.rows, p.sha256) for p in manifest.parts] == \
         [(p.path, p.rows, p.sha256) for p in ref_manifest.parts]
+    assert manifest.stats == ref_manifest.stats
     assert_same_rows(out, ref_out)
     assert cs.verify(out)["rows"] == cs.verify(ref_out)["rows"]
     assert os.listdir(os.path.join(out, ".tmp")) == []
@@ -294,11 +309,8 @@ def test_cli_sigint_prints_resume_command_and_resume_completes(gpt2_dir, referen
         while True:  # wait for the first committed shard
             assert proc.poll() is None, "the capture ended before it could be interrupted"
             assert time.monotonic() < deadline, "no shard committed in time"
-            try:
-                if manifest_of(out).shards:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
+            if os.path.exists(os.path.join(out, "commits", "shard-00000000.json")):
+                break
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=60)
@@ -377,18 +389,23 @@ def part_dir(path) -> bool:
     return name == "docs" or name.startswith("module=")
 
 
+def record(src, dst, *rest) -> bool:
+    return os.fspath(dst).endswith(".json") and os.path.dirname(os.fspath(dst)).endswith("commits")
+
+
 CRASH_POINTS = {
-    # shard 2 is complete in .tmp/; its first rename (docs/) has not happened yet
-    "before-first-rename": ("os", "replace", 3, into("docs")),
+    # shard 2's parts are in .tmp/, its statistics file about to be renamed into commits/
+    "before-stats": ("os", "replace", 2 * 2 + 1, into("commits")),
+    # shard 2's statistics are in commits/, its record about to be renamed into place
+    "stats-without-record": ("os", "replace", 3, record),
+    # shard 2's record is written; its first rename (docs/) has not happened yet: roll forward
+    "record-before-renames": ("os", "replace", 3, into("docs")),
     # shard 2's docs and first module are in place, the second module still in .tmp/
     "between-renames": ("os", "replace", 3, into("module=transformer.h.2")),
-    # every file of shard 2 renamed, directories not yet fsynced, manifest not updated
+    # every file of shard 2 renamed, directories not yet fsynced
     "before-dir-fsync": ("crowstream.manifest", "fsync_dir", 3 * 2 + 1, part_dir),
-    # shard 4 is renamed into place; the manifest that lists it is about to be written
-    # (calls: 1 at start, 2 "running", then 3 + k after shard k)
-    "before-manifest-update": ("crowstream.manifest", "write_manifest", 3 + 4, None),
-    # the final manifest (status complete) is about to be written
-    "before-final-manifest": ("crowstream.manifest", "write_manifest", 2 + SMALL // 4 + 1, None),
+    # the final manifest (status complete) is about to be written (1 at start, 2 "running")
+    "before-final-manifest": ("crowstream.manifest", "write_manifest", 3, None),
 }
 
 
@@ -401,11 +418,17 @@ def test_resume_from_exact_crash_point(monkeypatch, gpt2, small_reference, tmp_p
         pq.read_table(path)
     model, tokenizer = gpt2
     caplog.set_level("INFO", logger="crowstream")
+    committed = {p.path for p in manifest_of(snap).parts}
+    assert {os.path.relpath(p, snap) for p in files_under(snap, "data", "docs")} <= committed
     run = cs.capture(model, corpus_docs()[:SMALL], MODULES, snap, tokenizer=tokenizer,
                      resume=True, **RUN_KW)
     assert run.docs == SMALL
-    assert manifest_of(snap).status == "complete"
-    assert manifest_of(snap).counts == manifest_of(small_reference).counts
+    resumed, reference = manifest_of(snap), manifest_of(small_reference)
+    assert resumed.status == "complete"
+    assert resumed.counts == reference.counts
+    assert resumed.stats == reference.stats
+    if point in ("record-before-renames", "between-renames"):  # shard 2 was rolled forward
+        assert "resume: moved" in caplog.text and "part-00000-000002" in caplog.text
     assert_same_rows(snap, small_reference)
     cs.verify(snap)
     assert os.listdir(os.path.join(snap, ".tmp")) == []
