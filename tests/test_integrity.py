@@ -16,7 +16,7 @@ import pytest
 import crowstream as cs
 from crowstream.errors import VerifyError
 from crowstream.schemas import docs_schema, row_schema
-from helpers import tree
+from helpers import manifest_of, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N = 24
@@ -54,7 +54,22 @@ def save(out, manifest) -> None:
 
 
 def part(manifest, rel) -> dict:
-    return next(p for p in manifest["parts"] if p["path"] == rel)
+    return next(p for shard in manifest["shards"] for p in shard["parts"] if p["path"] == rel)
+
+
+def edit_part(out, rel, change) -> None:
+    """Apply `change` to the entry of part `rel` in its commit record and in crowstream.json
+    alike, as if it had been written so (only verify's checks of the files can fire)."""
+    manifest = load(out)
+    entry = part(manifest, rel)
+    change(entry)
+    save(out, manifest)
+    record_path = os.path.join(out, "commits", f"shard-{int(rel[-14:-8]):08d}.json")
+    with open(record_path) as f:
+        record = json.load(f)
+    change(next(p for p in record["parts"] if p["path"] == rel))
+    with open(record_path, "w") as f:
+        json.dump(record, f)
 
 
 def sha256(path) -> str:
@@ -66,11 +81,8 @@ def sha256(path) -> str:
 
 def refresh(out, rel) -> None:
     """Record the current size and checksum of `rel`, as if it had been written so."""
-    manifest = load(out)
-    entry = part(manifest, rel)
-    entry["bytes"] = os.path.getsize(os.path.join(out, rel))
-    entry["sha256"] = sha256(os.path.join(out, rel))
-    save(out, manifest)
+    edit_part(out, rel, lambda entry: entry.update(bytes=os.path.getsize(os.path.join(out, rel)),
+                                                   sha256=sha256(os.path.join(out, rel))))
 
 
 def problems_of(out) -> list[str]:
@@ -82,10 +94,10 @@ def problems_of(out) -> list[str]:
 
 
 def test_intact_output_verifies(out):
-    manifest = load(out)
+    manifest = manifest_of(out)
     report = cs.verify(out)
-    assert report == {"parts": len(manifest["parts"]), "rows": sum(manifest["counts"]["rows"].values()),
-                      "bytes": sum(p["bytes"] for p in manifest["parts"])}
+    assert report == {"parts": len(manifest.parts), "rows": sum(manifest.counts.rows.values()),
+                      "bytes": sum(p.bytes for p in manifest.parts)}
     assert report["parts"] == (N // 4) * (len(MODULES) + 1)
 
 
@@ -148,13 +160,61 @@ def doc_count(out):
 
 def part_rows(out):
     """A part's recorded row count disagrees with the file (the totals are kept consistent)."""
+    rows = part(load(out), H0)["rows"]
+    edit_part(out, H0, lambda entry: entry.update(rows=rows + 2))
     manifest = load(out)
-    entry = part(manifest, H0)
-    rows = entry["rows"]
-    entry["rows"] += 2
     manifest["counts"]["rows"]["transformer.h.0"] += 2
     save(out, manifest)
-    return [rf"^row count mismatch: {re.escape(H0)} has {rows:,} rows, the manifest records {rows + 2:,}$"]
+    stats = "commits/shard-00000001.stats.parquet"
+    return [rf"^stats mismatch: {re.escape(stats)} counts rows \{{'transformer\.h\.0': {rows}, "
+            rf"'transformer\.h\.2': \d+\}}, the shard's parts hold \{{'transformer\.h\.0': {rows + 2}, ",
+            rf"^row count mismatch: {re.escape(H0)} has {rows:,} rows, the manifest records {rows + 2:,}$"]
+
+
+# -- damage to the commit records and the consolidated manifest ------------------------------
+
+STATS = "commits/shard-00000002.stats.parquet"
+
+
+def stats_flipped(out):
+    flip_byte(out, STATS)
+    return [rf"^modified: {re.escape(STATS)} does not match its recorded sha256$"]
+
+
+def stats_deleted(out):
+    os.remove(os.path.join(out, STATS))
+    return [rf"^missing: {re.escape(STATS)} is listed in its commit record but not on disk$"]
+
+
+def stray_stats(out):
+    """A statistics file without a record: a commit killed between the two."""
+    shutil.copyfile(os.path.join(out, STATS), os.path.join(out, "commits/shard-00000099.stats.parquet"))
+    return [r"^extra: commits/shard-00000099\.stats\.parquet is not listed in the manifest"]
+
+
+def pending(out):
+    """A recorded shard whose part is still in .tmp/: a commit killed before its renames."""
+    os.replace(os.path.join(out, H2), os.path.join(out, ".tmp", H2.replace("/", "__")))
+    return [rf"^pending: {re.escape(H2)} is committed but still in \.tmp/ \(a commit was cut short; "
+            r"`--resume` moves it into place\)$"]
+
+
+def consolidation(out):
+    """crowstream.json says something else about a shard than its commit record."""
+    manifest = load(out)
+    manifest["shards"][1]["tokens"] += 1
+    manifest["counts"]["tokens_fed"] += 1
+    save(out, manifest)
+    return [rf"^manifest mismatch: crowstream\.json lists {N // 4} shard\(s\), the commit records "
+            rf"{N // 4}; shard\(s\) \[1\] differ$"]
+
+
+def consolidated_stats(out):
+    manifest = load(out)
+    manifest["stats"]["transformer.h.2"]["mean"][3] += 1e-9
+    save(out, manifest)
+    return [r"^manifest mismatch: the statistics of 'transformer\.h\.2' in crowstream\.json differ "
+            r"from the commit records' merged$"]
 
 
 def other_schema(out):
@@ -191,7 +251,9 @@ def no_vocab(out):
 
 
 DAMAGES = {f.__name__: f for f in (truncate, delete, extra, flip_byte, grow, module_count, doc_count,
-                                   part_rows, other_schema, other_docs_schema, not_parquet, no_vocab)}
+                                   part_rows, other_schema, other_docs_schema, not_parquet, no_vocab,
+                                   stats_flipped, stats_deleted, stray_stats, pending, consolidation,
+                                   consolidated_stats)}
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -232,9 +294,9 @@ def run_cli(*args):
 def test_cli_verify(out):
     ok = run_cli("verify", out)
     assert ok.returncode == 0, ok.stderr
-    manifest = load(out)
-    rows = sum(manifest["counts"]["rows"].values())
-    assert re.fullmatch(rf"{re.escape(out)}: OK \({len(manifest['parts'])} parts, {rows:,} rows, "
+    manifest = manifest_of(out)
+    rows = sum(manifest.counts.rows.values())
+    assert re.fullmatch(rf"{re.escape(out)}: OK \({len(manifest.parts)} parts, {rows:,} rows, "
                         r"[\d.]+ MiB checked\)\n", ok.stdout)
     truncate(out)
     flip_byte(out)
