@@ -76,8 +76,8 @@ def child(args) -> int:
     for t, rss in samples:
         i = min(int((t - start) / seconds * args.factor), args.factor - 1)
         windows[i] = max(windows[i], rss)
-    result = {"docs": run.docs, "tokens": run.manifest["counts"]["tokens_fed"],
-              "shards": len(run.manifest["shards"]), "seconds": seconds,
+    result = {"docs": run.docs, "tokens": run.manifest.counts.tokens_fed,
+              "shards": len(run.manifest.shards), "seconds": seconds,
               "peak": peak_rss_bytes(), "before_peak": before_peak, "before_now": before_now,
               "after_now": rss_bytes(), "windows": windows}
     print("RESULT " + json.dumps(result), flush=True)

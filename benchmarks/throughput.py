@@ -296,7 +296,7 @@ def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, devi
                                  dtype=dtype, device=device, progress=False)
         _sync(device)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"seconds": seconds, "cpu": cpu, "tokens": run.manifest["counts"]["tokens_fed"], "run": run,
+    return {"seconds": seconds, "cpu": cpu, "tokens": run.manifest.counts.tokens_fed, "run": run,
             "traces": sum(traces) if traces else None}
 
 
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
                                    dtype="float32", device=device)
         run_baseline(model, tokenizer, warm, modules, batch_size=args.batch_size, ctx=ctx, device=device)
         warm_config = warm_capture["run"].manifest
-        run_floor(model, crowstream_batches(tokenizer, warm, warm_config["config"], warm_config["shard_size"]),
+        run_floor(model, crowstream_batches(tokenizer, warm, warm_config.config, warm_config.shard_size),
                   modules, device=device)
         shutil.rmtree(out)
         # A one-document capture: crowstream's fixed cost per run (probe forward, nnsight
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
                     keep_out = out  # kept for the disk numbers and the batch check
                     manifest = record["run"].manifest
                     t = time.perf_counter()
-                    batches = crowstream_batches(tokenizer, docs, manifest["config"], manifest["shard_size"])
+                    batches = crowstream_batches(tokenizer, docs, manifest.config, manifest.shard_size)
                     batching_seconds = time.perf_counter() - t
                 elif phase == "capture":
                     shutil.rmtree(out)

@@ -323,7 +323,7 @@ DISK_SITES = {
     "fsync_and_hash": 7,        # the vocab, then 3 per shard: shards 0-1 commit
     "manifest": 4,              # start, "running", records 0 and 1; shard 2's record fails
     # a full disk stays full: the aborted part's close fails too (it must not mask the error)
-    "every Parquet write": 12,  # writes and closes (docs and vocab too): shard 0 commits
+    "every Parquet write": 14,  # writes and closes (docs, stats, vocab too): shard 0 commits
 }
 @pytest.mark.parametrize("site", DISK_SITES)
 def test_disk_full_is_one_clear_error_committed_shards_intact_then_resume(
