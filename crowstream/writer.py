@@ -101,6 +101,9 @@ def describe_os_error(error: OSError, out: str, bytes_written: int) -> OutputErr
                        "problem, then rerun the same command with --resume.")
 
 
+STATS_SLICE_ROWS = 1024  # rows centred at a time: a temporary of 1,024 x d float32
+
+
 class ModuleStats:
     """Statistics of one module's stored vectors, in float64: `count` rows, `mean` and `m2`
     (sum of squared deviations from the mean) per dimension, `norm_sum` (sum of row L2
@@ -128,26 +131,33 @@ class ModuleStats:
         n = len(v)
         if not n:
             return
-        total = v.sum(0, dtype=np.float64)                          # [d]
-        squares = np.einsum("ij,ij->j", v, v, dtype=np.float64)     # [d]
-        norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))  # [N]
-        nonfinite = 0
-        if not (np.isfinite(total).all() and np.isfinite(squares).all()):
-            nonfinite = int(v.size - np.count_nonzero(np.isfinite(v)))  # rare: only then count
-        mean = total / n
-        # within one batch of float32 values, float64 sums lose nothing that matters; across
-        # batches and shards `merge` avoids the cancellation of a global sum of squares
-        m2 = np.maximum(squares - total * mean, 0.0)
-        self.merge(ModuleStats.of(n, mean, m2, norms.sum(), nonfinite))
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: counted, not warned
+            total = v.sum(0, dtype=np.float64)                               # [d]
+            mean = total / n
+            # M2 about the batch mean: rows minus the mean in float32 (exact where they are close,
+            # so a large mean does not cancel the spread away), squares summed in float64, in
+            # slices of rows so the temporary stays small
+            shift = mean.astype(np.float32)
+            m2 = np.zeros_like(mean)
+            for start in range(0, n, STATS_SLICE_ROWS):
+                centered = v[start:start + STATS_SLICE_ROWS] - shift            # [r, d]
+                m2 += np.einsum("ij,ij->j", centered, centered, dtype=np.float64)
+            m2 = np.maximum(m2 - n * (mean - shift) ** 2, 0.0)
+            norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))    # [N]
+            nonfinite = 0
+            if not (np.isfinite(total).all() and np.isfinite(m2).all()):
+                nonfinite = int(v.size - np.count_nonzero(np.isfinite(v)))  # rare: only then count
+            self.merge(ModuleStats.of(n, mean, m2, norms.sum(), nonfinite))
 
     def merge(self, other: ModuleStats) -> None:
         """Combine with another partial (Chan, Golub and LeVeque's parallel update)."""
         if not other.count:
             return
         n = self.count + other.count
-        delta = other.mean - self.mean
-        self.mean = self.mean + delta * (other.count / n)
-        self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are counted, not warned
+            delta = other.mean - self.mean
+            self.mean = self.mean + delta * (other.count / n)
+            self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
         self.count = n
         self.norm_sum += other.norm_sum
         self.nonfinite += other.nonfinite

@@ -84,3 +84,21 @@ def assert_same_rows(out, reference, *, atol=None, docs_below=None) -> None:
             np.testing.assert_allclose(vector, want_vector, atol=atol, rtol=0)
         pairs = keys[0].astype(np.int64) * 1_000_000 + keys[1]
         assert len(np.unique(pairs)) == len(pairs), f"{name}: duplicate rows"
+
+
+def as_format_1(out, dest) -> None:
+    """Copy a complete OUT to `dest` as crowstream 0.1 wrote it (format 1): one manifest
+    with flat `parts`, no commit records."""
+    import shutil
+
+    shutil.copytree(out, dest)
+    shutil.rmtree(os.path.join(dest, "commits"))
+    m = raw_manifest(dest)
+    m["parts"] = [{**p, "shard": s["index"]} for s in m["shards"] for p in s.pop("parts")]
+    for s in m["shards"]:
+        del s["rank"], s["stats"]
+    for stats in m["stats"].values():
+        del stats["nonfinite"]
+    m["format_version"] = 1
+    with open(os.path.join(dest, "crowstream.json"), "w") as f:
+        json.dump(m, f, indent=1)

@@ -1,0 +1,180 @@
+"""The manifest and the commit layout: constant-cost commits, exact statistics, the typed
+manifest's JSON (never NaN), and format-1 outputs that still read (but do not resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import crowstream as cs
+from crowstream import manifest as mf
+from crowstream.errors import ManifestError
+from crowstream.writer import ModuleStats
+from helpers import as_format_1, manifest_of, raw_manifest, read_rows, tree
+
+MODULES = ["transformer.h.0", "transformer.h.2"]
+
+
+def capture(gpt2, data, out, **kw):
+    model, tokenizer = gpt2
+    return cs.capture(model, data, kw.pop("modules", MODULES), str(out), tokenizer=tokenizer,
+                      progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def complete(gpt2, corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("manifest") / "out")
+    capture(gpt2, corpus[:24], out, shard_size=4, batch_size=4)
+    return out
+
+
+# -- constant commit cost -------------------------------------------------------------------
+
+def test_commit_bytes_do_not_grow_with_the_shard_index(monkeypatch, gpt2, corpus, tmp_path):
+    """60 one-document shards: crowstream.json is written at start, on "running" and once
+    at the end (never per shard), and every commit writes a record and a statistics file of
+    the same size, whatever its index."""
+    writes = []  # (path relative to OUT, bytes) of every atomic JSON write
+    write_atomic = mf._write_atomic
+    monkeypatch.setattr(mf, "_write_atomic", lambda out, rel, data: (
+        writes.append((rel, len(data))), write_atomic(out, rel, data)))
+    out = tmp_path / "out"
+    run = capture(gpt2, corpus[:60], out, modules=["transformer.h.1"], shard_size=1, batch_size=1)
+    assert len(run.manifest.shards) == 60
+    assert [rel for rel, _ in writes if not rel.startswith("commits/")] == ["crowstream.json"] * 3
+    records = [size for rel, size in writes if rel.startswith("commits/")]
+    assert len(records) == 60
+    # only the digits of the numbers in a record vary (index, source range, rows, bytes)
+    assert max(records) - min(records) <= 24, records
+    assert max(records[-10:]) <= min(records[:10]) + 24
+    stats = [s.stats.bytes for s in run.manifest.shards]
+    assert max(stats) <= 1.1 * min(stats), stats  # (zstd makes it vary a little with the values)
+    final = os.path.getsize(out / "crowstream.json")
+    assert final > 60 * min(records) // 2  # the consolidated manifest holds them all, once
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_statistics_equal_numpy_over_every_stored_row(gpt2, corpus, tmp_path, dtype):
+    out = tmp_path / "out"
+    run = capture(gpt2, corpus[:30], out, shard_size=4, batch_size=3, dtype=dtype)
+    assert len(run.manifest.shards) == 8
+    rows = read_rows(out)
+    for module in MODULES:
+        vectors = rows[module][3].astype(np.float64)
+        stats = run.manifest.stats[module]
+        assert stats.count == len(vectors) and stats.nonfinite == 0
+        np.testing.assert_allclose(stats.mean, vectors.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats.var, vectors.var(0), rtol=1e-6, atol=1e-9)
+        assert stats.mean_norm == pytest.approx(np.linalg.norm(vectors, axis=1).mean(), rel=1e-6)
+    assert manifest_of(out).stats == run.manifest.stats  # read back from JSON, exactly
+
+
+def test_merged_partials_equal_one_pass_even_far_from_zero():
+    """Chan's merge of many partials keeps the variance of data whose mean dwarfs its spread
+    (where a global sum of squares cancels catastrophically)."""
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((5000, 16)) * 0.01 + 3000.0).astype(np.float32)
+    total = ModuleStats(16)
+    for chunk in np.array_split(data, 37):
+        partial = ModuleStats(16)
+        for batch in np.array_split(chunk, 3):
+            partial.update(batch)
+        total.merge(partial)
+    exact = data.astype(np.float64)
+    summary = total.summary()
+    assert summary.count == 5000
+    np.testing.assert_allclose(summary.mean, exact.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(summary.var, exact.var(0), rtol=1e-6)
+
+
+def test_non_finite_values_are_counted_and_never_written_as_nan(tmp_path):
+    stats = ModuleStats(3)
+    stats.update(np.array([[1, 2, np.inf], [1, np.nan, 3]], np.float32))
+    stats.update(np.array([[1, 2, 3]], np.float32))
+    summary = stats.summary()
+    assert summary.count == 3 and summary.nonfinite == 2
+    text = json.dumps(summary.to_json(), allow_nan=False)  # raises on NaN or Infinity
+    value = json.loads(text)
+    assert value["mean"] == [1.0, None, None] and value["var"] == [0.0, None, None]
+    assert value["mean_norm"] is None and value["nonfinite"] == 2
+
+
+# -- the committed state -------------------------------------------------------------------
+
+def test_a_running_manifest_lists_nothing_and_readers_consolidate_the_records(complete, tmp_path):
+    """What a SIGKILLed run leaves: crowstream.json says running and lists no shards; every
+    reader still sees all committed shards, from the records."""
+    out = str(tmp_path / "out")
+    shutil.copytree(complete, out)
+    raw = raw_manifest(out)
+    shards = raw["shards"]
+    raw.update(status="running", shards=[], stats={},
+               counts={"docs": 0, "skipped_docs": 0, "tokens_fed": 0, "rows": {m: 0 for m in MODULES}})
+    with open(os.path.join(out, "crowstream.json"), "w") as f:
+        json.dump(raw, f)
+    committed = manifest_of(out)
+    assert committed.status == "running"
+    assert [s.to_json() for s in committed.shards] == shards
+    assert committed.counts == manifest_of(complete).counts
+    assert committed.stats == manifest_of(complete).stats
+    assert cs.info(out)["docs"] == 24
+    assert cs.scan(out).collect().height == cs.scan(complete).collect().height
+    cs.verify(out)
+
+
+def test_readers_skip_a_recorded_shard_whose_parts_are_still_in_tmp(complete, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(complete, out)
+    raw = raw_manifest(out)
+    raw["status"] = "running"
+    with open(os.path.join(out, "crowstream.json"), "w") as f:
+        json.dump(raw, f)
+    last = manifest_of(out).shards[-1]
+    for part in last.parts:  # the crash came between the record and the renames
+        os.replace(os.path.join(out, part.path), mf.staging_path(out, part.path))
+    assert len(manifest_of(out).shards) == 6  # committed...
+    assert len(mf.readable(out).shards) == 5  # ...but not yet readable
+    assert cs.info(out)["docs"] == 24
+    assert cs.docs(out).collect().height == 20
+    for module in MODULES:
+        assert cs.load(out, module, cache_dir=str(tmp_path / "cache")).num_rows == sum(p.rows for s in manifest_of(out).shards[:5]
+                                                    for p in s.parts if p.module == module)
+
+
+# -- format 1 ----------------------------------------------------------------------------------
+
+def test_format_1_outputs_read_through_the_same_readers(complete, tmp_path):
+    out = str(tmp_path / "v1")
+    as_format_1(complete, out)
+    assert raw_manifest(out)["format_version"] == 1 and not os.path.exists(os.path.join(out, "commits"))
+    v1, v2 = manifest_of(out), manifest_of(complete)
+    assert v1.format_version == 1
+    assert [(p.path, p.rows, p.sha256) for p in v1.parts] == [(p.path, p.rows, p.sha256) for p in v2.parts]
+    assert v1.counts == v2.counts
+    info = cs.info(out)
+    assert info["format_version"] == 1 and info["docs"] == 24
+    assert cs.verify(out) == cs.verify(complete)
+    for module in MODULES:
+        v1_rows = cs.load(out, module, cache_dir=str(tmp_path / "a")).data.table
+        assert v1_rows.equals(cs.load(complete, module, cache_dir=str(tmp_path / "b")).data.table)
+        assert next(cs.stream(out, module))["vector"].equal(next(cs.stream(complete, module))["vector"])
+    assert cs.scan(out).collect().equals(cs.scan(complete).collect())
+    assert cs.docs(out).collect().equals(cs.docs(complete).collect())
+
+
+def test_resuming_a_format_1_output_is_one_clear_error(gpt2, corpus, complete, tmp_path):
+    out = str(tmp_path / "v1")
+    as_format_1(complete, out)
+    before = tree(out)
+    with pytest.raises(ManifestError, match=rf"^cannot resume {re.escape(repr(out))}: it was written "
+                                            r"by crowstream 0\.1 \(format 1\), which this version reads "
+                                            r"but does not continue\. Capture into a new OUT"):
+        capture(gpt2, corpus[:24], out, shard_size=4, batch_size=4, resume=True)
+    assert tree(out) == before
