@@ -2,7 +2,7 @@
 shards came before it.
 
     python benchmarks/commits.py            # 2,000 commits, 2 modules of d=4,096, ~1 min
-    python benchmarks/commits.py --tiny     # CI: 200 commits of d=64, seconds
+    python benchmarks/commits.py --tiny     # CI: 60 commits of d=64, seconds
 
 It calls `crowstream.manifest.commit` directly (no model): each shard's part files are tiny
 files already in `.tmp/` (the part writers' job, not the commit's), its partial statistics
@@ -43,12 +43,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=2000)
     parser.add_argument("--d", type=int, default=4096)
-    parser.add_argument("--tiny", action="store_true", help="200 commits of d=64 (CI)")
+    parser.add_argument("--tiny", action="store_true", help="60 commits of d=64 (CI)")
     parser.add_argument("--tmp", default=None, help="parent directory for the temp OUT")
     parser.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
     args = parser.parse_args()
     if args.tiny:
-        args.commits, args.d = 200, 64
+        args.commits, args.d = 60, 64
     modules = ["blocks.0", "blocks.1"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=args.tmp) as out:

@@ -128,7 +128,8 @@ def _info(args) -> None:
     if args.json:
         print(json.dumps(summary, indent=1))
         return
-    print(f"{summary['path']}: {summary['status']} (run {summary['run_id']})")
+    old = ", format 1: crowstream 0.1" if summary["format_version"] == 1 else ""
+    print(f"{summary['path']}: {summary['status']} (run {summary['run_id']}{old})")
     if summary["error"]:
         print(f"  error: {summary['error']}")
     print(f"  model: {summary['model']}, context {summary['context_size']} ({summary['overflow']})")
@@ -137,8 +138,9 @@ def _info(args) -> None:
     print(f"  on disk: {summary['bytes'] / 2**20:,.1f} MiB")
     for name, m in summary["modules"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
+        nonfinite = f", {m['nonfinite']:,} values NaN or infinite" if m["nonfinite"] else ""
         print(f"  {name}: d={m['d']} {m['dtype']}, {m['rows']:,} rows in {m['files']} file(s), "
-              f"{m['bytes'] / 2**20:,.1f} MiB, mean norm {norm}")
+              f"{m['bytes'] / 2**20:,.1f} MiB, mean norm {norm}{nonfinite}")
 
 
 def _verify(args) -> None:

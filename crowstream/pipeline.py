@@ -22,7 +22,7 @@ import pyarrow as pa
 from crowstream.schemas import docs_schema, row_schema, vocab_schema
 
 from . import manifest as mf
-from .config import (DATA_DIR, DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
+from .config import (DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
                      CaptureConfig, check_choice, check_positive)
 from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
                      OutOfMemory, ResumeMismatchError)

@@ -38,3 +38,10 @@ def test_memory_tiny_prints_growth(tmp_path):
     out = _run("memory.py", tmp_path)
     for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment"):
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+def test_commits_tiny_prints_constant_cost(tmp_path):
+    out = _run("commits.py", tmp_path)
+    for line in ("time per commit, first 10%", "ratio last/first", "record bytes: first",
+                 "stats file bytes", "crowstream.json writes during the commits: 0"):
+        assert line in out, f"missing {line!r} in:\n{out}"

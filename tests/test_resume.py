@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 
-import numpy as np
 import pytest
 
 import crowstream as cs
