@@ -467,28 +467,33 @@ def read_records(out: str, run_id: str) -> list[ShardRecord]:
     return records
 
 
-def consolidated(out: str, manifest: Manifest) -> Manifest:
-    """`manifest` with every committed shard, their counts and merged statistics, from the
-    records in `commits/`."""
+def consolidated(out: str, manifest: Manifest, *, stats: bool = True) -> Manifest:
+    """`manifest` with every committed shard, their counts and (unless `stats=False`, which
+    keeps `manifest.stats` and reads no statistics file) merged statistics, from the records
+    in `commits/`."""
     shards = read_records(out, manifest.run_id)
-    stats = merged_stats(out, shards, manifest.modules)
+    merged = manifest.stats
+    if stats:
+        merged = {n: s.summary() for n, s in merged_stats(out, shards, manifest.modules).items()}
     return dataclasses.replace(manifest, shards=shards, counts=Counts.of(shards, manifest.modules),
-                               stats={n: s.summary() for n, s in stats.items()})
+                               stats=merged)
 
 
-def committed(out: str) -> Manifest:
+def committed(out: str, *, stats: bool = True) -> Manifest:
     """The committed state of OUT, whatever its status: a consolidated `crowstream.json`
-    as it is, a running (or crashed) run's consolidated with its commit records."""
+    as it is, a running (or crashed) run's consolidated with its commit records (with
+    `stats=False` its statistics stay empty, which saves reading every statistics file)."""
     manifest = read_manifest(out)
     if manifest.format_version == 1 or manifest.status != "running":
         return manifest
-    return consolidated(out, manifest)
+    return consolidated(out, manifest, stats=stats)
 
 
 def readable(out: str) -> Manifest:
     """`committed(out)` without any shard whose parts are not all in place yet (a commit in
-    progress, or cut short by a crash until a resume rolls it forward): what readers use."""
-    manifest = committed(out)
+    progress, or cut short by a crash until a resume rolls it forward): what readers of rows
+    use. Its statistics may be empty (see `committed`)."""
+    manifest = committed(out, stats=False)
     if manifest.status == "complete":
         return manifest
     shards = [s for s in manifest.shards
@@ -505,7 +510,7 @@ def recover(out: str, manifest: Manifest) -> tuple[Manifest, list[str], list[str
 
     Raises `ManifestError` when a listed part is missing or not of its recorded size
     (before anything is deleted)."""
-    state = consolidated(out, manifest)
+    state = consolidated(out, manifest, stats=False)  # the run merges them as it starts
     rolled = move_into_place(out, [p for p in state.parts
                                    if os.path.exists(staging_path(out, p.path))])
     damaged = damaged_parts(out, state)
