@@ -360,8 +360,9 @@ class _Writers:
 
     def _commit(self, end, futures) -> None:
         """Commit one shard: wait until every module's part is closed and fsynced in .tmp/,
-        write the shard's docs part there, then `manifest.commit` it (statistics, record,
-        renames into data/ and docs/; its docstring has the order and what a crash leaves)."""
+        write the shard's docs part there, then take `manifest.commit`'s steps (statistics,
+        record, renames into data/ and docs/; its docstring has the order and what a crash
+        leaves), counting the shard here from the moment its record exists."""
         from .writer import write_table
 
         results = {name: future.result() for name, future in futures.items()}
