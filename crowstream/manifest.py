@@ -31,7 +31,6 @@ from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, FORMAT_VERSION, MANIFEST_N
 from .errors import ManifestError, OutputError, OutputExistsError
 
 RECORD_NAME = re.compile(r"shard-(\d{8})\.json")
-STATS_NAME = re.compile(r"shard-(\d{8})\.stats\.parquet")
 
 
 def now() -> str:
