@@ -160,25 +160,27 @@ class Counts:
 class StatsSummary:
     """Per-module statistics as the manifest states them: `mean`, `var` (population) per
     dimension and `mean_norm`, over `count` rows. Entries that are not finite (because
-    `nonfinite` stored values were NaN or infinite) are `None` in JSON."""
+    `nonfinite` stored values were NaN or infinite) are `None` in JSON. `clamped` counts
+    values clamped into float16's range before they were stored."""
 
     count: int
     mean: tuple
     var: tuple
     mean_norm: float | None
     nonfinite: int = 0
+    clamped: int = 0
 
     def to_json(self) -> dict:
         return {"count": self.count, "mean": [_finite(x) for x in self.mean],
                 "var": [_finite(x) for x in self.var], "mean_norm": _finite(self.mean_norm),
-                "nonfinite": self.nonfinite}
+                "nonfinite": self.nonfinite, "clamped": self.clamped}
 
     @classmethod
     def from_json(cls, value: dict) -> StatsSummary:
         nan = float("nan")
         return cls(value["count"], tuple(nan if x is None else x for x in value["mean"]),
                    tuple(nan if x is None else x for x in value["var"]),
-                   value["mean_norm"], value.get("nonfinite", 0))
+                   value["mean_norm"], value.get("nonfinite", 0), value.get("clamped", 0))
 
 
 def _finite(x):
@@ -399,7 +401,7 @@ def move_into_place(out: str, parts) -> list[str]:
 
 def stats_table(stats: dict):
     """Partial statistics as a small table: one row per module (count, mean[d], m2[d],
-    norm_sum, nonfinite), all float64."""
+    norm_sum in float64; nonfinite, clamped)."""
     import pyarrow as pa
 
     names = list(stats)
@@ -410,6 +412,7 @@ def stats_table(stats: dict):
         "m2": pa.array([stats[n].m2 for n in names], pa.list_(pa.float64())),
         "norm_sum": pa.array([stats[n].norm_sum for n in names], pa.float64()),
         "nonfinite": pa.array([stats[n].nonfinite for n in names], pa.int64()),
+        "clamped": pa.array([stats[n].clamped for n in names], pa.int64()),
     })
 
 
@@ -425,7 +428,8 @@ def read_stats(out: str, ref: FileRef) -> dict:
     for i, name in enumerate(table["module"]):
         found[name] = ModuleStats.of(table["count"][i], np.asarray(table["mean"][i], np.float64),
                                      np.asarray(table["m2"][i], np.float64),
-                                     table["norm_sum"][i], table["nonfinite"][i])
+                                     table["norm_sum"][i], table["nonfinite"][i],
+                                     table["clamped"][i])
     return found
 
 
@@ -600,8 +604,8 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
         with open(card, encoding="utf-8", errors="replace") as f:
             if "crowstream" not in f.read():
                 return False
-    patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}\.parquet"),
-                DOCS_DIR: re.compile(r"part-\d{5}-\d{6}\.parquet"),
+    patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}(-\d{3,})?\.parquet"),
+                DOCS_DIR: re.compile(r"part-\d{5}-\d{6}(-\d{3,})?\.parquet"),
                 COMMITS_DIR: re.compile(r"shard-\d{8}\.(json|stats\.parquet)")}
     for top, pattern in patterns.items():
         for root, _, files in os.walk(os.path.join(out, top)):

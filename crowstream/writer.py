@@ -107,7 +107,8 @@ STATS_SLICE_ROWS = 1024  # rows centred at a time: a temporary of 1,024 x d floa
 class ModuleStats:
     """Statistics of one module's stored vectors, in float64: `count` rows, `mean` and `m2`
     (sum of squared deviations from the mean) per dimension, `norm_sum` (sum of row L2
-    norms) and `nonfinite` (stored values that are NaN or infinite). Partial statistics
+    norms), `nonfinite` (stored values that are NaN or infinite) and `clamped` (values
+    clamped into float16's range before they were stored). Partial statistics
     (one per batch, one per shard) combine exactly with `merge`, so each shard keeps its
     own and a resume re-merges them in the same order as an uninterrupted run."""
 
@@ -117,16 +118,18 @@ class ModuleStats:
         self.m2 = np.zeros(d)
         self.norm_sum = 0.0
         self.nonfinite = 0
+        self.clamped = 0
 
     @classmethod
-    def of(cls, count, mean, m2, norm_sum, nonfinite) -> ModuleStats:
+    def of(cls, count, mean, m2, norm_sum, nonfinite=0, clamped=0) -> ModuleStats:
         stats = cls(len(mean))
         stats.count, stats.mean, stats.m2 = int(count), mean, m2
-        stats.norm_sum, stats.nonfinite = float(norm_sum), int(nonfinite)
+        stats.norm_sum, stats.nonfinite, stats.clamped = float(norm_sum), int(nonfinite), int(clamped)
         return stats
 
-    def update(self, vectors: np.ndarray) -> None:
-        """Add the rows of `vectors` [N, d] (as stored: float32 or float16)."""
+    def update(self, vectors: np.ndarray, clamped: int = 0) -> None:
+        """Add the rows of `vectors` [N, d] as stored (float32 or float16, after any clamp,
+        of which there were `clamped`)."""
         v = vectors.astype(np.float32, copy=False)  # [N, d]
         n = len(v)
         if not n:
@@ -147,10 +150,11 @@ class ModuleStats:
             nonfinite = 0
             if not (np.isfinite(total).all() and np.isfinite(m2).all()):
                 nonfinite = int(v.size - np.count_nonzero(np.isfinite(v)))  # rare: only then count
-            self.merge(ModuleStats.of(n, mean, m2, norms.sum(), nonfinite))
+            self.merge(ModuleStats.of(n, mean, m2, norms.sum(), nonfinite, clamped))
 
     def merge(self, other: ModuleStats) -> None:
         """Combine with another partial (Chan, Golub and LeVeque's parallel update)."""
+        self.clamped += other.clamped
         if not other.count:
             return
         n = self.count + other.count
@@ -168,4 +172,4 @@ class ModuleStats:
 
         n = max(self.count, 1)
         return StatsSummary(self.count, tuple(self.mean.tolist()), tuple((self.m2 / n).tolist()),
-                            self.norm_sum / n, self.nonfinite)
+                            self.norm_sum / n, self.nonfinite, self.clamped)

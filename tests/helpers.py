@@ -98,7 +98,7 @@ def as_format_1(out, dest) -> None:
     for s in m["shards"]:
         del s["rank"], s["stats"]
     for stats in m["stats"].values():
-        del stats["nonfinite"]
+        del stats["nonfinite"], stats["clamped"]
     m["format_version"] = 1
     with open(os.path.join(dest, "crowstream.json"), "w") as f:
         json.dump(m, f, indent=1)

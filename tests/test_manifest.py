@@ -106,6 +106,19 @@ def test_non_finite_values_are_counted_and_never_written_as_nan(tmp_path):
     assert value["mean_norm"] is None and value["nonfinite"] == 2
 
 
+def test_clamp_counts_merge_with_the_partials(tmp_path):
+    out = str(tmp_path)
+    mf.create_out(out, "fresh")
+    partial = ModuleStats(2)
+    partial.update(np.ones((4, 2), np.float32), clamped=3)
+    ref = mf.write_record(out, "0123456789abcdef", mf.ShardRecord(0, 0, 0, 1, 1, 0, 4, ()),
+                          {"m": partial}).stats
+    total = ModuleStats(2)
+    total.merge(mf.read_stats(out, ref)["m"])
+    total.update(np.ones((1, 2), np.float32), clamped=1)
+    assert (total.count, total.clamped) == (5, 4) and total.summary().to_json()["clamped"] == 4
+
+
 # -- the committed state -------------------------------------------------------------------
 
 def test_a_running_manifest_lists_nothing_and_readers_consolidate_the_records(complete, tmp_path):
