@@ -191,3 +191,50 @@ def test_resuming_a_format_1_output_is_one_clear_error(gpt2, corpus, complete, t
                                             r"but does not continue\. Capture into a new OUT"):
         capture(gpt2, corpus[:24], out, shard_size=4, batch_size=4, resume=True)
     assert tree(out) == before
+
+
+# -- the schema's fast checker ---------------------------------------------------------------
+
+def mutations(record: dict):
+    """A valid record, then one broken field at a time (what damage or a hostile edit does)."""
+    import copy
+
+    yield "valid", record
+    for key in record:
+        broken = copy.deepcopy(record)
+        del broken[key]
+        yield f"no {key}", broken
+    for key in ("index", "rank", "source_start", "source_end", "docs", "skipped", "tokens"):
+        for bad in (-1, "3", True, 1.5, None):
+            yield f"{key}={bad!r}", {**record, key: bad}
+    for bad in ("x", "../../etc/passwd", 7, None):
+        yield f"run_id={bad!r}", {**record, "run_id": bad}
+    yield "no parts", {**record, "parts": []}
+    yield "parts not a list", {**record, "parts": {"a": 1}}
+    part = record["parts"][1]
+    for key, bads in (("path", ["../../etc/passwd", "data/module=a/../../x.parquet", 3]),
+                      ("kind", ["other", None]), ("module", [5]), ("rows", [-1, "1"]),
+                      ("bytes", [True]), ("sha256", ["abc", "A" * 64])):
+        for bad in bads:
+            yield f"part {key}={bad!r}", {**record, "parts": [record["parts"][0], {**part, key: bad}]}
+        if key != "module":
+            yield f"part without {key}", {**record, "parts": [{k: v for k, v in part.items() if k != key}]}
+    for key, bad in (("path", "commits/../x.parquet"), ("bytes", -3), ("sha256", "0")):
+        yield f"stats {key}={bad!r}", {**record, "stats": {**record["stats"], key: bad}}
+    yield "stats not an object", {**record, "stats": "x"}
+
+
+def test_the_fast_checker_agrees_with_jsonschema(complete):
+    from crowstream.schemas import validate_manifest, validate_record
+
+    with open(os.path.join(complete, "commits", "shard-00000001.json")) as f:
+        record = json.load(f)
+    cases = list(mutations(record))
+    assert len(cases) > 60
+    for name, case in cases:
+        fast, thorough = validate_record(case), validate_record(case, thorough=True)
+        assert bool(fast) == bool(thorough) == (name != "valid"), (name, fast, thorough)
+        shard = {k: v for k, v in case.items() if k not in ("format", "format_version", "run_id")}
+        manifest = {**raw_manifest(complete), "shards": [shard]}
+        fast, thorough = validate_manifest(manifest), validate_manifest(manifest, thorough=True)
+        assert bool(fast) == bool(thorough), (name, fast, thorough)
