@@ -519,7 +519,7 @@ def recover(out: str, manifest: Manifest) -> tuple[Manifest, list[str], list[str
     damaged = damaged_parts(out, state)
     if damaged:
         raise ManifestError(
-            f"cannot resume {out!r}: {len(damaged)} committed part file(s) are missing or "
+            f"cannot resume {out!r}: {len(damaged)} committed file(s) are missing or "
             f"changed in size ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}). "
             "`crowstream verify OUT` shows the damage; capture again with overwrite=True "
             "(--overwrite) or into a new OUT.")
@@ -553,10 +553,12 @@ def unlisted_files(out: str, manifest: Manifest) -> list[str]:
 
 
 def damaged_parts(out: str, manifest: Manifest) -> list[str]:
-    """Listed part files that are missing or not of their recorded size (cheap check)."""
-    return [p.path for p in manifest.parts
-            if not os.path.isfile(os.path.join(out, p.path))
-            or os.path.getsize(os.path.join(out, p.path)) != p.bytes]
+    """Listed part and statistics files that are missing or not of their recorded size
+    (a cheap check: `verify` reads them)."""
+    files = manifest.parts + [s.stats for s in manifest.shards if s.stats is not None]
+    return [f.path for f in files
+            if not os.path.isfile(os.path.join(out, f.path))
+            or os.path.getsize(os.path.join(out, f.path)) != f.bytes]
 
 
 # -- OUT as a whole -----------------------------------------------------------------------------

@@ -238,3 +238,24 @@ def test_the_fast_checker_agrees_with_jsonschema(complete):
         manifest = {**raw_manifest(complete), "shards": [shard]}
         fast, thorough = validate_manifest(manifest), validate_manifest(manifest, thorough=True)
         assert bool(fast) == bool(thorough), (name, fast, thorough)
+
+
+@pytest.mark.parametrize("damage", ["other run", "gap"])
+def test_foreign_or_missing_records_are_explained(complete, tmp_path, damage):
+    out = str(tmp_path / "out")
+    shutil.copytree(complete, out)
+    path = os.path.join(out, "commits", "shard-00000002.json")
+    if damage == "gap":
+        os.remove(path)
+        pattern = r"has no record for shard 2 \(found shard-00000003\.json\): records were deleted"
+    else:
+        with open(path) as f:
+            record = json.load(f)
+        record["run_id"] = "feedfacefeedface"
+        with open(path, "w") as f:
+            json.dump(record, f)
+        pattern = r"belongs to run feedfacefeedface, not to this OUT's run [0-9a-f]{16}"
+    before = tree(out)
+    with pytest.raises(ManifestError, match=pattern):
+        cs.verify(out)
+    assert tree(out) == before

@@ -425,3 +425,28 @@ def test_a_second_capture_into_a_busy_out_is_refused(gpt2, docs, reference, tmp_
         os.close(fd)
     run = capture(gpt2, docs, out, resume=True)  # the lock died with its holder
     assert run.manifest.status == "complete"
+
+
+@pytest.mark.parametrize("victim", ["part", "statistics"])
+def test_resume_refuses_missing_or_resized_committed_files(gpt2, docs, interrupted_out, tmp_path,
+                                                            victim):
+    """A committed file that is gone or changed in size stops the resume before anything in
+    OUT is deleted or renamed."""
+    from crowstream.errors import ManifestError
+
+    out = str(tmp_path / "out")
+    shutil.copytree(interrupted_out, out)
+    shard = manifest_of(out).shards[1]
+    rel = shard.parts[1].path if victim == "part" else shard.stats.path
+    if victim == "part":
+        os.remove(os.path.join(out, rel))
+    else:
+        os.truncate(os.path.join(out, rel), 10)
+    with open(os.path.join(out, ".tmp", "junk"), "w") as f:
+        f.write("left by a crash")
+    before = tree(out)
+    with pytest.raises(ManifestError, match=rf"^cannot resume {re.escape(repr(out))}: 1 committed "
+                                            rf"file\(s\) are missing or changed in size "
+                                            rf"\({re.escape(rel)}\)\. `crowstream verify OUT` shows"):
+        capture(gpt2, docs, out, resume=True, **BASE)
+    assert tree(out) == before
