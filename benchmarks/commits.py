@@ -36,7 +36,8 @@ def stage_part(out: str, rel: str, payload: bytes) -> mf.Part:
         f.write(payload)
     kind = "docs" if rel.startswith("docs/") else "module"
     module = None if kind == "docs" else rel.split("/")[1][len("module="):]
-    return mf.Part(rel, len(payload), fsync_and_hash(path), kind, module, 8)
+    return mf.Part(path=rel, bytes=len(payload), sha256=fsync_and_hash(path), kind=kind,
+                   module=module, rows=8)
 
 
 def format_1_bytes(records, stats, modules) -> int:

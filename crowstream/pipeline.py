@@ -369,8 +369,10 @@ class _Writers:
         name = mf.part_name(RANK, end.index)
         docs_rel = f"{DOCS_DIR}/{name}"
         docs_info = write_table(mf.staging_path(self.out, docs_rel), _docs_table(end))
-        parts = [mf.Part(docs_rel, docs_info.bytes, docs_info.sha256, "docs", None, docs_info.rows)]
-        parts += [mf.Part(f"{mf.module_dir(m)}/{name}", info.bytes, info.sha256, "module", m, info.rows)
+        parts = [mf.Part(path=docs_rel, bytes=docs_info.bytes, sha256=docs_info.sha256,
+                         kind="docs", rows=docs_info.rows)]
+        parts += [mf.Part(path=f"{mf.module_dir(m)}/{name}", bytes=info.bytes, sha256=info.sha256,
+                          kind="module", module=m, rows=info.rows)
                   for m, (info, _) in results.items()]
         record = mf.ShardRecord(index=end.index, rank=RANK, source_start=end.source_start,
                                 source_end=end.source_end, docs=len(end.doc_ids),
