@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = commands.add_parser("verify", help="re-read every part file and check it")
     v.add_argument("out")
 
+    r = commands.add_parser("rewrite", help="re-encode an older float16 output so DuckDB reads it")
+    r.add_argument("out")
+
     d = commands.add_parser("demo", help="capture all-MiniLM-L6-v2 over Python's docs (offline)")
     d.add_argument("-o", "--out", default="crowstream-demo")
     d.add_argument("--docs", type=int, default=400)
@@ -134,11 +137,13 @@ def _info(args) -> None:
     print(f"  model: {summary['model']}, context {summary['context_size']} ({summary['overflow']})")
     print(f"  documents: {summary['docs']:,} ({summary['skipped_docs']:,} skipped), tokens fed: "
           f"{summary['tokens_fed']:,}, shards: {summary['shards']} of {summary['shard_size']:,} docs")
-    print(f"  on disk: {summary['bytes'] / 2**20:,.1f} MiB")
+    print(f"  on disk: {summary['bytes'] / 2**20:,.1f} MiB (format {summary['format_version']})")
     for name, m in summary["modules"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
         print(f"  {name}: d={m['d']} {m['dtype']}, {m['rows']:,} rows in {m['files']} file(s), "
               f"{m['bytes'] / 2**20:,.1f} MiB, mean norm {norm}")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
 
 
 def _verify(args) -> None:
@@ -147,6 +152,16 @@ def _verify(args) -> None:
     report = verify(args.out)
     print(f"{args.out}: OK ({report['parts']} parts, {report['rows']:,} rows, "
           f"{report['bytes'] / 2**20:,.1f} MiB checked)")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+
+
+def _rewrite(args) -> None:
+    from .rewrite import rewrite
+
+    done = rewrite(args.out)
+    print(f"{args.out}: rewrote {len(done)} part file(s)" if done else
+          f"{args.out}: nothing to rewrite (no float16 part file uses BYTE_STREAM_SPLIT)")
 
 
 def _demo(args) -> None:
@@ -156,4 +171,4 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"capture": _capture, "modules": _modules, "info": _info, "verify": _verify,
-            "demo": _demo}
+            "rewrite": _rewrite, "demo": _demo}

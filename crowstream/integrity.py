@@ -1,7 +1,10 @@
-"""Verification (`crowstream.verify`; the module is not named `verify` so it cannot shadow the function). It owns `verify(out)`: re-reading every part file the manifest lists and
-checking it exists, has the recorded size and sha256, opens as Parquet with the format's
-schema and the recorded row count; that no unlisted file sits in `data/` or `docs/`; and
-that the manifest's counts add up. Every finding has its own message.
+"""Verification (`crowstream.verify`; the module is not named `verify` so it cannot shadow
+the function). It owns `verify(out)`: re-reading every part file the manifest lists and
+checking it exists, has the recorded size and sha256, decodes with its page checksums
+verified, has the format's schema, footer metadata and the recorded row count; that no
+unlisted file sits in `data/` or `docs/`; that the dataset card is the one the manifest
+describes; and that the manifest's counts add up. Every finding has its own message.
+It also owns `reader_notes`: advice for outputs that some Parquet readers cannot open.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from crowstream.schemas import docs_schema, row_schema
+from crowstream.schemas import docs_schema, part_metadata, row_schema
 
 from . import manifest as mf
 from .config import DATA_DIR, DOCS_DIR, VOCAB_NAME
@@ -29,13 +32,36 @@ def verify(out) -> dict:
         problems += _check_part(out, part, manifest)
     problems += _check_unlisted(out, manifest)
     problems += _check_counts(manifest)
+    problems += _check_card(out, manifest)
     if not os.path.isfile(os.path.join(out, VOCAB_NAME)):
         problems.append(f"missing: {VOCAB_NAME}")
     if problems:
         raise VerifyError(f"{out!r} is damaged: {len(problems)} problem(s): " + "; ".join(problems),
                           problems)
     return {"parts": len(manifest["parts"]), "bytes": sum(p["bytes"] for p in manifest["parts"]),
-            "rows": sum(p["rows"] for p in manifest["parts"] if p["kind"] == "module")}
+            "rows": sum(p["rows"] for p in manifest["parts"] if p["kind"] == "module"),
+            "notes": reader_notes(out, manifest)}
+
+
+def reader_notes(out: str, manifest: dict) -> list[str]:
+    """Advice for outputs some readers cannot open: float16 part files written by crowstream
+    0.1 use BYTE_STREAM_SPLIT, which DuckDB rejects. Reads one footer per module."""
+    import pyarrow.parquet as pq
+
+    notes = []
+    for module, spec in manifest["modules"].items():
+        first = next((p for p in manifest["parts"] if p.get("module") == module), None)
+        if spec["dtype"] != "float16" or first is None:
+            continue
+        try:
+            encodings = pq.ParquetFile(os.path.join(out, first["path"])).metadata \
+                .row_group(0).column(3).encodings
+        except Exception:  # damage is verify's to report, not a note's
+            continue
+        if "BYTE_STREAM_SPLIT" in encodings:
+            notes.append(f"module {module!r} stores float16 with BYTE_STREAM_SPLIT (crowstream 0.1), "
+                         f"which DuckDB cannot read; `crowstream rewrite {out}` re-encodes it")
+    return notes
 
 
 def _check_part(out: str, part: dict, manifest: dict) -> list[str]:
@@ -53,19 +79,50 @@ def _check_part(out: str, part: dict, manifest: dict) -> list[str]:
     if _sha256(path) != part["sha256"]:
         return [f"modified: {rel} does not match its recorded sha256"]
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        for group in range(parquet.num_row_groups):
+            parquet.read_row_group(group)
     except Exception as error:  # any decode failure is damage to report, with its reason
         return [f"unreadable: {rel} is not valid Parquet ({error})"]
-    expected = (docs_schema() if part["kind"] == "docs" else
-                row_schema(manifest["modules"][part["module"]]["d"],
-                           manifest["modules"][part["module"]]["dtype"]))
     problems = []
+    spec = manifest["modules"].get(part.get("module"))
+    expected = docs_schema() if part["kind"] == "docs" else row_schema(spec["d"], spec["dtype"])
     if not parquet.schema_arrow.equals(expected):
         problems.append(f"schema mismatch: {rel} has {parquet.schema_arrow}, expected {expected}")
+    elif part["kind"] == "module":
+        problems += _check_footer(rel, parquet, part["module"], spec, manifest)
     if parquet.metadata.num_rows != part["rows"]:
         problems.append(f"row count mismatch: {rel} has {parquet.metadata.num_rows:,} rows, "
                         f"the manifest records {part['rows']:,}")
     return problems
+
+
+def _check_footer(rel: str, parquet, module: str, spec: dict, manifest: dict) -> list[str]:
+    """Format 2 part files carry their module, d, dtype, format version and model id."""
+    from .models import model_id
+
+    if manifest["format_version"] < 2:
+        return []  # crowstream 0.1 wrote no footer metadata
+    expected = part_metadata(module, spec["d"], spec["dtype"], model_id(manifest["config"]["model"]),
+                             manifest["format_version"])
+    found = {k.decode(errors="replace"): v.decode(errors="replace")
+             for k, v in (parquet.metadata.metadata or {}).items()}
+    wrong = [f"{key}={found.get(key)!r} (expected {value!r})"
+             for key, value in expected.items() if found.get(key) != value]
+    return [f"footer mismatch: {rel} has {', '.join(wrong)}"] if wrong else []
+
+
+def _check_card(out: str, manifest: dict) -> list[str]:
+    """The card's `configs:` are what make `load_dataset(OUT, module)` work."""
+    if manifest["format_version"] < 2:
+        return []  # 0.1's card text may differ from today's
+    path = os.path.join(out, mf.CARD_NAME)
+    if not os.path.isfile(path):
+        return [f"missing: {mf.CARD_NAME} (the dataset card)"]
+    with open(path, "rb") as f:
+        if f.read() != mf.card_text(manifest).encode():
+            return [f"modified: {mf.CARD_NAME} differs from the dataset card the manifest describes"]
+    return []
 
 
 def _check_unlisted(out: str, manifest: dict) -> list[str]:

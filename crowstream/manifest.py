@@ -218,8 +218,23 @@ def clean_for_resume(out: str, manifest: dict) -> list[str]:
     return removed
 
 
+CARD_NAME = "README.md"
+
+
 def write_card(out: str, manifest: dict) -> None:
-    """OUT/README.md: a dataset card with one `configs:` entry per module, docs and vocab."""
+    """OUT/README.md: the dataset card, replaced atomically and durably."""
+    path = os.path.join(out, CARD_NAME)
+    tmp = os.path.join(out, TMP_DIR, CARD_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(card_text(manifest))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(out)
+
+
+def card_text(manifest: dict) -> str:
+    """The dataset card: one `configs:` entry per module, docs and vocab, and a summary."""
     lines = ["---", "configs:"]
     for name in manifest["modules"]:
         lines += [f"- config_name: {json.dumps(name)}", "  data_files:", "  - split: train",
@@ -242,8 +257,4 @@ def write_card(out: str, manifest: dict) -> None:
         "```", "", "`crowstream.json` lists every committed part file with its checksum and the "
         "per-module statistics (count, mean, var, mean_norm).", "",
     ]
-    path = os.path.join(out, "README.md")
-    tmp = os.path.join(out, TMP_DIR, "README.md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    return "\n".join(lines)

@@ -95,6 +95,15 @@ def model_fingerprint(model) -> dict:
     }
 
 
+def model_id(fingerprint: dict) -> str:
+    """The model's hub id, or only the NAME of its local directory: part files record
+    this, and must neither leak local paths nor differ between two copies of a model."""
+    name = fingerprint.get("name_or_path") or fingerprint.get("class") or ""
+    if os.path.isabs(name) or looks_like_path(name) or os.path.isdir(name):
+        return os.path.basename(os.path.normpath(name))
+    return name
+
+
 def tokenizer_fingerprint(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))

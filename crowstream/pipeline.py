@@ -19,11 +19,11 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
-from crowstream.schemas import docs_schema, row_schema, vocab_schema
+from crowstream.schemas import docs_schema, part_schema, vocab_schema
 
 from . import manifest as mf
-from .config import (DATA_DIR, DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
-                     CaptureConfig, check_choice, check_positive)
+from .config import (DATA_DIR, DOCS_DIR, FORMAT_VERSION, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME,
+                     WRITER_QUEUE_BATCHES, CaptureConfig, check_choice, check_positive)
 from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
                      OutOfMemory, ResumeMismatchError)
 
@@ -323,11 +323,14 @@ class _Writers:
         self.shard_stats.setdefault(name, ModuleStats(self.dims[name])).update(vectors)
 
     def _part(self, name, shard):
+        from .models import model_id
         from .writer import PartWriter
 
         if name not in self.parts:
             tmp = os.path.join(self.out, TMP_DIR, f"{name}.{mf.part_name(RANK, shard)}")
-            self.parts[name] = PartWriter(tmp, row_schema(self.dims[name], self.config.dtype))
+            schema = part_schema(name, self.dims[name], self.config.dtype,
+                                 model_id(self.config.model), FORMAT_VERSION)
+            self.parts[name] = PartWriter(tmp, schema)
         return self.parts[name]
 
     def _close_part(self, name, shard):

@@ -6,7 +6,6 @@ and `info` (a summary of the manifest). Nothing here imports torch unless asked 
 
 from __future__ import annotations
 
-import glob
 import os
 
 from . import manifest as mf
@@ -24,11 +23,16 @@ def _module_files(out: str, manifest: dict, module: str) -> list[str]:
 def load(out, module: str, **kwargs):
     """The rows of one module as a `datasets.Dataset` (doc_id, position, token, vector).
 
-    Identical to `datasets.load_dataset(out, module, split="train")`; extra keyword
-    arguments go to `load_dataset` (`streaming=True` avoids its Arrow cache copy).
-    Use `.with_format("torch")` to get `[B, d]` tensors per batch.
+    The same rows and features as `datasets.load_dataset(out, module, split="train")`,
+    read from the manifest's committed part files with Parquet page checksums verified.
+    Unlike that call, its Arrow cache is keyed by the files' paths and modification
+    times: `datasets` keys a directory's cache by its name and the config name only, so
+    two OUTs with the same name, or a capture redone in the same OUT, would share a
+    stale cache. Extra keyword arguments go to `load_dataset` (`streaming=True` avoids
+    the cache copy). Use `.with_format("torch")` to get `[B, d]` tensors per batch.
     """
     import datasets
+    import pyarrow.dataset as pds
 
     out = os.fspath(out)
     manifest = mf.read_manifest(out)
@@ -36,10 +40,9 @@ def load(out, module: str, **kwargs):
     if not manifest["counts"]["rows"][module]:
         raise ConfigError(f"module {module!r} in {out!r} has no rows yet (status "
                           f"{manifest['status']!r}); datasets cannot load an empty split.")
-    on_disk = glob.glob(os.path.join(out, mf.module_dir(module), "*.parquet"))
-    if sorted(on_disk) != sorted(listed):  # a crash left uncommitted parts: read only listed ones
-        return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
-    return datasets.load_dataset(out, module, split="train", **kwargs)
+    kwargs.setdefault("fragment_scan_options",
+                      pds.ParquetFragmentScanOptions(page_checksum_verification=True))
+    return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
 
 
 def stream(out, module: str, *, batch_size: int = 4096, shuffle_buffer: int = 0,
@@ -72,7 +75,8 @@ def stream(out, module: str, *, batch_size: int = 4096, shuffle_buffer: int = 0,
         return batch
 
     for path in files:
-        for record in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        for record in parquet.iter_batches(batch_size=batch_size, columns=list(columns)):
             for c in columns:
                 column = record.column(c)
                 pending[c].append(column.values.to_numpy().reshape(-1, d) if c == "vector"
@@ -141,7 +145,10 @@ def docs(out):
 
 def info(out) -> dict:
     """A summary of OUT's manifest: status, model, modules (d, dtype, rows, bytes, mean
-    norm), documents, tokens, shards and bytes on disk."""
+    norm), documents, tokens, shards, bytes on disk, and `notes` (advice such as how to
+    make an old float16 output DuckDB-readable)."""
+    from .integrity import reader_notes
+
     out = os.fspath(out)
     m = mf.read_manifest(out)
     modules = {}
@@ -158,4 +165,5 @@ def info(out) -> dict:
         "tokens_fed": m["counts"]["tokens_fed"], "shards": len(m["shards"]),
         "shard_size": m["shard_size"], "bytes": sum(p["bytes"] for p in m["parts"]),
         "modules": modules, "created": m["created"], "updated": m["updated"],
+        "format_version": m["format_version"], "notes": reader_notes(out, m),
     }

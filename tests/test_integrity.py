@@ -85,7 +85,7 @@ def test_intact_output_verifies(out):
     manifest = load(out)
     report = cs.verify(out)
     assert report == {"parts": len(manifest["parts"]), "rows": sum(manifest["counts"]["rows"].values()),
-                      "bytes": sum(p["bytes"] for p in manifest["parts"])}
+                      "bytes": sum(p["bytes"] for p in manifest["parts"]), "notes": []}
     assert report["parts"] == (N // 4) * (len(MODULES) + 1)
 
 

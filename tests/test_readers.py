@@ -292,7 +292,7 @@ def test_manifest_validates(out32, out16):
         with open(os.path.join(run.path, "crowstream.json"), encoding="utf-8") as f:
             manifest = json.load(f)
         assert validate_manifest(manifest) == []
-        assert manifest["format_version"] == 1 and manifest["status"] == "complete"
+        assert manifest["format_version"] == 2 and manifest["status"] == "complete"
         for part in manifest["parts"]:
             assert os.path.getsize(os.path.join(run.path, part["path"])) == part["bytes"]
         broken = {k: v for k, v in manifest.items() if k != "run_id"}
@@ -326,7 +326,15 @@ def test_part_file_parquet_settings(which, request):
                 assert column.compression == "ZSTD", (path, name)
                 assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & set(column.encodings), (path, name)
                 assert column.is_stats_set == (name != "vector.list.element"), (path, name)
-            assert "BYTE_STREAM_SPLIT" in columns["vector.list.element"].encodings
+            # BYTE_STREAM_SPLIT on float32 only: DuckDB cannot read it on float16
+            split = "BYTE_STREAM_SPLIT" in columns["vector.list.element"].encodings
+            assert split == (dtype == "float32"), columns["vector.list.element"].encodings
+        module = os.path.basename(os.path.dirname(path)).removeprefix("module=")
+        assert meta.metadata[b"crowstream.module"] == module.encode()
+        assert meta.metadata[b"crowstream.dtype"] == dtype.encode()
+        assert meta.metadata[b"crowstream.d"] == b"64"
+        assert meta.metadata[b"crowstream.format_version"] == b"2"
+        assert b"run_id" not in b"".join(meta.metadata)
     for path in glob.glob(os.path.join(run.path, "docs", "*.parquet")):
         assert pq.ParquetFile(path).schema_arrow.equals(docs_schema())
     assert pq.ParquetFile(os.path.join(run.path, "vocab.parquet")).schema_arrow.equals(vocab_schema())
