@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="crowstream: %(message)s")
+    _configure_logging()
     try:
         return COMMANDS[args.command](args) or 0
     except Interrupted as error:
@@ -93,13 +93,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _configure_logging() -> None:
+    """crowstream's own logger only: other libraries' records are not ours to print (they
+    keep their own defaults, so a third-party warning never appears as crowstream's)."""
+    log = logging.getLogger("crowstream")
+    if not any(getattr(h, "crowstream_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("crowstream: %(message)s"))
+        handler.crowstream_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _third_party_progress(enabled: bool) -> None:
+    """transformers' and datasets' progress bars show only when crowstream's does."""
+    if enabled:
+        return
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar too
+    datasets.disable_progress_bars()
+
+
 def _capture(args) -> None:
     from .pipeline import capture
 
-    if args.no_progress:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar too
+    _third_party_progress(not args.no_progress)
 
     run = capture(
         args.model, args.data, args.modules, args.out, tokenizer=args.tokenizer,

@@ -53,6 +53,11 @@ def read_manifest(out: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path} is damaged ({error}); it was left as it is. Restore it from "
                             "a backup or capture again into a new OUT.") from error
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise ManifestError(f"{path} is format version {version}, written by a newer crowstream "
+                            f"(this one reads up to {FORMAT_VERSION}); upgrade crowstream "
+                            "(pip install -U crowstream). It was left as it is.")
     problems = validate_manifest(manifest) if isinstance(manifest, dict) else ["not a JSON object"]
     if problems:
         raise ManifestError(f"{path} does not match the manifest schema: {problems[0]}"
