@@ -98,12 +98,23 @@ def refuse_encoder_decoder(config, name: str) -> None:
 def _tokenizer(name: str, trust_remote_code: bool):
     import transformers
 
+    if os.path.isdir(name) and not any(_is_tokenizer_file(f) for f in os.listdir(name)):
+        # transformers 5 would build an empty tokenizer (one token) here, silently
+        raise ModelLoadError(f"could not load the tokenizer for {name!r}: the directory has no "
+                             "tokenizer files (tokenizer.json, vocab.*, *.model). Save the "
+                             "tokenizer there (tokenizer.save_pretrained) or pass tokenizer= "
+                             "(an object or a local directory).")
     try:
         return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:  # a directory without tokenizer files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"could not load the tokenizer for {name!r}: {reason[:200]}. "
                              "Pass tokenizer= (an object or a local directory).") from error
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "vocab", "spiece")) or name.endswith(".model") \
+        or name == "merges.txt"
 
 
 def _check_exists(name: str) -> None:

@@ -67,8 +67,8 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     bad input; committed data in `out` is never damaged.
 
     Everything checkable without the model fails first, in this order: the options, OUT's
-    state, OUT's lock (then OUT's state again, under the lock), the data source and its
-    first documents; only then is the model loaded.
+    state, OUT's lock (then OUT's state and, to resume, its manifest, under the lock), the
+    data source and its first documents; only then is the model loaded.
     """
     _validate(overflow=overflow, dtype=dtype, batch_size=batch_size,
               max_batch_tokens=max_batch_tokens, max_docs=max_docs, max_tokens=max_tokens,
@@ -83,6 +83,7 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
 
     with contextlib.ExitStack() as held:
         mode = held.enter_context(_locked_out(out, overwrite=overwrite, resume=resume))
+        recorded = mf.read_manifest(out) if mode == "resume" else None
         source = sources.open_source(data, text_field=text_field, split=split, sample=sample,
                                      seed=seed, max_docs=max_docs)
         if mode != "resume":  # a resume peeks after its skip is known, below
@@ -106,7 +107,7 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
             text_field=text_field, split=split)
         session = _Session(out, config, tracer, tokenizer, progress)
         if mode == "resume":
-            session.load(mf.read_manifest(out))
+            session.load(recorded)
             rows = source.rows(session.source_done)
             peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
         else:

@@ -11,10 +11,12 @@ because it almost always means the wrong `text_field`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -167,9 +169,13 @@ def _open_path_or_hub(path: str, split: str):
                             "also compressed: .gz, .bz2, .xz, .zst).")
         if not compression:
             _check_not_empty(path)
-        builder = _FILE_BUILDERS[suffix]
-        ds = datasets.load_dataset(builder, data_files=path, split="train", streaming=True)
-        return _streaming_rows(ds, f"{path!r} as {suffix.lstrip('.')}"), None, fingerprint
+        described = f"{path!r} as {suffix.lstrip('.')}"
+        if suffix == ".parquet":
+            _check_parquet_rows(path, described)
+        with _unreadable(described):  # the Parquet builder reads the footer here
+            ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train",
+                                       streaming=True)
+        return _streaming_rows(ds, described), None, fingerprint
     if os.path.isdir(path):
         files = sorted(os.path.relpath(os.path.join(d, f), path)
                        for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
@@ -177,8 +183,10 @@ def _open_path_or_hub(path: str, split: str):
             raise DataError(f"directory {path!r} holds no files; point data at a corpus.")
         fingerprint = {"kind": "directory", "path": os.path.abspath(path),
                        "files": [[f, os.path.getsize(os.path.join(path, f))] for f in files]}
-        ds = _load_split(path, split, streaming=True)
-        return _streaming_rows(ds, f"the files in directory {path!r}"), None, fingerprint
+        described = f"the files in directory {path!r}"
+        with _unreadable(described):
+            ds = _load_split(path, split, streaming=True)
+        return _streaming_rows(ds, described), None, fingerprint
     if looks_like_path(path) or os.path.splitext(path)[1].lower() in {".txt", *_FILE_BUILDERS}:
         raise DataError(f"data path {path!r} does not exist; pass an existing file or directory.")
     ds = _load_split(path, split, streaming=True)
@@ -194,18 +202,50 @@ def _check_not_empty(path: str) -> None:
         raise DataError(f"data file {path!r} {what}: the corpus has no documents.")
 
 
+def _check_parquet_rows(path: str, described: str) -> None:
+    import pyarrow.parquet as pq
+
+    with _unreadable(described):
+        rows = pq.read_metadata(path).num_rows
+    if rows == 0:
+        raise DataError(f"data file {path!r} has a schema but no rows: the corpus has no documents.")
+
+
 def _streaming_rows(ds, described: str = "the dataset"):
     """rows(skip) for a streaming dataset: `.skip` leaves committed rows unread. A file
     that does not parse (wrong kind, bad encoding, truncated) becomes one DataError."""
     def rows(skip):
-        try:
+        with _unreadable(described):
             yield from enumerate(ds.skip(skip) if skip else ds, start=skip)
-        except Exception as error:  # datasets' builders raise anything (StopIteration too)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise DataError(f"could not read {described}: {type(error).__name__}"
-                            f"{': ' + reason[:200] if reason else ''}. Check that the file is "
-                            "what its extension says, UTF-8 text, and complete.") from error
     return rows
+
+
+class _DropBuilderFailures(logging.Filter):
+    """datasets' file builders log "Failed to ..." just before raising; crowstream raises
+    the same error as one DataError, so the log line would only repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to")
+
+
+@contextlib.contextmanager
+def _unreadable(described: str):
+    loggers = [logging.getLogger(f"datasets.packaged_modules.{b}.{b}") for b in ("json", "csv", "parquet")]
+    quiet = _DropBuilderFailures()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as error:  # datasets' builders raise anything (StopIteration too)
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
+        raise DataError(f"could not read {described}: {type(error).__name__}"
+                        f"{': ' + reason[:200] if reason else ''}. Check that the file is "
+                        "what its extension says, UTF-8 text, and complete.") from error
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _load_split(path: str, split: str, *, streaming: bool):
@@ -225,15 +265,14 @@ def _load_split(path: str, split: str, *, streaming: bool):
 def _text_lines(path: str, skip: int) -> Iterator[tuple[int, str]]:
     """Lines split at "\n" only (a lone "\r" stays inside its line), so a document's
     index is the 0-based line number that `wc -l` and `sed -n` count."""
-    index = -1
     try:
         with open(path, encoding="utf-8", newline="\n") as lines:
             for index, line in enumerate(lines):
                 if index >= skip:
                     yield index, line.removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError as error:
-        raise DataError(f"data file {path!r} is not valid UTF-8 (after line {index + 1}: "
-                        f"{error.reason}); convert it, e.g. `iconv -f latin1 -t utf-8`.") from error
+        raise DataError(f"data file {path!r} is not valid UTF-8 ({error.reason}); convert it, "
+                        "e.g. `iconv -f latin1 -t utf-8`.") from error
 
 
 def _head_digest(rows: Iterable, n: int = 64) -> str:
