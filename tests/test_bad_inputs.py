@@ -184,6 +184,10 @@ CASES = {
                                      r"crowstream\.json is damaged \(.*\); it was left as it is\."),
     "crowstream.json wrong schema": Case(manifest_edited(wrong_schema), E.ManifestError,
                                          r"does not match the manifest schema: parts: "),
+    "crowstream.json value edited by hand": Case(
+        manifest_edited(lambda text: text.replace('"context_size": 64', '"context_size": 32')),
+        E.ManifestError, r"changed after crowstream wrote it \(its digest does not match\): it is "
+                         r"damaged, or was edited by hand\. .*delete its \"digest\" field"),
     "crowstream.json from the future": Case(
         manifest_edited(future_version), E.ManifestError,
         r"is format version 99, written by a newer crowstream \(this one reads up to 2\); upgrade"),
@@ -256,6 +260,19 @@ def test_bad_data_is_reported_before_the_model_loads(tmp_path, monkeypatch):
         cs.capture(tmp_path / "a-70b-model", [{"body": "x"}], ["layers.0"], tmp_path / "out",
                    progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_manifest_edited_on_purpose_reads_once_its_digest_is_deleted(ctx, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(ctx["reference"], out)
+    manifest = manifest_of(out)
+    manifest["stats"] = {}
+    (out / "crowstream.json").write_text(json.dumps(manifest))
+    with pytest.raises(errors.ManifestError, match="digest does not match"):
+        cs.info(out)
+    del manifest["digest"]
+    (out / "crowstream.json").write_text(json.dumps(manifest))
+    assert cs.info(out)["modules"]["transformer.h.0"]["mean_norm"] is None
 
 
 # -- inputs that used to fail and now work ---------------------------------------------------

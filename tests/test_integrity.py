@@ -16,7 +16,7 @@ import pytest
 import crowstream as cs
 from crowstream.errors import VerifyError
 from crowstream.schemas import docs_schema, row_schema
-from helpers import tree
+from helpers import save_manifest, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N = 24
@@ -48,8 +48,7 @@ def load(out) -> dict:
 
 
 def save(out, manifest) -> None:
-    with open(os.path.join(out, "crowstream.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    save_manifest(out, manifest)
     cs.info(out)  # the edited manifest still validates: only verify's checks can fire
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.schemas import parquet_options
-from helpers import manifest_of
+from helpers import manifest_of, save_manifest
 
 MODULES = {"transformer.h.0": 64, "transformer.h.1.mlp.c_fc": 256}
 N_DOCS = 24
@@ -157,7 +157,7 @@ def test_cs_load_never_returns_another_outputs_cached_rows(out, tmp_path):
             vector = pa.FixedSizeListArray.from_arrays(doubled, type=table.schema.field(3).type)
             pq.write_table(table.set_column(3, table.schema.field(3), vector), path)
             part["bytes"], part["sha256"] = os.path.getsize(path), fsync_and_hash(path)
-    pathlib.Path(other, "crowstream.json").write_text(json.dumps(manifest))
+    save_manifest(other, manifest)
     cache = str(tmp_path / "cache")
     first = cs.load(out, "transformer.h.0", cache_dir=cache).with_format("numpy")[:50]["vector"]
     second = cs.load(other, "transformer.h.0", cache_dir=cache).with_format("numpy")[:50]["vector"]
@@ -229,6 +229,7 @@ def make_like_0_1(out):
         pq.write_table(table.replace_schema_metadata(None), path, **old)
         part["bytes"], part["sha256"] = os.path.getsize(path), fsync_and_hash(path)
     manifest["format_version"] = 1
+    del manifest["digest"]  # 0.1 wrote none
     pathlib.Path(out, "crowstream.json").write_text(json.dumps(manifest))
 
 
