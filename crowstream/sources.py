@@ -181,6 +181,8 @@ def _open_path_or_hub(path: str, split: str):
                        for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
         if not files:
             raise DataError(f"directory {path!r} holds no files; point data at a corpus.")
+        if all(os.path.getsize(os.path.join(path, f)) == 0 for f in files):
+            raise DataError(f"directory {path!r} holds only empty files: the corpus has no documents.")
         fingerprint = {"kind": "directory", "path": os.path.abspath(path),
                        "files": [[f, os.path.getsize(os.path.join(path, f))] for f in files]}
         described = f"the files in directory {path!r}"
