@@ -276,6 +276,60 @@ def test_a_manifest_edited_on_purpose_reads_once_its_digest_is_deleted(ctx, tmp_
     assert cs.info(out)["modules"]["transformer.h.0"]["mean_norm"] is None
 
 
+# -- races and durability ----------------------------------------------------------------------
+
+def test_a_fresh_run_takes_the_lock_before_writing_anything(gpt2_dir, tmp_path, monkeypatch):
+    from crowstream import manifest as mf
+
+    out = tmp_path / "out"
+    out.mkdir()
+    loads = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a))
+    with mf.exclusive(str(out)):  # another capture is running into the same empty OUT
+        with pytest.raises(errors.OutputError, match="another crowstream process is writing"):
+            cs.capture(gpt2_dir, TEXTS, "transformer.h.0", out, progress=False)
+    assert os.listdir(out) == [] and loads == []
+
+
+def test_out_is_checked_again_once_locked(gpt2_dir, tmp_path, monkeypatch):
+    """Two fresh runs started together: the second to get the lock finds OUT filled."""
+    from crowstream import manifest as mf
+
+    out = tmp_path / "out"
+    exclusive = mf.exclusive
+
+    @__import__("contextlib").contextmanager
+    def lock_after_the_other_run(path):
+        shutil.copytree(ctx_reference(gpt2_dir, tmp_path), path, dirs_exist_ok=True)
+        with exclusive(path):
+            yield
+
+    monkeypatch.setattr(mf, "exclusive", lock_after_the_other_run)
+    with pytest.raises(errors.OutputExistsError, match=r"^OUT '.*out' is not empty"):
+        cs.capture(gpt2_dir, TEXTS, "transformer.h.0", out, progress=False)
+    assert "crowstream.json" in os.listdir(out)  # the other run's output, untouched
+
+
+def ctx_reference(gpt2_dir, tmp_path):
+    other = tmp_path / "other-run"
+    if not other.exists():
+        cs.capture(gpt2_dir, TEXTS, "transformer.h.0", other, progress=False)
+    return other
+
+
+def test_the_dataset_card_is_fsynced_before_it_replaces_the_old_one(ctx, tmp_path, monkeypatch):
+    from crowstream import manifest as mf
+
+    out = tmp_path / "out"
+    shutil.copytree(ctx["reference"], out)
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(mf.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or fsync(fd))
+    mf.write_card(str(out), manifest_of(out))
+    assert synced[0].endswith("/.tmp/README.md.tmp") and synced[-1] == str(out)
+
+
 # -- inputs that used to fail and now work ---------------------------------------------------
 
 def test_duplicate_modules_are_captured_once_in_first_named_order(gpt2_dir, tmp_path):
