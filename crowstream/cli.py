@@ -1,4 +1,4 @@
-"""The command line: `crowstream capture|modules|info|verify|demo` (also `python -m
+"""The command line: `crowstream capture|modules|info|verify|rewrite|demo` (also `python -m
 crowstream`). It owns argument parsing and presentation only; every command calls the
 Python API. Errors print one line (no traceback) and exit non-zero.
 """
@@ -178,7 +178,7 @@ def _verify(args) -> None:
 
 
 def _rewrite(args) -> None:
-    from .rewrite import rewrite
+    from .reencode import rewrite
 
     done = rewrite(args.out)
     print(f"{args.out}: rewrote {len(done)} part file(s)" if done else

@@ -127,8 +127,8 @@ def _locked_out(out: str, *, overwrite: bool, resume: bool):
         try:
             os.makedirs(out)
         except OSError as error:
-            raise OutputError(f"cannot create OUT {out!r}: {error}. Choose a writable "
-                                 "path.") from error
+            raise OutputError(f"cannot create OUT {out!r}: {error}. Choose a writable path.") \
+                from error
     try:
         with mf.exclusive(out):
             yield mf.inspect_out(out, overwrite=overwrite, resume=resume)

@@ -250,13 +250,10 @@ def test_old_float16_output_is_explained_and_rewritten(out, tmp_path):
         duckdb.sql(query).fetchall()  # the bug this format change fixes
     for notes in (cs.info(old)["notes"], cs.verify(old)["notes"]):
         assert len(notes) == len(MODULES) and all(f"crowstream rewrite {old}" in n for n in notes)
-
-    from crowstream.rewrite import rewrite
-
-    assert len(rewrite(old)) == len(module_files(old, "transformer.h.0")) * len(MODULES)
+    assert len(cs.rewrite(old)) == len(module_files(old, "transformer.h.0")) * len(MODULES)
     assert duckdb.sql(query).fetchall() == [(sum(len(r[0]) for r in before.values()),)]
     assert cs.verify(old)["notes"] == [] and cs.info(old)["notes"] == []
     for module, d in MODULES.items():
         after = as_rows(*read_pyarrow_dataset(old, module), d)
         assert all(np.array_equal(a, b) for a, b in zip(after, before[module]))
-    assert rewrite(old) == []
+    assert cs.rewrite(old) == []

@@ -1,4 +1,5 @@
-"""Re-encoding an older output. It owns `rewrite(out)`: crowstream 0.1 stored float16
+"""Re-encoding an older output (`crowstream.rewrite`; the module is not named `rewrite` so it
+cannot shadow the function). It owns `rewrite(out)`: crowstream 0.1 stored float16
 vectors with BYTE_STREAM_SPLIT, which DuckDB cannot read; `rewrite` re-writes those part
 files with today's settings (plain float16, page checksums, footer metadata) and records
 their new sizes and checksums in the manifest. Rows and values do not change.
