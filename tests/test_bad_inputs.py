@@ -368,7 +368,7 @@ def test_a_lone_carriage_return_stays_inside_its_txt_line(gpt2_dir, tmp_path):
     assert docs["text"].to_list() == ["one\rstill line one", "two", "three"]
 
 
-def test_module_that_changes_the_sequence_length_is_refused(gpt2_dir):
+def test_module_that_changes_the_sequence_length_is_refused(gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
@@ -376,9 +376,9 @@ def test_module_that_changes_the_sequence_length_is_refused(gpt2_dir):
     with pytest.raises(errors.ModuleOutputError,
                        match=r"^module 'lm_head' returns \(1, 1, \d+\) for an input of \d+ tokens: "
                              r"it changes the sequence length"):
-        cs.capture(model, TEXTS, "lm_head", "unused-out", tokenizer=AutoTokenizer.from_pretrained(gpt2_dir),
-                   progress=False)
-    assert not os.path.exists("unused-out")
+        cs.capture(model, TEXTS, "lm_head", tmp_path / "out",
+                   tokenizer=AutoTokenizer.from_pretrained(gpt2_dir), progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_read_only_filesystem_mid_run_is_one_error_and_committed_shards_verify(
