@@ -20,7 +20,7 @@ _EXPORTS = {
     "modules": ".models",
     "load": ".readers", "stream": ".readers", "scan": ".readers", "vocab": ".readers",
     "docs": ".readers", "info": ".readers",
-    "verify": ".integrity",
+    "verify": ".integrity", "rewrite": ".reencode",
     "CrowstreamError": ".errors",
 }
 

@@ -1,4 +1,4 @@
-"""The command line: `crowstream capture|modules|info|verify|demo` (also `python -m
+"""The command line: `crowstream capture|modules|info|verify|rewrite|demo` (also `python -m
 crowstream`). It owns argument parsing and presentation only; every command calls the
 Python API. Errors print one line (no traceback) and exit non-zero.
 """
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = commands.add_parser("verify", help="re-read every part file and check it")
     v.add_argument("out")
 
+    r = commands.add_parser("rewrite", help="re-encode an older float16 output so DuckDB reads it")
+    r.add_argument("out")
+
     d = commands.add_parser("demo", help="capture all-MiniLM-L6-v2 over Python's docs (offline)")
     d.add_argument("-o", "--out", default="crowstream-demo")
     d.add_argument("--docs", type=int, default=400)
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="crowstream: %(message)s")
+    _configure_logging()
     try:
         return COMMANDS[args.command](args) or 0
     except Interrupted as error:
@@ -90,13 +93,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _configure_logging() -> None:
+    """crowstream's own logger only: other libraries' records are not ours to print (they
+    keep their own defaults, so a third-party warning never appears as crowstream's)."""
+    log = logging.getLogger("crowstream")
+    if not any(getattr(h, "crowstream_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("crowstream: %(message)s"))
+        handler.crowstream_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _third_party_progress(enabled: bool) -> None:
+    """transformers' and datasets' progress bars show only when crowstream's does."""
+    if enabled:
+        return
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar too
+    datasets.disable_progress_bars()
+
+
 def _capture(args) -> None:
     from .pipeline import capture
 
-    if args.no_progress:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar too
+    _third_party_progress(not args.no_progress)
 
     run = capture(
         args.model, args.data, args.modules, args.out, tokenizer=args.tokenizer,
@@ -135,12 +159,14 @@ def _info(args) -> None:
     print(f"  model: {summary['model']}, context {summary['context_size']} ({summary['overflow']})")
     print(f"  documents: {summary['docs']:,} ({summary['skipped_docs']:,} skipped), tokens fed: "
           f"{summary['tokens_fed']:,}, shards: {summary['shards']} of {summary['shard_size']:,} docs")
-    print(f"  on disk: {summary['bytes'] / 2**20:,.1f} MiB")
+    print(f"  on disk: {summary['bytes'] / 2**20:,.1f} MiB (format {summary['format_version']})")
     for name, m in summary["modules"].items():
         norm = f"{m['mean_norm']:.3f}" if m["mean_norm"] is not None else "-"
         nonfinite = f", {m['nonfinite']:,} values NaN or infinite" if m["nonfinite"] else ""
         print(f"  {name}: d={m['d']} {m['dtype']}, {m['rows']:,} rows in {m['files']} file(s), "
               f"{m['bytes'] / 2**20:,.1f} MiB, mean norm {norm}{nonfinite}")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
 
 
 def _verify(args) -> None:
@@ -149,6 +175,16 @@ def _verify(args) -> None:
     report = verify(args.out)
     print(f"{args.out}: OK ({report['parts']} parts, {report['rows']:,} rows, "
           f"{report['bytes'] / 2**20:,.1f} MiB checked)")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+
+
+def _rewrite(args) -> None:
+    from .reencode import rewrite
+
+    done = rewrite(args.out)
+    print(f"{args.out}: rewrote {len(done)} part file(s)" if done else
+          f"{args.out}: nothing to rewrite (no float16 part file uses BYTE_STREAM_SPLIT)")
 
 
 def _demo(args) -> None:
@@ -158,4 +194,4 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"capture": _capture, "modules": _modules, "info": _info, "verify": _verify,
-            "demo": _demo}
+            "rewrite": _rewrite, "demo": _demo}

@@ -1,10 +1,12 @@
 """Verification (`crowstream.verify`; the module is not named `verify` so it cannot shadow the
 function). It owns `verify(out)`: re-reading every committed part file and checking it
 exists (or is still in `.tmp/` after a commit cut short), has the recorded size and sha256,
-opens as Parquet with the format's schema and the recorded row count; checking each shard's
-statistics file (checksum, modules, row counts); that no unlisted file sits in `data/`,
-`docs/` or `commits/`; and that a consolidated manifest says what the commit records say.
-Every finding has its own message.
+decodes with its page checksums verified, has the format's schema, footer metadata and the
+recorded row count; checking each shard's statistics file (checksum, modules, row counts);
+that no unlisted file sits in `data/`, `docs/` or `commits/`; that the dataset card is the
+one the manifest describes; and that a consolidated manifest says what the commit records
+say. Every finding has its own message. It also owns `reader_notes`: advice for outputs
+that some Parquet readers cannot open.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import hashlib
 import os
 
-from crowstream.schemas import docs_schema, row_schema
+from crowstream.schemas import docs_schema, part_metadata, row_schema
 
 from . import manifest as mf
 from .config import VOCAB_NAME
@@ -43,13 +45,36 @@ def verify(out) -> dict:
     problems += [f"extra: {rel} is not listed in the manifest (left by a crash? `--resume` "
                  "removes it)" for rel in mf.unlisted_files(out, truth)]
     problems += _check_counts(manifest if manifest.status != "running" else truth)
+    problems += _check_card(out, manifest)
     if not os.path.isfile(os.path.join(out, VOCAB_NAME)):
         problems.append(f"missing: {VOCAB_NAME}")
     if problems:
         raise VerifyError(f"{out!r} is damaged: {len(problems)} problem(s): " + "; ".join(problems),
                           problems)
     return {"parts": len(truth.parts), "bytes": sum(p.bytes for p in truth.parts),
-            "rows": sum(p.rows for p in truth.parts if p.kind == "module")}
+            "rows": sum(p.rows for p in truth.parts if p.kind == "module"),
+            "notes": reader_notes(out, truth)}
+
+
+def reader_notes(out: str, manifest: mf.Manifest) -> list[str]:
+    """Advice for outputs some readers cannot open: float16 part files written by crowstream
+    0.1 use BYTE_STREAM_SPLIT, which DuckDB rejects. Reads one footer per module."""
+    import pyarrow.parquet as pq
+
+    notes = []
+    for module, spec in manifest.modules.items():
+        first = next(iter(manifest.module_parts(module)), None)
+        if spec.dtype != "float16" or first is None:
+            continue
+        try:
+            encodings = pq.ParquetFile(os.path.join(out, first.path)).metadata \
+                .row_group(0).column(3).encodings
+        except Exception:  # damage is verify's to report, not a note's
+            continue
+        if "BYTE_STREAM_SPLIT" in encodings:
+            notes.append(f"module {module!r} stores float16 with BYTE_STREAM_SPLIT (crowstream 0.1), "
+                         f"which DuckDB cannot read; `crowstream rewrite {out}` re-encodes it")
+    return notes
 
 
 def _check_part(out: str, part: mf.Part, manifest: mf.Manifest) -> list[str]:
@@ -66,7 +91,9 @@ def _check_part(out: str, part: mf.Part, manifest: mf.Manifest) -> list[str]:
     if problems:
         return problems
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        for group in range(parquet.num_row_groups):
+            parquet.read_row_group(group)
     except Exception as error:  # any decode failure is damage to report, with its reason
         return [f"unreadable: {rel} is not valid Parquet ({error})"]
     if part.kind == "docs":
@@ -76,6 +103,8 @@ def _check_part(out: str, part: mf.Part, manifest: mf.Manifest) -> list[str]:
         expected = row_schema(module.d, module.dtype)
     if not parquet.schema_arrow.equals(expected):
         problems.append(f"schema mismatch: {rel} has {parquet.schema_arrow}, expected {expected}")
+    elif part.kind == "module":
+        problems += _check_footer(rel, parquet, part.module, manifest)
     if parquet.metadata.num_rows != part.rows:
         problems.append(f"row count mismatch: {rel} has {parquet.metadata.num_rows:,} rows, "
                         f"the manifest records {part.rows:,}")
@@ -113,6 +142,35 @@ def _check_stats(out: str, shard: mf.ShardRecord) -> list[str]:
         problems.append(f"stats mismatch: {ref.path} counts rows {counts}, the shard's parts "
                         f"hold {rows}")
     return problems
+
+
+def _check_footer(rel: str, parquet, module: str, manifest: mf.Manifest) -> list[str]:
+    """Format 2 part files carry their module, d, dtype, format version and model id."""
+    from .models import model_id
+
+    if manifest.format_version < 2:
+        return []  # crowstream 0.1 wrote no footer metadata
+    spec = manifest.modules[module]
+    expected = part_metadata(module, spec.d, spec.dtype, model_id(manifest.config["model"]),
+                             manifest.format_version)
+    found = {k.decode(errors="replace"): v.decode(errors="replace")
+             for k, v in (parquet.metadata.metadata or {}).items()}
+    wrong = [f"{key}={found.get(key)!r} (expected {value!r})"
+             for key, value in expected.items() if found.get(key) != value]
+    return [f"footer mismatch: {rel} has {', '.join(wrong)}"] if wrong else []
+
+
+def _check_card(out: str, manifest: mf.Manifest) -> list[str]:
+    """The card's `configs:` are what make `load_dataset(OUT, module)` work."""
+    if manifest.format_version < 2:
+        return []  # 0.1's card text may differ from today's
+    path = os.path.join(out, mf.CARD_NAME)
+    if not os.path.isfile(path):
+        return [f"missing: {mf.CARD_NAME} (the dataset card)"]
+    with open(path, "rb") as f:
+        if f.read() != mf.card_text(manifest).encode():
+            return [f"modified: {mf.CARD_NAME} differs from the dataset card the manifest describes"]
+    return []
 
 
 def _check_consolidation(out: str, manifest: mf.Manifest, truth: mf.Manifest,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -294,12 +295,29 @@ def read_manifest(out: str) -> Manifest:
         raise ManifestError(f"{out!r} has no {MANIFEST_NAME}: it is not a crowstream output "
                             "(or the run never started).")
     value = _read_json(path)
+    version = value.get("format_version") if isinstance(value, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise ManifestError(f"{path} is format version {version}, written by a newer crowstream "
+                            f"(this one reads up to {FORMAT_VERSION}); upgrade crowstream "
+                            "(pip install -U crowstream). It was left as it is.")
     problems = validate_manifest(value) if isinstance(value, dict) else ["not a JSON object"]
     if problems:
         raise ManifestError(f"{path} does not match the manifest schema: {problems[0]}"
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                             + ". It was left as it is.")
+    if "digest" in value and value["digest"] != manifest_digest(value):
+        raise ManifestError(f"{path} changed after crowstream wrote it (its digest does not match): "
+                            "it is damaged, or was edited by hand. Restore it from a backup; if you "
+                            'edited it on purpose, delete its "digest" field. It was left as it is.')
     return Manifest.from_json(value)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's JSON without its `digest` field, keys sorted: it tells the
+    manifest crowstream wrote from a damaged or hand-edited one (zstd and JSON both
+    accept most flipped bytes silently)."""
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _read_json(path: str):
@@ -315,7 +333,14 @@ def write_manifest(out: str, manifest: Manifest) -> None:
     """Replace crowstream.json atomically. Called at start, on resume and to consolidate at
     the end, on interrupt and on failure: never per shard."""
     manifest.updated = now()
-    _write_atomic(out, MANIFEST_NAME, _dumps(manifest.to_json()).encode())
+    value = manifest.to_json()
+    value["digest"] = manifest_digest(value)
+    write_manifest_json(out, value)
+
+
+def write_manifest_json(out: str, value: dict) -> None:
+    """Replace crowstream.json with `value` as it is (`rewrite` uses it on format 1)."""
+    _write_atomic(out, MANIFEST_NAME, _dumps(value).encode())
 
 
 def _dumps(value) -> str:
@@ -667,8 +692,16 @@ def _check_writable(out: str) -> None:
         raise OutputError(f"OUT {out!r} is not writable; fix its permissions or choose another OUT.")
 
 
+CARD_NAME = "README.md"
+
+
 def write_card(out: str, manifest: Manifest) -> None:
-    """OUT/README.md: a dataset card with one `configs:` entry per module, docs and vocab."""
+    """OUT/README.md: the dataset card, replaced atomically and durably."""
+    _write_atomic(out, CARD_NAME, card_text(manifest).encode())
+
+
+def card_text(manifest: Manifest) -> str:
+    """The dataset card: one `configs:` entry per module, docs and vocab, and a summary."""
     lines = ["---", "configs:"]
     for name in manifest.modules:
         lines += [f"- config_name: {json.dumps(name)}", "  data_files:", "  - split: train",
@@ -692,8 +725,4 @@ def write_card(out: str, manifest: Manifest) -> None:
         "per-module statistics (count, mean, var, mean_norm) once the run has ended; while it "
         "runs, each committed shard has a record in `commits/`.", "",
     ]
-    path = os.path.join(out, "README.md")
-    tmp = os.path.join(out, TMP_DIR, "README.md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    return "\n".join(lines)

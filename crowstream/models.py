@@ -23,13 +23,18 @@ def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_m
     import torch
     import transformers
 
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if isinstance(tokenizer, os.PathLike):
+        tokenizer = os.fspath(tokenizer)
     if isinstance(model, str):
         name = model
-        model = _from_pretrained(name, torch_dtype, device_map, trust_remote_code)
+        config = _config(name, trust_remote_code)
+        if tokenizer is None:  # before the weights: a missing tokenizer fails in seconds
+            tokenizer = _tokenizer(name, trust_remote_code)
+        model = _from_pretrained(name, config, torch_dtype, device_map, trust_remote_code)
         if device_map is None:
             model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if tokenizer is None:
-            tokenizer = _tokenizer(name, trust_remote_code)
     elif isinstance(model, torch.nn.Module):
         if device is not None:
             model.to(device)
@@ -45,12 +50,28 @@ def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_m
     return model, tokenizer
 
 
-def _from_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool):
+def _config(name: str, trust_remote_code: bool):
     import transformers
 
     _check_exists(name)
     try:
         config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise _load_error(name, error) from error
+    refuse_encoder_decoder(config, name)
+    return config
+
+
+def _load_error(name: str, error: OSError) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load model {name!r}: {error}. Without network access, pass a local "
+        "directory (save_pretrained output) or set HF_HUB_OFFLINE=1 to use the local cache.")
+
+
+def _from_pretrained(name: str, config, torch_dtype, device_map, trust_remote_code: bool):
+    import transformers
+
+    try:
         archs = getattr(config, "architectures", None) or []
         causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
@@ -61,20 +82,39 @@ def _from_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool
             kwargs["device_map"] = device_map
         return auto.from_pretrained(name, config=config, **kwargs).eval()
     except OSError as error:
-        raise ModelLoadError(
-            f"could not load model {name!r}: {error}. Without network access, pass a local "
-            "directory (save_pretrained output) or set HF_HUB_OFFLINE=1 to use the local cache."
-        ) from error
+        raise _load_error(name, error) from error
+
+
+def refuse_encoder_decoder(config, name: str) -> None:
+    """crowstream feeds `input_ids` to one stack; T5/BART-style models need decoder inputs
+    too, so they are refused in one line rather than failing inside their forward."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"model {name!r} ({type(config).__name__.removesuffix('Config')}) is an "
+            "encoder-decoder model; crowstream captures decoder-only and encoder-only models. "
+            "Load its encoder yourself (e.g. T5EncoderModel) and pass that model with tokenizer=.")
 
 
 def _tokenizer(name: str, trust_remote_code: bool):
     import transformers
 
+    if os.path.isdir(name) and not any(_is_tokenizer_file(f) for f in os.listdir(name)):
+        # transformers 5 would build an empty tokenizer (one token) here, silently
+        raise ModelLoadError(f"could not load the tokenizer for {name!r}: the directory has no "
+                             "tokenizer files (tokenizer.json, vocab.*, *.model). Save the "
+                             "tokenizer there (tokenizer.save_pretrained) or pass tokenizer= "
+                             "(an object or a local directory).")
     try:
         return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise ModelLoadError(f"could not load the tokenizer for {name!r}: {error}. "
+    except (OSError, ValueError, TypeError) as error:  # a directory without tokenizer files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"could not load the tokenizer for {name!r}: {reason[:200]}. "
                              "Pass tokenizer= (an object or a local directory).") from error
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "vocab", "spiece")) or name.endswith(".model") \
+        or name == "merges.txt"
 
 
 def _check_exists(name: str) -> None:
@@ -93,6 +133,15 @@ def model_fingerprint(model) -> dict:
         "revision": str(getattr(model.config, "_commit_hash", None) or ""),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
     }
+
+
+def model_id(fingerprint: dict) -> str:
+    """The model's hub id, or only the NAME of its local directory: part files record
+    this, and must neither leak local paths nor differ between two copies of a model."""
+    name = fingerprint.get("name_or_path") or fingerprint.get("class") or ""
+    if os.path.isabs(name) or looks_like_path(name) or os.path.isdir(name):
+        return os.path.basename(os.path.normpath(name))
+    return name
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:

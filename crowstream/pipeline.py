@@ -19,13 +19,13 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
-from crowstream.schemas import docs_schema, row_schema, vocab_schema
+from crowstream.schemas import docs_schema, part_schema, vocab_schema
 
 from . import manifest as mf
-from .config import (DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
-                     CaptureConfig, check_choice, check_positive)
+from .config import (DATA_DIR, DOCS_DIR, FORMAT_VERSION, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME,
+                     WRITER_QUEUE_BATCHES, CaptureConfig, check_choice, check_positive)
 from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
-                     OutOfMemory, ResumeMismatchError)
+                     OutOfMemory, OutputError, ResumeMismatchError)
 
 log = logging.getLogger("crowstream")
 RANK = 0  # one process writes part-00000-*; distributed ranks would each take their own
@@ -66,58 +66,108 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
 
     Returns a `Run`. Raises a `CrowstreamError` subclass with a one-line explanation on
     bad input; committed data in `out` is never damaged.
+
+    Everything checkable without the model fails first, in this order: the options, OUT's
+    state, OUT's lock (then OUT's state and, to resume, its manifest, under the lock), the
+    data source and its first documents; only then is the model loaded.
     """
     _validate(overflow=overflow, dtype=dtype, batch_size=batch_size,
               max_batch_tokens=max_batch_tokens, max_docs=max_docs, max_tokens=max_tokens,
-              sample=sample, shard_size=shard_size, seed=seed, exclude_token_ids=exclude_token_ids)
-    out = os.fspath(out)
-    mode = mf.inspect_out(out, overwrite=overwrite, resume=resume)
+              sample=sample, shard_size=shard_size, seed=seed, exclude_token_ids=exclude_token_ids,
+              context_size=context_size, text_field=text_field)
+    out, model, data = os.fspath(out), _path_to_str(model), _path_to_str(data)
+    _check_out_placement(out, model, data)
+    mf.inspect_out(out, overwrite=overwrite, resume=resume)
 
     from . import models, sources
     from .tracing import ModelTracer, resolve_modules
 
-    model, tokenizer = models.load_model(model, tokenizer, device=device, torch_dtype=torch_dtype,
-                                         device_map=device_map, trust_remote_code=trust_remote_code)
-    names = resolve_modules(model, modules)
-    context_size = models.resolve_context_size(context_size, model, tokenizer)
-    tracer = ModelTracer(model, tokenizer, names, dtype)
-    source = sources.open_source(data, text_field=text_field, split=split, sample=sample,
-                                 seed=seed, max_docs=max_docs)
-    config = CaptureConfig(
-        model=models.model_fingerprint(model), tokenizer=models.tokenizer_fingerprint(tokenizer),
-        source=source.fingerprint, modules=tuple(names), context_size=context_size,
-        overflow=overflow, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-        max_docs=max_docs, max_tokens=max_tokens, sample=sample, seed=seed, dtype=dtype,
-        shard_size=shard_size, exclude_special_tokens=exclude_special_tokens,
-        exclude_token_ids=tuple(int(t) for t in exclude_token_ids), store_text=store_text,
-        text_field=text_field, split=split)
-    session = _Session(out, config, tracer, tokenizer, progress)
     with contextlib.ExitStack() as held:
-        if mode != "fresh":  # before resume's clean-up or overwrite's delete touch anything
-            held.enter_context(mf.exclusive(out))
-        if mode == "resume":
-            session.load()
-        rows = source.rows(session.source_done)
-        peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
-        if mode != "resume":
+        mode = held.enter_context(_locked_out(out, overwrite=overwrite, resume=resume))
+        recorded = mf.read_manifest(out) if mode == "resume" else None
+        source = sources.open_source(data, text_field=text_field, split=split, sample=sample,
+                                     seed=seed, max_docs=max_docs)
+        if mode != "resume":  # a resume peeks after its skip is known, below
+            rows = source.rows(0)
+            peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
             if not peek:
                 raise DataError("the corpus has no documents; check data, split and max_docs.")
+        model, tokenizer = models.load_model(model, tokenizer, device=device,
+                                             torch_dtype=torch_dtype, device_map=device_map,
+                                             trust_remote_code=trust_remote_code)
+        names = resolve_modules(model, modules)
+        context_size = models.resolve_context_size(context_size, model, tokenizer)
+        tracer = ModelTracer(model, tokenizer, names, dtype)
+        config = CaptureConfig(
+            model=models.model_fingerprint(model), tokenizer=models.tokenizer_fingerprint(tokenizer),
+            source=source.fingerprint, modules=tuple(names), context_size=context_size,
+            overflow=overflow, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+            max_docs=max_docs, max_tokens=max_tokens, sample=sample, seed=seed, dtype=dtype,
+            shard_size=shard_size, exclude_special_tokens=exclude_special_tokens,
+            exclude_token_ids=tuple(int(t) for t in exclude_token_ids), store_text=store_text,
+            text_field=text_field, split=split)
+        session = _Session(out, config, tracer, tokenizer, progress)
+        if mode == "resume":
+            session.load(recorded)
+            rows = source.rows(session.source_done)
+            peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
+        else:
             with _write_errors(out):
                 mf.create_out(out, mode)
-                if mode == "fresh":
-                    held.enter_context(mf.exclusive(out))
                 session.start(peek, _provenance(model, tokenizer))
         return session.run(itertools.chain(peek, rows), source.n_docs)
 
 
+@contextlib.contextmanager
+def _locked_out(out: str, *, overwrite: bool, resume: bool):
+    """Hold OUT's lock for the whole run; -> the mode, decided again under the lock (so two
+    runs started together cannot both find OUT empty). A missing OUT is created to be
+    locked, and removed again if the run fails before writing anything into it."""
+    created = not os.path.isdir(out)
+    if created:
+        try:
+            os.makedirs(out)
+        except OSError as error:
+            raise OutputError(f"cannot create OUT {out!r}: {error}. Choose a writable path.") \
+                from error
+    try:
+        with mf.exclusive(out):
+            yield mf.inspect_out(out, overwrite=overwrite, resume=resume)
+    except BaseException:
+        if created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        raise
+
+
+def _path_to_str(value):
+    """`pathlib.Path` (any os.PathLike) -> str; anything else as it is."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _check_out_placement(out: str, model, data) -> None:
+    """OUT must not be the data file, nor sit inside the model's directory (a later
+    overwrite would delete files the model needs to load)."""
+    target = os.path.realpath(out)
+    if isinstance(data, str) and os.path.exists(data) and os.path.realpath(data) == target:
+        raise ConfigError(f"OUT {out!r} is the data file itself; choose another OUT.")
+    if isinstance(model, str) and os.path.isdir(model):
+        model_dir = os.path.realpath(model)
+        if target == model_dir or target.startswith(model_dir + os.sep):
+            raise ConfigError(f"OUT {out!r} is inside the model directory {model!r}; choose an "
+                              "OUT outside it.")
+
+
 def _validate(*, overflow, dtype, batch_size, max_batch_tokens, max_docs, max_tokens, sample,
-              shard_size, seed, exclude_token_ids) -> None:
+              shard_size, seed, exclude_token_ids, context_size, text_field) -> None:
     check_choice("overflow", overflow, ("truncate", "chunk"))
     check_choice("dtype", dtype, ("float32", "float16"))
     check_positive("batch_size", batch_size, allow_none=False)
     for name, value in (("max_batch_tokens", max_batch_tokens), ("max_docs", max_docs),
-                        ("max_tokens", max_tokens), ("sample", sample), ("shard_size", shard_size)):
+                        ("max_tokens", max_tokens), ("sample", sample), ("shard_size", shard_size),
+                        ("context_size", context_size)):
         check_positive(name, value)
+    if not isinstance(text_field, str) or not text_field:
+        raise ConfigError(f"text_field must be a column name, got {text_field!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}.")
     if isinstance(exclude_token_ids, (str, int)) or not all(
@@ -149,10 +199,9 @@ class _Session:
         self.oom_cap: int | None = None
 
     # -- set-up -----------------------------------------------------------------------
-    def load(self) -> None:
+    def load(self, manifest: mf.Manifest) -> None:
         """Resume: check the call against the recorded run, then `manifest.recover` OUT
         (committed shards rolled forward, everything else deleted)."""
-        manifest = mf.read_manifest(self.out)
         if manifest.format_version == 1:
             raise ManifestError(
                 f"cannot resume {self.out!r}: it was written by crowstream 0.1 (format 1), which "
@@ -213,7 +262,9 @@ class _Session:
             with _signals(self.stop_requested), self.tracer, _Progress(n_docs, self.source_done, enabled=self.progress) as bar:
                 finished = False
                 for item in stream:
-                    if self.stop_requested.is_set():
+                    # after a signal no new batch is taken, but a shard whose batches are
+                    # all written still arrives as its ShardEnd: commit it
+                    if self.stop_requested.is_set() and isinstance(item, Batch):
                         break
                     if isinstance(item, Batch):
                         for sub, captured in self._forward(item):
@@ -337,11 +388,14 @@ class _Writers:
         self.shard_stats.setdefault(name, ModuleStats(self.dims[name])).update(vectors)
 
     def _part(self, name, shard):
+        from .models import model_id
         from .writer import PartWriter
 
         if name not in self.parts:
             tmp = mf.staging_path(self.out, f"{mf.module_dir(name)}/{mf.part_name(RANK, shard)}")
-            self.parts[name] = PartWriter(tmp, row_schema(self.dims[name], self.config.dtype))
+            schema = part_schema(name, self.dims[name], self.config.dtype,
+                                 model_id(self.config.model), FORMAT_VERSION)
+            self.parts[name] = PartWriter(tmp, schema)
         return self.parts[name]
 
     def _close_part(self, name, shard):

@@ -11,10 +11,12 @@ because it almost always means the wrong `text_field`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,6 +27,8 @@ from .config import looks_like_path
 from .errors import DataError
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# compressed text files that datasets (fsspec) decompresses by their extension
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
 @dataclasses.dataclass
@@ -81,8 +85,12 @@ def _open(data, text_field: str, split: str):
     """-> (rows(skip) -> iterator of (index, item), total count or None, fingerprint)."""
     import datasets
 
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
     if isinstance(data, str):
         return _open_path_or_hub(data, split)
+    if _is_pandas_frame(data):
+        return _open_pandas(data, text_field)
     if isinstance(data, datasets.Dataset):
         return _open_dataset(data, text_field)
     if isinstance(data, datasets.IterableDataset):
@@ -122,39 +130,124 @@ def _open_dataset(ds, text_field: str):
                            "fingerprint": str(getattr(ds, "_fingerprint", ""))}
 
 
+def _is_pandas_frame(data) -> bool:
+    return type(data).__module__.startswith("pandas") and type(data).__name__ == "DataFrame"
+
+
+def _open_pandas(frame, text_field: str):
+    """A pandas DataFrame: its `text_field` column, rows in order (doc_id = row number)."""
+    import pandas as pd
+
+    if text_field not in frame.columns:
+        raise DataError(f"text field {text_field!r} is not a column of the DataFrame; available "
+                        f"columns: {', '.join(map(str, frame.columns))}. Pass text_field=.")
+    column = frame[text_field]
+    digest = hashlib.sha256(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
+
+    def rows(skip):
+        return enumerate(column.iloc[skip:].tolist(), start=skip)
+
+    return rows, len(frame), {"kind": "pandas.DataFrame", "n": len(frame),
+                              "sha256": digest.hexdigest()}
+
+
 def _open_path_or_hub(path: str, split: str):
     import datasets
 
     if os.path.isfile(path):
-        suffix = os.path.splitext(path)[1].lower()
+        stem, suffix = os.path.splitext(path.lower())
+        compression = suffix if suffix in _COMPRESSIONS else None
+        if compression:
+            suffix = os.path.splitext(stem)[1]
         fingerprint = {"kind": "file", "path": os.path.abspath(path), **_file_digest(path)}
-        if suffix == ".txt":
+        if suffix == ".txt" and not compression:
+            _check_not_empty(path)
             return (lambda skip: _text_lines(path, skip)), None, fingerprint
-        if suffix not in _FILE_BUILDERS:
+        if suffix not in _FILE_BUILDERS or (compression and suffix == ".parquet"):
             raise DataError(f"cannot read {path!r}: supported files are .txt (one document per "
-                            "line), .jsonl, .json, .parquet and .csv.")
-        ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train",
-                                   streaming=True)
-        return _streaming_rows(ds), None, fingerprint
+                            "line), .jsonl, .json, .parquet and .csv (.jsonl, .json and .csv "
+                            "also compressed: .gz, .bz2, .xz, .zst).")
+        if not compression:
+            _check_not_empty(path)
+        described = f"{path!r} as {suffix.lstrip('.')}"
+        if suffix == ".parquet":
+            _check_parquet_rows(path, described)
+        with _unreadable(described):  # the Parquet builder reads the footer here
+            ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train",
+                                       streaming=True)
+        return _streaming_rows(ds, described), None, fingerprint
     if os.path.isdir(path):
         files = sorted(os.path.relpath(os.path.join(d, f), path)
                        for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
         if not files:
             raise DataError(f"directory {path!r} holds no files; point data at a corpus.")
+        if all(os.path.getsize(os.path.join(path, f)) == 0 for f in files):
+            raise DataError(f"directory {path!r} holds only empty files: the corpus has no documents.")
         fingerprint = {"kind": "directory", "path": os.path.abspath(path),
                        "files": [[f, os.path.getsize(os.path.join(path, f))] for f in files]}
-        ds = _load_split(path, split, streaming=True)
-        return _streaming_rows(ds), None, fingerprint
+        described = f"the files in directory {path!r}"
+        with _unreadable(described):
+            ds = _load_split(path, split, streaming=True)
+        return _streaming_rows(ds, described), None, fingerprint
     if looks_like_path(path) or os.path.splitext(path)[1].lower() in {".txt", *_FILE_BUILDERS}:
         raise DataError(f"data path {path!r} does not exist; pass an existing file or directory.")
     ds = _load_split(path, split, streaming=True)
-    return _streaming_rows(ds), None, {
+    return _streaming_rows(ds, f"hub dataset {path!r}"), None, {
         "kind": "hub", "id": path, "split": split}
 
 
-def _streaming_rows(ds):
-    """rows(skip) for a streaming dataset: `.skip` leaves committed rows unread."""
-    return lambda skip: enumerate(ds.skip(skip) if skip else ds, start=skip)
+def _check_not_empty(path: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip() and os.path.getsize(path) <= len(head):
+        what = "is empty" if not head else "holds only whitespace"
+        raise DataError(f"data file {path!r} {what}: the corpus has no documents.")
+
+
+def _check_parquet_rows(path: str, described: str) -> None:
+    import pyarrow.parquet as pq
+
+    with _unreadable(described):
+        rows = pq.read_metadata(path).num_rows
+    if rows == 0:
+        raise DataError(f"data file {path!r} has a schema but no rows: the corpus has no documents.")
+
+
+def _streaming_rows(ds, described: str = "the dataset"):
+    """rows(skip) for a streaming dataset: `.skip` leaves committed rows unread. A file
+    that does not parse (wrong kind, bad encoding, truncated) becomes one DataError."""
+    def rows(skip):
+        with _unreadable(described):
+            yield from enumerate(ds.skip(skip) if skip else ds, start=skip)
+    return rows
+
+
+class _DropBuilderFailures(logging.Filter):
+    """datasets' file builders log "Failed to ..." just before raising; crowstream raises
+    the same error as one DataError, so the log line would only repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to")
+
+
+@contextlib.contextmanager
+def _unreadable(described: str):
+    loggers = [logging.getLogger(f"datasets.packaged_modules.{b}.{b}") for b in ("json", "csv", "parquet")]
+    quiet = _DropBuilderFailures()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as error:  # datasets' builders raise anything (StopIteration too)
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
+        raise DataError(f"could not read {described}: {type(error).__name__}"
+                        f"{': ' + reason[:200] if reason else ''}. Check that the file is "
+                        "what its extension says, UTF-8 text, and complete.") from error
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _load_split(path: str, split: str, *, streaming: bool):
@@ -172,10 +265,16 @@ def _load_split(path: str, split: str, *, streaming: bool):
 
 
 def _text_lines(path: str, skip: int) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
-            if index >= skip:
-                yield index, line.rstrip("\r\n")
+    """Lines split at "\n" only (a lone "\r" stays inside its line), so a document's
+    index is the 0-based line number that `wc -l` and `sed -n` count."""
+    try:
+        with open(path, encoding="utf-8", newline="\n") as lines:
+            for index, line in enumerate(lines):
+                if index >= skip:
+                    yield index, line.removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError as error:
+        raise DataError(f"data file {path!r} is not valid UTF-8 ({error.reason}); convert it, "
+                        "e.g. `iconv -f latin1 -t utf-8`.") from error
 
 
 def _head_digest(rows: Iterable, n: int = 64) -> str:

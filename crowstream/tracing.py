@@ -86,6 +86,10 @@ def _close(name: str, names: list[str]) -> str:
 def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     """Run one tiny forward with plain hooks; -> {name: output shape, in execution order}.
     A module whose output holds no tensor maps to a string describing its type."""
+    from .models import refuse_encoder_decoder
+
+    name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+    refuse_encoder_decoder(getattr(model, "config", None), name)
     targets = {n: m for n, m in model.named_modules() if n and (only is None or n in only)}
     seen: dict[str, tuple | str] = {}
 
@@ -143,7 +147,9 @@ class ModelTracer:
         self.dtype = getattr(torch, dtype)
         self.device = _device_of(model)
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
-        self.dims = {name: _check_shape(name, shapes.get(name), model) for name in module_names}
+        tokens = _probe_ids(tokenizer, model).shape[1]
+        self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
+                     for name in module_names}
         self.types = {name: type(model.get_submodule(name)).__name__ for name in module_names}
         # Reads in a trace must follow execution order: order by the probe, not the user.
         self.order = [name for name in shapes if name in self.dims]
@@ -210,8 +216,10 @@ class ModelTracer:
         return kept
 
 
-def _check_shape(name: str, shape, model) -> int:
-    if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1:
+def _check_shape(name: str, shape, model, tokens: int) -> int:
+    """-> d for a module whose probe output is `[1, tokens, d]`; anything else (no output,
+    not a tensor, another rank, or a changed sequence length) is refused."""
+    if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1 and shape[1] == tokens:
         return int(shape[-1])
     children = [n for n, _ in model.named_modules() if n.startswith(name + ".")][:5]
     hint = (f" Try a submodule such as {', '.join(map(repr, children))}." if children
@@ -219,5 +227,9 @@ def _check_shape(name: str, shape, model) -> int:
     if shape is None:
         raise ModuleOutputError(f"module {name!r} did not run in the forward pass, so it has no "
                                 f"output to capture (containers such as ModuleList never run).{hint}")
+    if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1:
+        raise ModuleOutputError(f"module {name!r} returns {shape} for an input of {tokens} tokens: "
+                                "it changes the sequence length, so its rows cannot be matched "
+                                f"to tokens.{hint}")
     raise ModuleOutputError(f"module {name!r} returns {shape}, not a [batch, seq, d] tensor; "
                             f"crowstream stores one d-vector per token.{hint}")

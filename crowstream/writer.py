@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crowstream.schemas import ROW_GROUP_BYTES, parquet_options
+from crowstream.schemas import ROW_GROUP_BYTES, parquet_options, table_options
 
 from .errors import OutputError
 
@@ -42,7 +42,8 @@ class PartWriter:
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_bytes = 0
         self._rows = 0
-        self._writer = pq.ParquetWriter(tmp_path, schema, **parquet_options())
+        dtype = "float16" if schema.field("vector").type.value_type == pa.float16() else "float32"
+        self._writer = pq.ParquetWriter(tmp_path, schema, **parquet_options(dtype))
 
     def write(self, batch: pa.RecordBatch) -> None:
         self._buffer.append(batch)
@@ -76,7 +77,7 @@ class PartWriter:
 
 def write_table(path: str, table: pa.Table) -> PartInfo:
     """Write a small table (docs, vocab) as one Parquet file; fsync; hash."""
-    pq.write_table(table, path, compression="zstd", compression_level=1)
+    pq.write_table(table, path, **table_options())
     return PartInfo(path, table.num_rows, os.path.getsize(path), fsync_and_hash(path))
 
 

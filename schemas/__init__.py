@@ -165,16 +165,37 @@ def vocab_schema() -> pa.Schema:
                       pa.field("special", pa.bool_(), nullable=False)])
 
 
-def parquet_options() -> dict:
-    """Keyword arguments for `pyarrow.parquet.ParquetWriter`, from rows.json."""
+def parquet_options(dtype: str) -> dict:
+    """Keyword arguments for `pyarrow.parquet.ParquetWriter` of a module's part files whose
+    vectors are `dtype`, from rows.json (BYTE_STREAM_SPLIT on float32 only)."""
     spec = rows_spec()["parquet"]
     return {
-        "compression": spec["compression"],
-        "compression_level": spec["compression_level"],
-        "use_byte_stream_split": spec["byte_stream_split"],
+        **table_options(),
+        "use_byte_stream_split": spec["byte_stream_split"][dtype] or False,
         "use_dictionary": spec["dictionary"],
         "write_statistics": spec["statistics"],
     }
+
+
+def table_options() -> dict:
+    """Keyword arguments for every other Parquet file crowstream writes (docs, vocab)."""
+    spec = rows_spec()["parquet"]
+    return {"compression": spec["compression"], "compression_level": spec["compression_level"],
+            "write_page_checksum": spec["page_checksum"]}
+
+
+def part_metadata(module: str, d: int, dtype: str, model: str, format_version: int) -> dict:
+    """The footer key-value metadata of a module part file (keys in rows.json)."""
+    values = {"format_version": format_version, "module": module, "d": d, "dtype": dtype,
+              "model": model}
+    keys = rows_spec()["footer_metadata"]["keys"]
+    assert set(keys) == {f"crowstream.{k}" for k in values}, "rows.json and part_metadata disagree"
+    return {f"crowstream.{key}": str(value) for key, value in values.items()}
+
+
+def part_schema(module: str, d: int, dtype: str, model: str, format_version: int) -> pa.Schema:
+    """`row_schema` carrying `part_metadata` (pyarrow writes it into the Parquet footer)."""
+    return row_schema(d, dtype).with_metadata(part_metadata(module, d, dtype, model, format_version))
 
 
 ROW_GROUP_BYTES: int = rows_spec()["parquet"]["row_group_bytes"]

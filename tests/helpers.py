@@ -22,6 +22,17 @@ def raw_manifest(out) -> dict:
         return json.load(f)
 
 
+def save_manifest(out, manifest) -> None:
+    """Write `manifest` as crowstream would (digest re-stamped): for tests that set up a
+    state by editing the manifest, not for tests of hand edits."""
+    from crowstream.manifest import manifest_digest
+
+    manifest = {**manifest, "digest": None}
+    manifest["digest"] = manifest_digest(manifest)
+    with open(os.path.join(out, "crowstream.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
 def parts_of(out) -> list:
     return [(p.path, p.rows, p.sha256) for p in manifest_of(out).parts]
 

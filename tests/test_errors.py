@@ -20,7 +20,7 @@ import pytest
 import crowstream as cs
 from crowstream import errors
 from crowstream.tracing import ModelTracer
-from helpers import assert_same_rows, manifest_of, parts_of, raw_manifest, tree
+from helpers import assert_same_rows, manifest_of, parts_of, raw_manifest, save_manifest, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 KW = dict(shard_size=4, batch_size=4, progress=False)
@@ -612,7 +612,7 @@ def test_disk_full_before_the_first_shard_is_one_clear_error(monkeypatch, gpt2, 
         shutil.copytree(reference, out)
         m = raw_manifest(out)
         m["status"] = "interrupted"
-        (out / "crowstream.json").write_text(json.dumps(m))
+        save_manifest(out, m)
     failing_writes(monkeypatch, site)
     with pytest.raises(errors.OutputError, match=rf"^disk full while writing to "
                                                  rf"{re.escape(repr(str(out)))}"):

@@ -98,24 +98,36 @@ def test_signal_commits_complete_shards_then_resume_is_bit_identical(
         monkeypatch, gpt2, docs, reference, tmp_path, caplog, signum):
     out = str(tmp_path / "out")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # one batch per shard: the signal comes during shard 4's only batch, so that batch
+    # finishes and shard 4 is complete when its ShardEnd arrives after the signal: it
+    # is committed (0.1 dropped it), and nothing after it is started
     error = interrupted_run(monkeypatch, gpt2, docs, out, at=5, signum=signum)
-    assert re.search(rf"interrupted: committed 4 shard\(s\) to {re.escape(repr(out))}\. Rerun the "
+    assert re.search(rf"interrupted: committed 5 shard\(s\) to {re.escape(repr(out))}\. Rerun the "
                      r"same call with resume=True \(--resume\)", str(error))
     assert {s: signal.getsignal(s) for s in handlers} == handlers, "signal handlers not restored"
     assert f"{signal.Signals(signum).name} received" in caplog.text
     m = manifest_of(out)
     assert m.status == "interrupted" and m.error is None
-    assert [s.index for s in m.shards] == [0, 1, 2, 3]
+    assert [s.index for s in m.shards] == [0, 1, 2, 3, 4]
     assert parts_of(out) == parts_of(reference)[:len(parts_of(out))]
-    assert cs.verify(out)["parts"] == 4 * 3  # the open shard's files were dropped
+    assert cs.verify(out)["parts"] == 5 * 3
     assert os.listdir(os.path.join(out, ".tmp")) == []
 
     trace = Trace(monkeypatch)
     run = capture(gpt2, docs, out, resume=True)
-    assert min(trace.doc_ids) >= 16, "the model was re-run on committed documents"
-    assert sorted(trace.doc_ids) == list(range(16, N))
+    assert min(trace.doc_ids) >= 20, "the model was re-run on committed documents"
+    assert sorted(trace.doc_ids) == list(range(20, N))
     assert run.docs == N and run.run_id == m.run_id
     assert_equals_reference(out, reference)
+
+
+def test_signal_inside_a_shard_drops_only_that_open_shard(monkeypatch, gpt2, docs, tmp_path):
+    out = str(tmp_path / "out")
+    # two batches per shard; the signal comes during shard 4's first batch
+    interrupted_run(monkeypatch, gpt2, docs, out, at=9, batch_size=2)
+    assert [s["index"] for s in manifest_of(out)["shards"]] == [0, 1, 2, 3]
+    assert cs.verify(out)["parts"] == 4 * 3  # the open shard's files were dropped
+    assert os.listdir(os.path.join(out, ".tmp")) == []
 
 
 def test_second_signal_aborts_at_once_and_resume_still_completes(monkeypatch, gpt2, docs, reference,
@@ -158,15 +170,15 @@ def test_failure_mid_run_is_recorded_and_resume_completes(monkeypatch, gpt2, doc
 def test_resume_deletes_stale_tmp_and_unlisted_files_and_keeps_committed_ones(
         monkeypatch, gpt2, docs, reference, tmp_path, caplog):
     out = str(tmp_path / "out")
-    interrupted_run(monkeypatch, gpt2, docs, out, at=5)
+    interrupted_run(monkeypatch, gpt2, docs, out, at=5)  # shards 0-4 committed
     committed = {p.path: os.stat(os.path.join(out, p.path)) for p in manifest_of(out).parts}
     real_part = os.path.join(out, next(iter(committed)))
     stale = {
-        ".tmp/transformer.h.0.part-00000-000004.parquet": real_part,
+        ".tmp/transformer.h.0.part-00000-000005.parquet": real_part,
         ".tmp/crowstream.json.tmp": None,
         ".tmp/junk": None,
         "data/module=transformer.h.0/part-00000-000099.parquet": real_part,
-        "data/module=transformer.h.2/part-00000-000004.parquet": real_part,  # same name as a future part
+        "data/module=transformer.h.2/part-00000-000005.parquet": real_part,  # same name as a future part
         "data/module=transformer.h.0/notes.txt": None,
         "docs/part-00000-000099.parquet": real_part,
     }
@@ -277,7 +289,7 @@ def make_source(kind, docs):
 def test_resume_over_streaming_source_does_not_rerun_committed_docs(monkeypatch, gpt2, docs, reference,
                                                                     tmp_path, kind):
     out = str(tmp_path / "out")
-    interrupted_run(monkeypatch, gpt2, make_source(kind, docs), out, at=6)
+    interrupted_run(monkeypatch, gpt2, make_source(kind, docs), out, at=5)
     done = manifest_of(out).shards[-1].source_end
     assert done == 20
     trace = Trace(monkeypatch)

@@ -1,0 +1,164 @@
+"""Fuzzing the readers: seeded random byte flips and truncations of a committed part file,
+a docs part, the manifest and the dataset card. `verify` must report every one, and no
+reader may crash the process or silently return rows that differ from the intact
+output's. Each case runs in its own subprocess, so a crashing reader fails its case
+instead of killing the test run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import crowstream as cs
+
+MODULE = "transformer.h.0"
+SEED = 2026
+# (target, flips, truncations): modest, for CI time
+PLAN = [("data/module=transformer.h.0/part-00000-000000.parquet", 4, 1),
+        ("docs/part-00000-000001.parquet", 1, 1),
+        ("crowstream.json", 3, 1),
+        ("README.md", 1, 1)]
+
+# Every reader, in a fresh process: -> {reader: "rows <sha256>" | "error <type>"}.
+READERS = r"""
+import hashlib, json, sys
+import numpy as np
+import crowstream as cs
+
+out, cache, module = sys.argv[1:4]
+
+def digest(*columns):
+    h = hashlib.sha256()
+    order = np.lexsort(tuple(np.asarray(c[:len(columns[0])]) for c in columns[1::-1]))
+    for column in columns:
+        h.update(np.ascontiguousarray(np.asarray(column)[order]).tobytes())
+    return "rows " + h.hexdigest()
+
+def stream():
+    batches = list(cs.stream(out, module, batch_size=100000, columns=("doc_id", "position", "vector")))
+    return digest(*(np.concatenate([b[c].numpy() for b in batches]) for c in ("doc_id", "position", "vector")))
+
+def load():
+    rows = cs.load(out, module, cache_dir=cache).with_format("numpy")[:]
+    return digest(rows["doc_id"], rows["position"], np.stack(rows["vector"]).astype(np.float32))
+
+def scan():
+    frame = cs.scan(out).collect()
+    return digest(frame["doc_id"].to_numpy(), frame["position"].to_numpy(),
+                  np.stack(frame["vector"].to_numpy()).astype(np.float32))
+
+def docs():
+    frame = cs.docs(out).collect()
+    texts = np.array([hashlib.sha256((t or "").encode()).digest() for t in frame["text"]])
+    return digest(frame["doc_id"].to_numpy(), frame["n_tokens"].to_numpy(), texts)
+
+def info():
+    summary = cs.info(out)
+    summary.pop("path")
+    return "info " + hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+
+def verify():
+    cs.verify(out)
+    return "intact"
+
+results = {}
+for name, read in [("verify", verify), ("info", info), ("stream", stream), ("load", load),
+                   ("scan", scan), ("docs", docs)]:
+    try:
+        results[name] = read()
+    except Exception as error:
+        results[name] = f"error {type(error).__name__}"
+print(json.dumps(results))
+"""
+
+
+def read_all(out, cache) -> dict:
+    done = subprocess.run([sys.executable, "-c", READERS, str(out), str(cache), MODULE],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, f"a reader crashed the process (exit {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cases():
+    rng = np.random.default_rng(SEED)
+    for target, flips, truncations in PLAN:
+        for i in range(flips):
+            yield f"{target} flip {i}", target, "flip", rng.random(), int(rng.integers(1, 256))
+        for i in range(truncations):
+            yield f"{target} truncate {i}", target, "truncate", rng.random(), 0
+
+
+CASES = list(cases())
+
+
+@pytest.fixture(scope="module")
+def intact(gpt2_dir, tmp_path_factory):
+    from conftest import python_paragraphs
+
+    root = tmp_path_factory.mktemp("fuzz")
+    out = root / "out"
+    cs.capture(gpt2_dir, python_paragraphs(16), [MODULE], out, shard_size=8, store_text=True,
+               progress=False)
+    return out, read_all(out, root / "cache")
+
+
+def damage(intact_out, root, name, target, kind, where, xor):
+    """A copy of the intact OUT with one flipped byte or one truncation; -> (OUT, JSON
+    unchanged?) where the second is True only for a manifest flip that changed nothing."""
+    out = root / name.replace("/", "_").replace(" ", "_")
+    shutil.copytree(intact_out, out)
+    path = out / target
+    data = bytearray(path.read_bytes())
+    at = int(where * len(data))
+    if kind == "flip":
+        data[at] ^= xor
+    else:
+        del data[at:]
+    path.write_bytes(bytes(data))
+    return out, target == "crowstream.json" and _same_json(intact_out / target, data)
+
+
+@pytest.fixture(scope="module")
+def outcomes(intact, tmp_path_factory):
+    """Every case's reader results, the subprocesses run a few at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("fuzz-cases")
+    damaged = {case[0]: damage(intact[0], root, *case) for case in CASES}
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(read_all, out, root / f"cache-{i}")
+                   for i, (name, (out, _)) in enumerate(damaged.items())}
+    return {name: (future.result, damaged[name][1]) for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name", [case[0] for case in CASES])
+def test_damage_is_reported_and_never_read_silently(intact, outcomes, name):
+    result_of, unchanged = outcomes[name]
+    results = result_of()  # re-raises a crashed reader process as this case's failure
+    if unchanged:
+        pytest.skip("the flip turned whitespace into whitespace: the manifest is unchanged")
+    assert results["verify"] != "intact", f"verify missed {name}"
+    for reader, result in results.items():
+        if reader != "verify":
+            assert result.startswith("error ") or result == intact[1][reader], \
+                f"{reader} returned different rows silently after {name}"
+
+
+def _same_json(original, data: bytes) -> bool:
+    try:
+        return json.loads(bytes(data)) == json.loads(original.read_bytes())
+    except ValueError:
+        return False
+
+
+def test_intact_output_reads_everywhere(intact):
+    assert intact[1]["verify"] == "intact"
+    assert all(not result.startswith("error") for result in intact[1].values()), intact[1]
