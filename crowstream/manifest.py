@@ -80,8 +80,9 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def part_name(rank: int, shard: int) -> str:
-    return f"part-{rank:05d}-{shard:06d}.parquet"
+def part_name(rank: int, shard: int, seq: int = 0) -> str:
+    """File name of part `seq` of one shard (a module may roll over several per shard)."""
+    return f"part-{rank:05d}-{shard:06d}-{seq:03d}.parquet"
 
 
 def module_dir(module: str) -> str:
@@ -130,8 +131,8 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
         with open(card, encoding="utf-8", errors="replace") as f:
             if "crowstream" not in f.read():
                 return False
-    patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}\.parquet"),
-                DOCS_DIR: re.compile(r"part-\d{5}-\d{6}\.parquet")}
+    patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}(-\d{3,})?\.parquet"),
+                DOCS_DIR: re.compile(r"part-\d{5}-\d{6}(-\d{3,})?\.parquet")}
     for top, pattern in patterns.items():
         for root, _, files in os.walk(os.path.join(out, top)):
             for name in files:

@@ -16,21 +16,26 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_map=None,
-               trust_remote_code: bool = False):
-    """-> (model in eval mode, tokenizer). A loaded model is used as it is (never moved
-    unless `device` is given); a string is loaded with AutoModelForCausalLM when the
-    config names a causal-LM architecture, else AutoModel (encoders such as BERT)."""
+               revision: str | None = None, trust_remote_code: bool = False):
+    """-> (model, tokenizer). A loaded model is used as it is (never moved unless `device`
+    is given; capture puts it in eval mode only while it runs); a string is loaded, at
+    `revision` (a branch, tag or commit, e.g. Pythia's "step1000") if given, with
+    AutoModelForCausalLM when the config names a causal-LM architecture, else AutoModel
+    (encoders such as BERT)."""
     import torch
     import transformers
 
     if isinstance(model, str):
         name = model
-        model = _from_pretrained(name, torch_dtype, device_map, trust_remote_code)
+        model = _from_pretrained(name, torch_dtype, device_map, revision, trust_remote_code)
         if device_map is None:
             model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tokenizer is None:
-            tokenizer = _tokenizer(name, trust_remote_code)
+            tokenizer = _tokenizer(name, trust_remote_code, revision)
     elif isinstance(model, torch.nn.Module):
+        if revision is not None:
+            raise ConfigError(f"revision={revision!r} only applies to a model given by name; "
+                              "this model is already loaded.")
         if device is not None:
             model.to(device)
     else:
@@ -45,16 +50,18 @@ def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_m
     return model, tokenizer
 
 
-def _from_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool):
+def _from_pretrained(name: str, torch_dtype, device_map, revision, trust_remote_code: bool):
     import transformers
 
     _check_exists(name)
+    at = {"revision": revision} if revision is not None else {}
     try:
-        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                         **at)
         archs = getattr(config, "architectures", None) or []
         causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        kwargs = {"trust_remote_code": trust_remote_code}
+        kwargs = {"trust_remote_code": trust_remote_code, **at}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         if device_map is not None:
@@ -67,11 +74,13 @@ def _from_pretrained(name: str, torch_dtype, device_map, trust_remote_code: bool
         ) from error
 
 
-def _tokenizer(name: str, trust_remote_code: bool):
+def _tokenizer(name: str, trust_remote_code: bool, revision: str | None = None):
     import transformers
 
+    at = {"revision": revision} if revision is not None else {}
     try:
-        return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                          **at)
     except OSError as error:
         raise ModelLoadError(f"could not load the tokenizer for {name!r}: {error}. "
                              "Pass tokenizer= (an object or a local directory).") from error
@@ -85,12 +94,14 @@ def _check_exists(name: str) -> None:
                              "pass a directory written by save_pretrained, or a hub id.")
 
 
-def model_fingerprint(model) -> dict:
+def model_fingerprint(model, revision: str | None = None) -> dict:
+    """Identifies a model in the manifest: name, class, revision (the commit the hub
+    resolved, else the `revision` asked for) and a hash of its config."""
     config = model.config.to_json_string(use_diff=False)
     return {
         "name_or_path": str(getattr(model, "name_or_path", "") or ""),
         "class": type(model).__name__,
-        "revision": str(getattr(model.config, "_commit_hash", None) or ""),
+        "revision": str(getattr(model.config, "_commit_hash", None) or revision or ""),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
     }
 

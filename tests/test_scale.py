@@ -1,0 +1,110 @@
+"""Real model sizes on one machine: row groups of at most row_group_bytes whatever the
+batch, part files that roll over within a shard, float16 that never overflows silently,
+the in-flight byte budget, and big-model hygiene (eval mode, OOM retry, input device,
+16-bit rows upcast on the host)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import weakref
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import crowstream as cs
+from crowstream import writer as writer_module
+from crowstream.errors import Float16OverflowError
+from crowstream.flatten import to_record_batch
+from crowstream.schemas import ROW_GROUP_BYTES, row_schema
+from crowstream.writer import PartWriter, ShardParts
+from helpers import assert_same_rows, manifest_of, read_rows
+
+MODULES = ["transformer.h.0", "transformer.h.2"]
+
+
+def _capture(gpt2, texts, out, **kwargs):
+    model, tokenizer = gpt2
+    kwargs.setdefault("progress", False)
+    return cs.capture(model, texts, MODULES, str(out), tokenizer=tokenizer, **kwargs)
+
+
+def _record_batch(n: int, d: int, dtype: str = "float32", seed: int = 0):
+    vectors = np.random.default_rng(seed).standard_normal((n, d)).astype(dtype)
+    ids = np.arange(n)
+    return to_record_batch(ids, ids.astype(np.int32), ids.astype(np.int32), vectors, dtype)
+
+
+def _row_groups(path) -> list[tuple[int, int]]:
+    meta = pq.ParquetFile(path).metadata
+    return [(meta.row_group(g).num_rows, meta.row_group(g).total_byte_size)
+            for g in range(meta.num_row_groups)]
+
+
+# -- 1. row groups and part files --------------------------------------------------------
+
+def test_a_batch_bigger_than_a_row_group_gives_several_row_groups(tmp_path):
+    batch = _record_batch(10_000, 1024)  # 41 MB in one batch, 2.5 row groups
+    assert batch.nbytes > 2 * ROW_GROUP_BYTES
+    part = PartWriter(str(tmp_path / "part.parquet"), batch.schema)
+    part.write(batch)
+    assert part.buffered_bytes < ROW_GROUP_BYTES  # two full groups went out at once
+    info = part.close()
+    groups = _row_groups(info.tmp_path)
+    assert len(groups) == 3 and info.rows == 10_000
+    assert all(size <= ROW_GROUP_BYTES for _, size in groups), groups
+    assert sum(rows for rows, _ in groups) == 10_000
+    got = pq.read_table(info.tmp_path)["vector"].combine_chunks().flatten().to_numpy()
+    np.testing.assert_array_equal(got, batch["vector"].flatten().to_numpy())
+
+
+def test_small_batches_fill_row_groups_and_are_copied(tmp_path):
+    """Many small batches make full row groups; the writer keeps no reference to them."""
+    schema = row_schema(1024, "float32")
+    part = PartWriter(str(tmp_path / "part.parquet"), schema)
+    batches = [_record_batch(700, 1024, seed=i) for i in range(12)]  # 8,400 rows
+    for batch in batches:
+        part.write(batch)
+    refs = [weakref.ref(b) for b in batches]
+    del batches, batch
+    assert all(r() is None for r in refs)  # buffered rows are copies, not slices
+    info = part.close()
+    groups = _row_groups(info.tmp_path)
+    assert [rows for rows, _ in groups] == [part.group_rows, part.group_rows,
+                                            8_400 - 2 * part.group_rows]
+    assert all(size <= ROW_GROUP_BYTES for _, size in groups)
+
+
+def test_part_files_roll_over_at_row_group_boundaries(tmp_path):
+    schema = row_schema(1024, "float32")
+    target = 3 * ROW_GROUP_BYTES  # about three row groups per file
+    parts = ShardParts(lambda seq: str(tmp_path / f"p-{seq:03d}.parquet"), schema, target)
+    for i in range(5):
+        parts.write(_record_batch(5_000, 1024, seed=i))
+    infos = parts.close()
+    assert [i.seq for i in infos] == list(range(len(infos))) and len(infos) >= 3
+    assert [i.rows for i in infos[:-1]] == [parts.file_rows] * (len(infos) - 1)
+    assert sum(i.rows for i in infos) == 25_000
+    for info in infos:
+        assert all(size <= ROW_GROUP_BYTES for _, size in _row_groups(info.tmp_path))
+
+
+def test_capture_with_small_row_groups_and_files_stores_the_same_rows(gpt2, corpus, tmp_path,
+                                                                      monkeypatch):
+    texts = corpus[:30]
+    reference = _capture(gpt2, texts, tmp_path / "reference", shard_size=12)
+    monkeypatch.setattr(writer_module, "ROW_GROUP_BYTES", 32 << 10)  # ~120 rows at d=64
+    monkeypatch.setattr(writer_module, "PART_TARGET_BYTES", 100 << 10)  # ~3 groups a file
+    run = _capture(gpt2, texts, tmp_path / "small", shard_size=12, batch_size=16)
+    assert_same_rows(run.path, reference.path)
+    parts = [p for p in manifest_of(run.path)["parts"] if p["kind"] == "module"]
+    shard0 = sorted(p["path"] for p in parts if p["shard"] == 0 and p["module"] == MODULES[0])
+    assert len(shard0) > 1 and shard0[1].endswith("-000000-001.parquet")
+    for part in parts:
+        groups = _row_groups(os.path.join(run.path, part["path"]))
+        assert all(size <= 32 << 10 for _, size in groups)
+    assert any(len(_row_groups(os.path.join(run.path, p["path"]))) > 1 for p in parts)
+    assert cs.verify(run.path)["parts"] == len(manifest_of(run.path)["parts"])
