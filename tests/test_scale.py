@@ -108,3 +108,93 @@ def test_capture_with_small_row_groups_and_files_stores_the_same_rows(gpt2, corp
         assert all(size <= 32 << 10 for _, size in groups)
     assert any(len(_row_groups(os.path.join(run.path, p["path"]))) > 1 for p in parts)
     assert cs.verify(run.path)["parts"] == len(manifest_of(run.path)["parts"])
+
+
+# -- 2. float16 that never lies ----------------------------------------------------------
+
+@pytest.fixture
+def hot_gpt2(gpt2_dir, corpus):
+    """The tiny GPT-2 with one token's embedding at 1e5: its positions overflow float16 in
+    every block's output. The token is absent from the first 8 documents (the first two
+    shards of 4), present in later ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    seen = {t for text in corpus[:8] for t in tokenizer(text, truncation=True, max_length=64)["input_ids"]}
+    later = [t for text in corpus[8:30] for t in tokenizer(text, truncation=True, max_length=64)["input_ids"]]
+    token = next(t for t in later if t not in seen)
+    with torch.no_grad():
+        model.transformer.wte.weight[token] = 1e5
+    return model, tokenizer
+
+
+def _json_files_are_strict(out) -> None:
+    """No JSON file in OUT holds NaN or Infinity (not JSON for any non-Python reader)."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a JSON file")
+
+    files = glob.glob(os.path.join(out, "**", "*.json"), recursive=True)
+    assert files
+    for path in files:
+        with open(path) as f:
+            json.load(f, parse_constant=refuse)
+
+
+def test_float16_overflow_fails_names_the_module_and_stays_resumable(hot_gpt2, corpus, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(Float16OverflowError, match=r"module 'transformer\.h\.0' has values of "
+                       r"magnitude up to 1000\d\d,.*dtype='float32'.*float16_overflow='clamp'"):
+        cs.capture(hot_gpt2[0], corpus[:30], ["transformer.h.0"], str(out), tokenizer=hot_gpt2[1],
+                   dtype="float16", shard_size=4, batch_size=4, progress=False)
+    failed = manifest_of(out)
+    assert failed["status"] == "failed" and "Float16OverflowError" in failed["error"]
+    assert len(failed["shards"]) == 2  # the shards before the overflow are committed
+    _json_files_are_strict(out)
+
+    with pytest.raises(cs.errors.ResumeMismatchError, match="float16_overflow"):  # not the reverse
+        cs.capture(hot_gpt2[0], corpus[:30], ["transformer.h.0"], str(out), tokenizer=hot_gpt2[1],
+                   dtype="float32", shard_size=4, batch_size=4, progress=False, resume=True)
+    run = cs.capture(hot_gpt2[0], corpus[:30], ["transformer.h.0"], str(out), tokenizer=hot_gpt2[1],
+                     dtype="float16", float16_overflow="clamp", shard_size=4, batch_size=4,
+                     progress=False, resume=True)
+    manifest = manifest_of(out)
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["float16_overflow"] == "clamp"
+    clamped = manifest["counts"]["clamped"]["transformer.h.0"]
+    assert clamped > 0
+    *_, vectors = read_rows(out)["transformer.h.0"]
+    assert vectors.dtype == np.float16 and np.isfinite(vectors).all()
+    assert (np.abs(vectors) == np.float16(65504)).sum() == clamped
+    # statistics describe the stored (clamped, float16) values
+    stats = manifest["stats"]["transformer.h.0"]
+    np.testing.assert_allclose(stats["mean"], vectors.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
+    assert run.tokens["transformer.h.0"] == len(vectors)
+    _json_files_are_strict(out)
+
+
+def test_float16_clamp_from_the_start_matches_a_clamped_float32_run(hot_gpt2, corpus, tmp_path):
+    model, tokenizer = hot_gpt2
+    texts = corpus[:30]
+    clamped = cs.capture(model, texts, ["transformer.h.0"], str(tmp_path / "fp16"),
+                         tokenizer=tokenizer, dtype="float16", float16_overflow="clamp",
+                         progress=False)
+    wide = cs.capture(model, texts, ["transformer.h.0"], str(tmp_path / "fp32"),
+                      tokenizer=tokenizer, progress=False)
+    *keys16, got = read_rows(clamped.path)["transformer.h.0"]
+    *keys32, want = read_rows(wide.path)["transformer.h.0"]
+    for a, b in zip(keys16, keys32):
+        np.testing.assert_array_equal(a, b)
+    want16 = np.clip(want, -65504, 65504).astype(np.float16)
+    assert np.array_equal(got, want16) or np.abs(got.astype(np.float32) - want16).max() <= 0.01
+    assert manifest_of(clamped.path)["counts"]["clamped"]["transformer.h.0"] == int(
+        (np.abs(want) > 65504).sum())
+    assert np.isfinite(got).all()
+
+
+def test_float16_without_overflow_records_no_clamping(gpt2, corpus, tmp_path):
+    run = _capture(gpt2, corpus[:10], tmp_path / "out", dtype="float16")
+    manifest = manifest_of(run.path)
+    assert manifest["config"]["float16_overflow"] == "error"
+    assert "clamped" not in manifest["counts"]
+    _json_files_are_strict(run.path)
