@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import gc
 import inspect
 import itertools
@@ -264,7 +265,8 @@ class ModelTracer:
                              for m in self.model.modules()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
-            self.wrapped = nnsight.NNsight(self.model)
+            self.wrapped = _wrapper_class()(self.model)
+            self.wrapped._crowstream_device = self.device
         envoys = dict(self.wrapped.named_modules())
         self.envoys = [(name, envoys[f"model.{name}"]) for name in self.order]
         return self
@@ -345,6 +347,20 @@ def _to_host(scalars: dict) -> dict:
         host[name] = torch.empty((), dtype=value.dtype, pin_memory=True)
         host[name].copy_(value, non_blocking=True)
     return host
+
+
+@functools.cache
+def _wrapper_class():
+    """nnsight's wrapper, except that it leaves the inputs on the device we chose: its own
+    choice, the first parameter's device, is wrong for `device_map` models (meta, offload)."""
+    import nnsight
+
+    class Wrapped(nnsight.NNsight):
+        @property
+        def device(self) -> torch.device:
+            return self._crowstream_device
+
+    return Wrapped
 
 
 def _check_shape(name: str, shape, model) -> int:

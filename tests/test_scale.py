@@ -198,3 +198,148 @@ def test_float16_without_overflow_records_no_clamping(gpt2, corpus, tmp_path):
     assert manifest["config"]["float16_overflow"] == "error"
     assert "clamped" not in manifest["counts"]
     _json_files_are_strict(run.path)
+
+
+# -- 3. big-model hygiene ------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_gpt2(gpt2_dir):
+    """A private copy of the tiny GPT-2 that a test may change (dropout 0.1 everywhere)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(gpt2_dir), AutoTokenizer.from_pretrained(gpt2_dir)
+
+
+def test_a_model_in_train_mode_is_captured_in_eval_mode_and_given_back_in_train(
+        gpt2, fresh_gpt2, corpus, tmp_path):
+    model, tokenizer = fresh_gpt2
+    assert model.config.resid_pdrop > 0
+    model.train()
+    model.transformer.h[1].eval()  # a submodule's own mode is given back as well
+    reference = _capture(gpt2, corpus[:12], tmp_path / "eval")
+    run = cs.capture(model, corpus[:12], MODULES, str(tmp_path / "train"), tokenizer=tokenizer,
+                     progress=False)
+    assert_same_rows(run.path, reference.path)  # bit-identical: dropout was off
+    assert model.training and model.transformer.h[0].training and model.transformer.h[0].attn.training
+    assert not model.transformer.h[1].training and not model.transformer.h[1].mlp.training
+
+
+def test_train_mode_is_given_back_after_an_error(fresh_gpt2, corpus, tmp_path):
+    model, tokenizer = fresh_gpt2
+    model.train()
+    calls = []
+
+    def fail_on_the_second_batch(module, args, output):
+        calls.append(module.training)
+        if len(calls) == 3:  # the probe, the first batch, then this one
+            raise ValueError("boom")
+
+    handle = model.transformer.h[0].register_forward_hook(fail_on_the_second_batch)
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            cs.capture(model, corpus[:12], MODULES, str(tmp_path / "out"), tokenizer=tokenizer,
+                       batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    assert calls == [False, False, False]  # every forward ran in eval mode
+    assert all(m.training for m in model.modules())
+
+
+def test_the_oom_retry_runs_after_the_failed_batch_is_freed(gpt2, fresh_gpt2, corpus, tmp_path, caplog):
+    model, tokenizer = fresh_gpt2
+    model.eval()
+    seen = {"calls": 0, "failed_input": None, "alive_at_retry": None}
+
+    def simulate_oom_once(module, args):
+        seen["calls"] += 1
+        if seen["calls"] == 2:  # the first batch (call 1 is the probe)
+            seen["failed_input"] = weakref.ref(args[0])  # a tensor of the failed forward
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+        if seen["calls"] == 3:
+            seen["alive_at_retry"] = seen["failed_input"]() is not None
+
+    handle = model.transformer.h[1].register_forward_pre_hook(simulate_oom_once)
+    try:
+        run = cs.capture(model, corpus[:12], MODULES, str(tmp_path / "out"), tokenizer=tokenizer,
+                         batch_size=8, progress=False)
+    finally:
+        handle.remove()
+    assert seen["alive_at_retry"] is False, "the failed forward's tensors were still alive"
+    assert "out of memory at a batch of 8 documents; retrying with at most 4" in caplog.text
+    reference = _capture(gpt2, corpus[:12], tmp_path / "reference")
+    assert_same_rows(run.path, reference.path, atol=1e-5)  # other batch shapes: ulps differ
+
+
+def test_the_input_device_comes_from_the_embeddings_not_the_first_parameter(
+        gpt2, fresh_gpt2, corpus, tmp_path):
+    """As with device_map: the first parameter sits on 'meta' (offloaded), the embeddings
+    on the CPU. Taking the first parameter's device sent the input ids to 'meta'."""
+    from crowstream.tracing import input_device
+
+    model, tokenizer = fresh_gpt2
+    model.eval()
+    offloaded = torch.nn.Linear(4, 4, device="meta")
+    model.transformer._modules = {"offloaded": offloaded, **model.transformer._modules}
+    assert next(model.parameters()).device.type == "meta"
+    assert input_device(model) == torch.device("cpu")
+    run = cs.capture(model, corpus[:12], MODULES, str(tmp_path / "out"), tokenizer=tokenizer,
+                     progress=False)
+    reference = _capture(gpt2, corpus[:12], tmp_path / "reference")
+    assert_same_rows(run.path, reference.path)
+
+
+def test_an_offloaded_embedding_executes_where_its_hook_says(fresh_gpt2):
+    """accelerate's offload keeps weights on 'meta' and names the execution device in a hook."""
+    from types import SimpleNamespace
+
+    from crowstream.tracing import input_device
+
+    model, _ = fresh_gpt2
+    embeddings = torch.nn.Embedding(8, 4, device="meta")
+    embeddings._hf_hook = SimpleNamespace(execution_device=0)
+    model.set_input_embeddings(embeddings)
+    assert input_device(model) == torch.device("cuda:0")
+
+
+def test_bf16_rows_travel_in_bf16_and_are_upcast_on_the_host(fresh_gpt2, corpus, tmp_path):
+    from crowstream.batching import Tokenizing, shard_stream
+    from crowstream.config import CaptureConfig
+    from crowstream.tracing import ModelTracer
+
+    model, tokenizer = fresh_gpt2
+    model.eval().to(torch.bfloat16)
+    tracer = ModelTracer(model, tokenizer, MODULES, "float32")
+    config = CaptureConfig(model={}, tokenizer={}, source={}, modules=tuple(MODULES), context_size=64)
+    stream = shard_stream(iter(enumerate(corpus[:4])), Tokenizing(tokenizer, config), shard_size=4,
+                          first_shard=0, source_start=0, tokens_before=0)
+    with tracer:
+        captured = tracer.run(next(stream))
+    assert {v.dtype for v in captured.vectors.values()} == {torch.bfloat16}
+    assert captured.rows(MODULES[0], torch.float32).dtype == np.float32
+
+    run = cs.capture(model, corpus[:12], MODULES, str(tmp_path / "out"), tokenizer=tokenizer,
+                     progress=False)
+    for module in MODULES:
+        *_, vectors = read_rows(run.path)[module]
+        assert vectors.dtype == np.float32
+        assert not (vectors.view(np.uint32) & 0xFFFF).any()  # exactly bf16 values, upcast
+
+
+def test_revision_is_passed_to_the_hub_and_recorded(gpt2_dir, corpus, tmp_path, monkeypatch, gpt2):
+    import transformers
+
+    asked = []
+    original = transformers.AutoConfig.from_pretrained
+
+    def spy(name, *args, **kwargs):
+        asked.append(kwargs.get("revision"))
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    run = cs.capture(gpt2_dir, corpus[:4], MODULES, str(tmp_path / "out"), revision="step1000",
+                     progress=False)
+    assert asked and set(asked) == {"step1000"}
+    assert manifest_of(run.path)["config"]["model"]["revision"] == "step1000"
+    with pytest.raises(cs.errors.ConfigError, match="revision='step1000' only applies"):
+        cs.capture(gpt2[0], corpus[:4], MODULES, str(tmp_path / "other"), tokenizer=gpt2[1],
+                   revision="step1000", progress=False)
