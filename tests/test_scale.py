@@ -343,3 +343,122 @@ def test_revision_is_passed_to_the_hub_and_recorded(gpt2_dir, corpus, tmp_path, 
     with pytest.raises(cs.errors.ConfigError, match="revision='step1000' only applies"):
         cs.capture(gpt2[0], corpus[:4], MODULES, str(tmp_path / "other"), tokenizer=gpt2[1],
                    revision="step1000", progress=False)
+
+
+# -- 4. one in-flight byte budget --------------------------------------------------------
+
+def test_the_budget_makes_the_forward_wait_and_admits_an_oversized_batch_alone():
+    import threading
+    import time
+
+    from crowstream._threads import ByteBudget
+
+    budget = ByteBudget(100)
+    budget.acquire(60)
+    admitted = threading.Event()
+    waiter = threading.Thread(target=lambda: (budget.acquire(60), admitted.set()))
+    waiter.start()
+    time.sleep(0.2)
+    assert not admitted.is_set()  # 120 > 100: waits
+    budget.settle(60, resident_change=10)  # written; 10 bytes stay in a row-group buffer
+    waiter.join(2)
+    assert admitted.is_set() and budget.used == 70
+    budget.settle(60)
+    budget.acquire(500)  # larger than the whole budget, but nothing else is in flight
+    assert budget.used == 510 and budget.peak == 510
+
+
+def test_a_failed_writer_stops_a_waiting_forward():
+    from crowstream._threads import ByteBudget
+
+    budget = ByteBudget(100)
+    budget.acquire(80)
+
+    def check():
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        budget.acquire(80, check=check)
+
+
+@pytest.fixture
+def budgets(monkeypatch):
+    """Every ByteBudget a capture creates."""
+    from crowstream import _threads
+
+    made = []
+    original = _threads.ByteBudget.__init__
+
+    def record(self, limit):
+        original(self, limit)
+        made.append(self)
+
+    monkeypatch.setattr(_threads.ByteBudget, "__init__", record)
+    return made
+
+
+@pytest.mark.parametrize("limit", [1, 40_000, 1 << 30])
+def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, tmp_path, limit,
+                                                                  budgets, monkeypatch):
+    monkeypatch.setattr(writer_module, "ROW_GROUP_BYTES", 32 << 10)  # buffers matter too
+    reference = _capture(gpt2, corpus[:30], tmp_path / "reference", shard_size=10, batch_size=8)
+    budgets.clear()
+    run = _capture(gpt2, corpus[:30], tmp_path / "out", shard_size=10, batch_size=8,
+                   max_inflight_bytes=limit)
+    assert_same_rows(run.path, reference.path)
+    (budget,) = budgets
+    assert budget.limit == limit and budget.used == 0  # everything written and handed back
+    row_bytes = 2 * (16 + 64 * 4)
+    biggest_batch = 8 * 64 * row_bytes
+    resident = 2 * (32 << 10)  # at most one row group per module stays buffered
+    assert budget.peak <= max(limit, biggest_batch) + resident
+    if limit == 40_000:
+        assert budget.peak > limit  # the row-group buffers and oversized batches are counted
+
+
+def test_default_budget_is_min_2gib_or_a_tenth_of_ram(gpt2, corpus, tmp_path, budgets):
+    from crowstream.config import default_inflight_bytes
+
+    run = _capture(gpt2, corpus[:4], tmp_path / "out")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert budgets[0].limit == default_inflight_bytes() == min(2 << 30, int(ram / 10))
+    assert manifest_of(run.path)["config"]["max_inflight_bytes"] == budgets[0].limit
+
+
+def test_cli_takes_the_new_options():
+    from crowstream.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["capture", "m", "d", "-m", "x", "-o", "o", "--max-inflight-bytes", "512M",
+         "--float16-overflow", "clamp", "--revision", "step1000"])
+    assert (args.max_inflight_bytes, args.float16_overflow, args.revision) == (512 << 20, "clamp", "step1000")
+    assert build_parser().parse_args(["capture", "m", "d", "-m", "x", "-o", "o"]).max_batch_tokens == 8192
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["capture", "m", "d", "-m", "x", "-o", "o", "--max-inflight-bytes", "lots"])
+
+
+# -- 5. shards sized in tokens, batches that reach batch_size -----------------------------
+
+def test_default_shards_are_sized_in_tokens_whatever_d(gpt2, corpus, tmp_path):
+    from crowstream.config import SHARD_TARGET_TOKENS
+
+    model, tokenizer = gpt2
+    run = _capture(gpt2, corpus[:20], tmp_path / "out")
+    lengths = [len(tokenizer(t, truncation=True, max_length=64)["input_ids"]) for t in corpus[:20]]
+    assert run.manifest["shard_size"] == int(SHARD_TARGET_TOKENS / np.mean(lengths))
+    assert run.manifest["config"]["max_batch_tokens"] == 8192
+
+
+def test_batches_reach_batch_size_when_the_token_budget_allows(gpt2, corpus):
+    from crowstream.batching import Batch, Tokenizing, estimate_shard_size, shard_stream
+    from crowstream.config import CaptureConfig
+
+    tokenizer = gpt2[1]
+    config = CaptureConfig(model={}, tokenizer={}, source={}, modules=("x",), context_size=64)
+    tokenizing = Tokenizing(tokenizer, config)
+    shard_size = estimate_shard_size(corpus[:100], tokenizing)
+    assert shard_size > 100  # a shard holds many batches, so sorting windows fill batches
+    items = list(shard_stream(iter(enumerate(corpus[:100])), tokenizing, shard_size=shard_size,
+                              first_shard=0, source_start=0, tokens_before=0))
+    sizes = [item.n_docs for item in items if isinstance(item, Batch)]
+    assert sizes[:-1] == [32] * (len(sizes) - 1) and sum(sizes) == 100
