@@ -38,3 +38,12 @@ def test_memory_tiny_prints_growth(tmp_path):
     out = _run("memory.py", tmp_path)
     for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment"):
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+@pytest.mark.slow
+def test_scale_tiny_prints_every_number(tmp_path):
+    out = _run("scale.py", tmp_path)
+    for line in ("bare loop: peak RSS", "max_inflight_bytes", "above the bare loop", "row groups:",
+                 "total_byte_size", "documents per batch: [4] (batch_size 4: OK)",
+                 "commit time first/last 10%", "targets:"):
+        assert line in out, f"missing {line!r} in:\n{out}"
