@@ -14,7 +14,7 @@ Each measurement runs in a fresh child process that builds the same model and do
 - bare: a loop over the same batches that copies the same modules' kept rows to new host
   tensors (one batch in flight, then dropped), as any capture must at least do;
 - crowstream at each `--budgets` value of `max_inflight_bytes`.
-Reported: each child's peak RSS (ru_maxrss) above its level just before the loop, and
+Reported: each child's peak RSS (ru_maxrss) above its RSS just before the loop, and
 crowstream's peak above the bare loop's, against budget x 1.25; the row groups' sizes
 (Parquet total_byte_size) against row_group_bytes; and the documents per batch reached.
 
@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import mib, peak_rss_bytes  # noqa: E402
+from throughput import mib, peak_rss_bytes, rss_bytes  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -129,7 +129,7 @@ def child(args) -> int:
     batch_docs: list[int] = []
     model.register_forward_pre_hook(lambda m, a, kw: batch_docs.append(
         int((a[0] if a else kw["input_ids"]).shape[0])), with_kwargs=True)
-    before = peak_rss_bytes()
+    before = rss_bytes()  # now, after the warm-up (whose own peak stays far below the run's)
     start = time.perf_counter()
     result = {}
     if args.budget is None:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from .errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "crowstream.json"
 TMP_DIR = ".tmp"
 DATA_DIR = "data"

@@ -316,12 +316,15 @@ class _Writers:
 
     def __init__(self, out, config: CaptureConfig, dims: dict, manifest: dict):
         from ._threads import ByteBudget, Worker
-        from .writer import ModuleStats
+        from .writer import ENCODER_BYTES, ModuleStats, encoder_slots
 
         self.out, self.config, self.dims, self.manifest = out, config, dims, manifest
         self.workers = {name: Worker(f"crowstream-writer[{name}]") for name in dims}
         self.committer = Worker("crowstream-committer", 2)
-        self.budget = ByteBudget(config.max_inflight_bytes or default_inflight_bytes())
+        limit = config.max_inflight_bytes or default_inflight_bytes()
+        slots = encoder_slots(limit)  # concurrent encodes come out of the same budget
+        self.encoders = threading.BoundedSemaphore(slots)
+        self.budget = ByteBudget(max(1, limit - slots * ENCODER_BYTES))
         item = 4 if config.dtype == "float32" else 2
         # bytes one kept row costs per module, as stored (16: doc_id, position, token)
         self.row_cost = {name: 16 + d * item for name, d in dims.items()}
@@ -372,7 +375,8 @@ class _Writers:
         if name not in self.parts:
             def path_of(seq):
                 return os.path.join(self.out, TMP_DIR, f"{name}.{mf.part_name(RANK, shard, seq)}")
-            self.parts[name] = ShardParts(path_of, row_schema(self.dims[name], self.config.dtype))
+            self.parts[name] = ShardParts(path_of, row_schema(self.dims[name], self.config.dtype),
+                                          encoders=self.encoders)
         return self.parts[name]
 
     def _close_part(self, name, shard):

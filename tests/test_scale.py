@@ -406,23 +406,29 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     run = _capture(gpt2, corpus[:30], tmp_path / "out", shard_size=10, batch_size=8,
                    max_inflight_bytes=limit)
     assert_same_rows(run.path, reference.path)
-    (budget,) = budgets
-    assert budget.limit == limit and budget.used == 0  # everything written and handed back
+    from crowstream.writer import ENCODER_BYTES, encoder_slots
+
+    (budget,) = budgets  # the rows' share: concurrent encoders take theirs first
+    assert budget.limit == max(1, limit - encoder_slots(limit) * ENCODER_BYTES)
+    assert budget.used == 0  # everything written and handed back
     row_bytes = 2 * (16 + 64 * 4)
     biggest_batch = 8 * 64 * row_bytes
     resident = 2 * (32 << 10)  # at most one row group per module stays buffered
-    assert budget.peak <= max(limit, biggest_batch) + resident
+    assert budget.peak <= max(budget.limit, biggest_batch) + resident
     if limit == 40_000:
-        assert budget.peak > limit  # the row-group buffers and oversized batches are counted
+        assert budget.peak > budget.limit  # row-group buffers and oversized batches count
 
 
 def test_default_budget_is_min_2gib_or_a_tenth_of_ram(gpt2, corpus, tmp_path, budgets):
     from crowstream.config import default_inflight_bytes
+    from crowstream.writer import ENCODER_BYTES, encoder_slots
 
     run = _capture(gpt2, corpus[:4], tmp_path / "out")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert budgets[0].limit == default_inflight_bytes() == min(2 << 30, int(ram / 10))
-    assert manifest_of(run.path)["config"]["max_inflight_bytes"] == budgets[0].limit
+    default = default_inflight_bytes()
+    assert default == min(2 << 30, int(ram / 10))
+    assert manifest_of(run.path)["config"]["max_inflight_bytes"] == default
+    assert budgets[0].limit == default - encoder_slots(default) * ENCODER_BYTES
 
 
 def test_cli_takes_the_new_options():
