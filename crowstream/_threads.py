@@ -57,6 +57,9 @@ class Worker:
             except BaseException as error:  # crosses to the caller via check()/the Future
                 self._error = error
                 future.set_exception(error)
+            # drop the call's arguments now, not when the next call arrives: they may hold
+            # a batch's rows, which the byte budget already counts as written
+            del item, future, fn, args
 
 
 class ByteBudget:

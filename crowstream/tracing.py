@@ -69,7 +69,9 @@ class Captured:
         return 0 if count is None else int(count)
 
     def release(self, name: str) -> None:
-        """Done with `name`'s rows: its pinned buffer goes back to the pool."""
+        """Done with `name`'s rows: they are dropped (whoever still holds this object), and
+        their pinned buffer goes back to the pool."""
+        self.vectors.pop(name, None)
         buffer = self.buffers.pop(name, None)
         if buffer is not None and self.pool is not None:
             self.pool.give(buffer)
