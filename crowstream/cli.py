@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overflow", choices=["truncate", "chunk"], default="truncate")
     c.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     c.add_argument("--float16-overflow", choices=["error", "clamp"], default="error",
-                   help="values beyond float16's range: stop with an error, or clamp and count them")
+                   help="values beyond float16's range: stop with an error, or clamp and "
+                        "count them")
     c.add_argument("--max-inflight-bytes", type=_byte_size, metavar="BYTES",
                    help="bound on bytes between the forward and the disk, e.g. 512M or 4G "
                         "(default: min(2 GiB, 10%% of RAM))")

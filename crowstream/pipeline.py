@@ -213,7 +213,6 @@ class _Session:
         with _write_errors(self.out):
             mf.write_manifest(self.out, manifest)
         writers = _Writers(self.out, self.config, self.tracer.dims, manifest)
-        self.writers = writers
         stream = prefetch(self._batches(rows))
         try:
             with _signals(self.stop_requested), self.tracer, _Progress(n_docs, self.source_done, enabled=self.progress) as bar:

@@ -228,7 +228,9 @@ def input_device(model) -> torch.device:
     for module in [*candidates, model]:
         executes_on = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
         if executes_on is not None:
-            return torch.device(f"cuda:{executes_on}" if isinstance(executes_on, int) else executes_on)
+            if isinstance(executes_on, int):  # a bare GPU index
+                executes_on = f"cuda:{executes_on}"
+            return torch.device(executes_on)
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             if tensor.device.type != "meta":
                 return tensor.device

@@ -2,8 +2,9 @@
 `OUT/.tmp/` with the format's settings, in row groups of at most ROW_GROUP_BYTES whatever
 the batch size; `ShardParts` rolls one module's rows of one shard over several such files
 of about PART_TARGET_BYTES each; `ModuleStats` keeps the running count, mean, variance
-and mean norm that SAE trainers normalise with. The pipeline runs one writer per module on its own background thread
-(pyarrow releases the GIL while encoding), so the forward loop never waits on IO.
+and mean norm that SAE trainers normalise with. The pipeline runs one writer per module on
+its own background thread (pyarrow releases the GIL while encoding), so the forward loop
+never waits on IO.
 """
 
 from __future__ import annotations
