@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-inflight-bytes", type=_byte_size, metavar="BYTES",
                    help="bound on bytes between the forward and the disk, e.g. 512M or 4G "
                         "(default: min(2 GiB, 10%% of RAM))")
-    c.add_argument("--shard-size", type=int, help="documents per shard (the commit unit)")
+    c.add_argument("--shard-size", type=int,
+                   help="documents per shard, the commit unit (default: enough for ~256k tokens)")
     c.add_argument("--exclude-special-tokens", action="store_true")
     c.add_argument("--exclude-token-id", dest="exclude_token_ids", type=int, action="append", default=[])
     c.add_argument("--store-text", action="store_true", help="keep document text in docs/")

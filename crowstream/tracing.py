@@ -83,8 +83,9 @@ class PinnedPool:
     free buffer of at least its size and at most 1.25x it, or allocates one rounded up by
     at most 1/8; buffers given back are kept while the free ones total under `capacity`."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, allocate=None):
         self.capacity = capacity
+        self._allocate = allocate or _pinned_bytes
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
@@ -97,13 +98,17 @@ class PinnedPool:
             if buffer is not None:
                 self._free = [b for b in self._free if b is not buffer]
         if buffer is None:
-            buffer = torch.empty(_size_class(nbytes), dtype=torch.uint8, pin_memory=True)
+            buffer = self._allocate(_size_class(nbytes))
         return buffer[:nbytes].view(dtype).view(shape), buffer
 
     def give(self, buffer: torch.Tensor) -> None:
         with self._lock:
             if sum(b.numel() for b in self._free) + buffer.numel() <= self.capacity:
                 self._free.append(buffer)
+
+
+def _pinned_bytes(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8, pin_memory=True)
 
 
 def _size_class(nbytes: int) -> int:

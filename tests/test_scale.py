@@ -500,3 +500,28 @@ def test_resume_with_rolled_part_files_is_bit_identical(gpt2_dir, gpt2, corpus, 
     got = {p["path"]: p["sha256"] for p in manifest_of(tmp_path / "out")["parts"]}
     want = {p["path"]: p["sha256"] for p in manifest_of(reference.path)["parts"]}
     assert got == want and any(path.endswith("-001.parquet") for path in got)
+
+
+def test_the_pinned_pool_reuses_buffers_within_its_capacity():
+    """The CUDA path's host buffers, with plain CPU memory standing in for pinned memory."""
+    from crowstream.tracing import PinnedPool
+
+    allocated = []
+
+    def allocate(n):
+        allocated.append(n)
+        return torch.empty(n, dtype=torch.uint8)
+
+    pool = PinnedPool(capacity=3 << 20, allocate=allocate)
+    rows, buffer = pool.take((1000, 256), torch.float32)  # 1,024,000 bytes
+    assert rows.shape == (1000, 256) and rows.dtype == torch.float32
+    assert 1_024_000 <= buffer.numel() <= 1_024_000 * 9 // 8 and len(allocated) == 1
+    pool.give(buffer)
+    again, reused = pool.take((900, 256), torch.float32)  # fits the free buffer: reused
+    assert reused is buffer and len(allocated) == 1 and again.shape == (900, 256)
+    _, small = pool.take((10, 256), torch.bfloat16)  # far smaller: not served by a big one
+    assert small is not buffer and len(allocated) == 2
+    pool.give(reused)
+    _, big = pool.take((4000, 256), torch.float32)  # 4 MB: over the free capacity once given
+    pool.give(big)
+    assert sum(b.numel() for b in pool._free) <= 3 << 20
