@@ -1,7 +1,8 @@
-"""Background threads. It owns the two patterns the pipeline uses: `Worker`, one thread
-running submitted calls in order behind a bounded queue (back-pressure keeps memory
-flat), and `prefetch`, which runs a generator one step ahead on its own thread. A failure
-on a background thread is re-raised in the caller with its original cause.
+"""Background threads. It owns the patterns the pipeline uses: `Worker`, one thread
+running submitted calls in order; `ByteBudget`, the one count of bytes in flight between
+the forward and the disk that makes the forward wait (back-pressure keeps memory flat);
+and `prefetch`, which runs a generator one step ahead on its own thread. A failure on a
+background thread is re-raised in the caller with its original cause.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ _STOP = object()
 
 class Worker:
     """One daemon thread executing `submit`ted calls in order; `submit` blocks when
-    `depth` calls are already waiting. The first failure is re-raised by the next
-    `submit`/`check` (and by the failing call's Future)."""
+    `depth` calls are already waiting (0: never; a `ByteBudget` bounds memory instead).
+    The first failure is re-raised by the next `submit`/`check` (and by the failing
+    call's Future): a crowstream error as it is, anything else wrapped with its cause."""
 
-    def __init__(self, name: str, depth: int):
+    def __init__(self, name: str, depth: int = 0):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -31,6 +33,10 @@ class Worker:
         return future
 
     def check(self) -> None:
+        from .errors import CrowstreamError
+
+        if isinstance(self._error, CrowstreamError):
+            raise self._error  # already one clear message for the user
         if self._error is not None:
             raise RuntimeError(f"{self._thread.name} failed: {self._error}") from self._error
 
@@ -51,6 +57,52 @@ class Worker:
             except BaseException as error:  # crosses to the caller via check()/the Future
                 self._error = error
                 future.set_exception(error)
+            # drop the call's arguments now, not when the next call arrives: they may hold
+            # a batch's rows, which the byte budget already counts as written
+            del item, future, fn, args
+
+
+class ByteBudget:
+    """Bytes between the forward and the disk, bounded by `limit`.
+
+    The forward `acquire`s a batch's bytes before it runs and waits while they would not
+    fit. A writer `settle`s its share once the rows are written: the share leaves flight,
+    and whatever the writer keeps in its row-group buffer stays counted as resident until
+    a later `settle` hands it back. A batch larger than the whole budget is still admitted,
+    alone: `acquire` never waits while nothing is in flight (resident buffers are flushed
+    only by later batches, so waiting on them would wait forever). `peak` is the most
+    ever counted.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.peak = 0
+        self._in_flight = 0
+        self._resident = 0
+        self._changed = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        return self._in_flight + self._resident
+
+    def acquire(self, n: int, check=None) -> None:
+        """Count `n` more bytes, first waiting for room; `check()` runs while waiting, so
+        a failed writer (which will never settle) raises instead of hanging."""
+        with self._changed:
+            while self._in_flight and self.used + n > self.limit:
+                if check is not None:
+                    check()
+                self._changed.wait(0.1)
+            self._in_flight += n
+            self.peak = max(self.peak, self.used)
+
+    def settle(self, written: int, resident_change: int = 0) -> None:
+        """`written` bytes leave flight; the resident count changes by `resident_change`."""
+        with self._changed:
+            self._in_flight -= written
+            self._resident += resident_change
+            self.peak = max(self.peak, self.used)
+            self._changed.notify_all()
 
 
 def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch"):

@@ -220,10 +220,12 @@ def _assemble(ids, lengths, keep, doc_of_row, starts) -> Batch:
     )
 
 
-def estimate_shard_size(texts: list[str], tokenizing: Tokenizing, row_bytes: int) -> int:
-    """Documents per shard so one module's part file is ~SHARD_TARGET_BYTES raw."""
-    from .config import SHARD_TARGET_BYTES
+def estimate_shard_size(texts: list[str], tokenizing: Tokenizing) -> int:
+    """Documents per shard for ~SHARD_TARGET_TOKENS tokens fed, from the mean length of
+    `texts` (the first documents). Counted in tokens, not bytes, so shards hold many
+    batches whatever d is; the result is recorded once and a resume reuses it."""
+    from .config import SHARD_TARGET_TOKENS
 
     encoded = tokenizing.encode([t for t in texts if t is not None])
     mean_tokens = max(1.0, float(np.mean([len(e) for e in encoded])) if encoded else 1.0)
-    return max(1, int(SHARD_TARGET_BYTES / (mean_tokens * row_bytes)))
+    return max(1, int(SHARD_TARGET_TOKENS / mean_tokens))

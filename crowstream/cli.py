@@ -11,6 +11,7 @@ import logging
 import shlex
 import sys
 
+from .config import DEFAULT_MAX_BATCH_TOKENS
 from .errors import CrowstreamError, Interrupted, VerifyError
 
 
@@ -32,18 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, help="stop after about this many tokens fed to the model")
     c.add_argument("--sample", type=int, help="a random sample of this many documents")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--max-batch-tokens", type=int, help="token budget (padded) per batch")
+    c.add_argument("--batch-size", type=int, default=32, help="most documents per batch")
+    c.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help=f"token budget (padded) per batch (default {DEFAULT_MAX_BATCH_TOKENS})")
     c.add_argument("--context-size", type=int)
     c.add_argument("--overflow", choices=["truncate", "chunk"], default="truncate")
     c.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    c.add_argument("--shard-size", type=int, help="documents per shard (the commit unit)")
+    c.add_argument("--float16-overflow", choices=["error", "clamp"], default="error",
+                   help="values beyond float16's range: stop with an error, or clamp and "
+                        "count them")
+    c.add_argument("--max-inflight-bytes", type=_byte_size, metavar="BYTES",
+                   help="bound on bytes between the forward and the disk, e.g. 512M or 4G "
+                        "(default: min(2 GiB, 10%% of RAM))")
+    c.add_argument("--shard-size", type=int,
+                   help="documents per shard, the commit unit (default: enough for ~256k tokens)")
     c.add_argument("--exclude-special-tokens", action="store_true")
     c.add_argument("--exclude-token-id", dest="exclude_token_ids", type=int, action="append", default=[])
     c.add_argument("--store-text", action="store_true", help="keep document text in docs/")
     c.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     c.add_argument("--torch-dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype to load the model in")
+    c.add_argument("--revision", help="hub model revision: branch, tag or commit (e.g. step1000)")
     c.add_argument("--trust-remote-code", action="store_true")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--resume", action="store_true")
@@ -67,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--out", default="crowstream-demo")
     d.add_argument("--docs", type=int, default=400)
     return parser
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """'512M', '4G', '2GiB', '1048576' -> bytes (binary units)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[:len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512M or 4G") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return int(number * _UNITS[unit])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +153,12 @@ def _capture(args) -> None:
         text_field=args.text_field, split=args.split, context_size=args.context_size,
         overflow=args.overflow, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         max_docs=args.max_docs, max_tokens=args.max_tokens, sample=args.sample, seed=args.seed,
-        dtype=args.dtype, shard_size=args.shard_size,
+        dtype=args.dtype, float16_overflow=args.float16_overflow,
+        max_inflight_bytes=args.max_inflight_bytes, shard_size=args.shard_size,
         exclude_special_tokens=args.exclude_special_tokens, exclude_token_ids=args.exclude_token_ids,
         store_text=args.store_text, overwrite=args.overwrite, resume=args.resume,
-        device=args.device, torch_dtype=args.torch_dtype, trust_remote_code=args.trust_remote_code,
+        device=args.device, torch_dtype=args.torch_dtype, revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress)
     rows = ", ".join(f"{name}: {n:,}" for name, n in run.tokens.items())
     print(f"wrote {run.docs:,} documents to {run.path} ({rows} rows)")

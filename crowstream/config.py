@@ -6,6 +6,7 @@ passed down the pipeline, written verbatim to the manifest, and compared on resu
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Literal
 
@@ -21,19 +22,35 @@ VOCAB_NAME = "vocab.parquet"
 
 # Row-group size and the Parquet settings live in schemas/rows.json (the format's single
 # source of truth): ~16 MiB, because huge row groups made selective reads 8-60x slower.
-# Default shard: documents whose vectors (largest module) come to ~256 MiB raw, so part
-# files land at a few hundred MB; a crash loses at most one shard of work.
-SHARD_TARGET_BYTES = 256 << 20
+# Part files roll over at this many raw (uncompressed) bytes, always at a row-group
+# boundary: 512 MiB raw is ~200-450 MB on disk after zstd, large enough that listing and
+# opening files (tens of ms per request on object storage) stays cheap against reading
+# them, small enough that one file is a quick download and a shard may hold several.
+PART_TARGET_BYTES = 512 << 20
+# Default shard (the commit unit): documents for about this many tokens, sized once at
+# the start from the first documents and recorded. Counted in tokens, not bytes, so a
+# shard holds many batches whatever d is: 256k tokens are ~30 batches of the default
+# token budget, a few seconds of a GPU forward (7B, ~50k tok/s), minutes on a laptop CPU.
+SHARD_TARGET_TOKENS = 256 << 10
+# Default token budget per batch (padded B*T). GPU matmuls stop gaining by a few thousand
+# tokens per batch (a 2-core CPU already peaks at 1-2k); 8k tokens keeps one batch's kept
+# rows at 128 MiB per d=4096 float32 module, well inside the default in-flight budget for
+# a handful of modules, and GPU activation memory predictable whatever batch_size is.
+DEFAULT_MAX_BATCH_TOKENS = 8192
+# Default in-flight budget (bytes between the forward and the disk): min(2 GiB, 10% of RAM),
+# which a laptop and a GPU node both accept; see `default_inflight_bytes`.
+INFLIGHT_CAP_BYTES = 2 << 30
+INFLIGHT_RAM_FRACTION = 0.10
+# Largest finite float16 value: anything beyond becomes inf when cast.
+FLOAT16_MAX = 65504.0
 # Documents tokenized and length-sorted together; sorting within ~1k documents made
 # 99% of batch tokens real on Python-docs paragraphs (51% unsorted).
 SORT_WINDOW_DOCS = 1024
 # Upper bound for the default context size (a model's max positions can be 128k).
 DEFAULT_CONTEXT_CAP = 1024
-# Batches queued per writer thread before the forward loop waits (back-pressure).
-WRITER_QUEUE_BATCHES = 8
-
 Dtype = Literal["float32", "float16"]
 Overflow = Literal["truncate", "chunk"]
+Float16Overflow = Literal["error", "clamp"]
 
 # Fields that must match between a run and its resume; the rest (batch size, device,
 # progress) may change freely because they do not change which rows are written.
@@ -41,6 +58,7 @@ RESUME_FIELDS = (
     "model", "tokenizer", "modules", "context_size", "overflow", "dtype",
     "exclude_special_tokens", "exclude_token_ids", "source", "sample", "seed",
     "max_docs", "max_tokens", "text_field", "split", "store_text", "shard_size",
+    "float16_overflow",  # except error -> clamp: a run stopped by an overflow may continue
 )
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -61,12 +79,14 @@ class CaptureConfig:
     context_size: int
     overflow: Overflow = "truncate"
     batch_size: int = 32
-    max_batch_tokens: int | None = None
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     max_docs: int | None = None
     max_tokens: int | None = None
     sample: int | None = None
     seed: int = 0
     dtype: Dtype = "float32"
+    float16_overflow: Float16Overflow = "error"
+    max_inflight_bytes: int | None = None
     shard_size: int | None = None
     exclude_special_tokens: bool = False
     exclude_token_ids: tuple[int, ...] = ()
@@ -86,6 +106,8 @@ class CaptureConfig:
             old, new = _jsonable(recorded.get(field)), mine[field]
             if old == new or (field == "seed" and mine["sample"] is None):
                 continue  # without sample, the seed changes nothing
+            if field == "float16_overflow" and ((old, new) == ("error", "clamp") or old is None):
+                continue  # a manifest from before the option had the error behaviour
             if isinstance(old, dict) and isinstance(new, dict):  # fingerprints: name the keys
                 found += [f"{field}.{key}: manifest has {_short(old.get(key))}, this call has "
                           f"{_short(new.get(key))}" for key in sorted(set(old) | set(new))
@@ -102,6 +124,15 @@ def _jsonable(value):
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     return value
+
+
+def default_inflight_bytes() -> int:
+    """min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION of physical RAM)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
+        ram = 8 << 30
+    return int(min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION * ram))
 
 
 def looks_like_path(name: str) -> bool:

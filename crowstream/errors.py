@@ -60,3 +60,7 @@ class Interrupted(CrowstreamError):
 
 class OutOfMemory(CrowstreamError, MemoryError):
     """A single document does not fit in memory even at batch size 1."""
+
+
+class Float16OverflowError(CrowstreamError, OverflowError):
+    """A module's output exceeds float16's range and `float16_overflow="error"`."""

@@ -136,7 +136,10 @@ def _check_stats(out: str, shard: mf.ShardRecord) -> list[str]:
         stats = mf.read_stats(out, ref)
     except Exception as error:  # any decode failure is damage to report, with its reason
         return [f"unreadable: {ref.path} is not a valid statistics file ({error})"]
-    rows = {p.module: p.rows for p in shard.parts if p.kind == "module"}
+    rows: dict[str, int] = {}
+    for part in shard.parts:
+        if part.kind == "module":
+            rows[part.module] = rows.get(part.module, 0) + part.rows
     counts = {name: s.count for name, s in stats.items()}
     if counts != rows:
         problems.append(f"stats mismatch: {ref.path} counts rows {counts}, the shard's parts "

@@ -273,8 +273,9 @@ def stats_path(index: int) -> str:
     return f"{COMMITS_DIR}/shard-{index:08d}.stats.parquet"
 
 
-def part_name(rank: int, shard: int) -> str:
-    return f"part-{rank:05d}-{shard:06d}.parquet"
+def part_name(rank: int, shard: int, seq: int = 0) -> str:
+    """File name of part `seq` of one shard (a module may roll over several per shard)."""
+    return f"part-{rank:05d}-{shard:06d}-{seq:03d}.parquet"
 
 
 def module_dir(module: str) -> str:

@@ -16,10 +16,12 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_map=None,
-               trust_remote_code: bool = False):
-    """-> (model in eval mode, tokenizer). A loaded model is used as it is (never moved
-    unless `device` is given); a string is loaded with AutoModelForCausalLM when the
-    config names a causal-LM architecture, else AutoModel (encoders such as BERT)."""
+               revision: str | None = None, trust_remote_code: bool = False):
+    """-> (model, tokenizer). A loaded model is used as it is (never moved unless `device`
+    is given; capture puts it in eval mode only while it runs); a string is loaded, at
+    `revision` (a branch, tag or commit, e.g. Pythia's "step1000") if given, with
+    AutoModelForCausalLM when the config names a causal-LM architecture, else AutoModel
+    (encoders such as BERT)."""
     import torch
     import transformers
 
@@ -29,13 +31,17 @@ def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_m
         tokenizer = os.fspath(tokenizer)
     if isinstance(model, str):
         name = model
-        config = _config(name, trust_remote_code)
+        config = _config(name, trust_remote_code, revision)
         if tokenizer is None:  # before the weights: a missing tokenizer fails in seconds
-            tokenizer = _tokenizer(name, trust_remote_code)
-        model = _from_pretrained(name, config, torch_dtype, device_map, trust_remote_code)
+            tokenizer = _tokenizer(name, trust_remote_code, revision)
+        model = _from_pretrained(name, config, torch_dtype, device_map, revision,
+                                 trust_remote_code)
         if device_map is None:
             model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     elif isinstance(model, torch.nn.Module):
+        if revision is not None:
+            raise ConfigError(f"revision={revision!r} only applies to a model given by name; "
+                              "this model is already loaded.")
         if device is not None:
             model.to(device)
     else:
@@ -50,12 +56,14 @@ def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_m
     return model, tokenizer
 
 
-def _config(name: str, trust_remote_code: bool):
+def _config(name: str, trust_remote_code: bool, revision: str | None = None):
     import transformers
 
     _check_exists(name)
+    at = {"revision": revision} if revision is not None else {}
     try:
-        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                         **at)
     except OSError as error:
         raise _load_error(name, error) from error
     refuse_encoder_decoder(config, name)
@@ -68,14 +76,16 @@ def _load_error(name: str, error: OSError) -> ModelLoadError:
         "directory (save_pretrained output) or set HF_HUB_OFFLINE=1 to use the local cache.")
 
 
-def _from_pretrained(name: str, config, torch_dtype, device_map, trust_remote_code: bool):
+def _from_pretrained(name: str, config, torch_dtype, device_map, revision,
+                     trust_remote_code: bool):
     import transformers
 
+    at = {"revision": revision} if revision is not None else {}
     try:
         archs = getattr(config, "architectures", None) or []
         causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        kwargs = {"trust_remote_code": trust_remote_code}
+        kwargs = {"trust_remote_code": trust_remote_code, **at}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         if device_map is not None:
@@ -95,7 +105,7 @@ def refuse_encoder_decoder(config, name: str) -> None:
             "Load its encoder yourself (e.g. T5EncoderModel) and pass that model with tokenizer=.")
 
 
-def _tokenizer(name: str, trust_remote_code: bool):
+def _tokenizer(name: str, trust_remote_code: bool, revision: str | None = None):
     import transformers
 
     if os.path.isdir(name) and not any(_is_tokenizer_file(f) for f in os.listdir(name)):
@@ -105,7 +115,9 @@ def _tokenizer(name: str, trust_remote_code: bool):
                              "tokenizer there (tokenizer.save_pretrained) or pass tokenizer= "
                              "(an object or a local directory).")
     try:
-        return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        at = {"revision": revision} if revision is not None else {}
+        return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                          **at)
     except (OSError, ValueError, TypeError) as error:  # a directory without tokenizer files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"could not load the tokenizer for {name!r}: {reason[:200]}. "
@@ -125,12 +137,14 @@ def _check_exists(name: str) -> None:
                              "pass a directory written by save_pretrained, or a hub id.")
 
 
-def model_fingerprint(model) -> dict:
+def model_fingerprint(model, revision: str | None = None) -> dict:
+    """Identifies a model in the manifest: name, class, revision (the commit the hub
+    resolved, else the `revision` asked for) and a hash of its config."""
     config = model.config.to_json_string(use_diff=False)
     return {
         "name_or_path": str(getattr(model, "name_or_path", "") or ""),
         "class": type(model).__name__,
-        "revision": str(getattr(model.config, "_commit_hash", None) or ""),
+        "revision": str(getattr(model.config, "_commit_hash", None) or revision or ""),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
     }
 

@@ -22,8 +22,9 @@ import pyarrow as pa
 from crowstream.schemas import docs_schema, part_schema, vocab_schema
 
 from . import manifest as mf
-from .config import (DATA_DIR, DOCS_DIR, FORMAT_VERSION, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME,
-                     WRITER_QUEUE_BATCHES, CaptureConfig, check_choice, check_positive)
+from .config import (DATA_DIR, DEFAULT_MAX_BATCH_TOKENS, DOCS_DIR, FORMAT_VERSION,
+                     SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, CaptureConfig, check_choice,
+                     check_positive, default_inflight_bytes)
 from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
                      OutOfMemory, OutputError, ResumeMismatchError)
 
@@ -46,13 +47,15 @@ class Run:
 
 def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "text",
             split: str = "train", context_size: int | None = None, overflow: str = "truncate",
-            batch_size: int = 32, max_batch_tokens: int | None = None,
+            batch_size: int = 32, max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
             max_docs: int | None = None, max_tokens: int | None = None,
             sample: int | None = None, seed: int = 0, dtype: str = "float32",
+            float16_overflow: str = "error", max_inflight_bytes: int | None = None,
             shard_size: int | None = None, exclude_special_tokens: bool = False,
             exclude_token_ids=(), store_text: bool = False, overwrite: bool = False,
             resume: bool = False, device=None, torch_dtype=None, device_map=None,
-            trust_remote_code: bool = False, progress: bool = True) -> Run:
+            revision: str | None = None, trust_remote_code: bool = False,
+            progress: bool = True) -> Run:
     """Run `model` over `data` and store the outputs of `modules` under `out`.
 
     One forward pass per batch captures every module and stops after the deepest.
@@ -61,7 +64,11 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     `data` is a list of strings/dicts, a `datasets` dataset, a local file or directory, or
     a hub dataset id; `modules` are names or globs from `crowstream.modules(model)`.
     `overflow="chunk"` splits long documents into `context_size` windows (positions stay
-    absolute); `dtype` is "float32" or "float16"; `shard_size` is documents per commit.
+    absolute); `dtype` is "float32" or "float16" (values beyond float16's range fail the
+    run unless `float16_overflow="clamp"`); `shard_size` is documents per commit (default:
+    about SHARD_TARGET_TOKENS tokens); `max_batch_tokens` caps padded tokens per batch and
+    `batch_size` documents; `max_inflight_bytes` bounds the bytes between the forward and
+    the disk (default min(2 GiB, 10% of RAM)); `revision` picks a hub model's revision.
     `resume=True` continues an interrupted run in `out`; `overwrite=True` replaces one.
 
     Returns a `Run`. Raises a `CrowstreamError` subclass with a one-line explanation on
@@ -74,7 +81,8 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     _validate(overflow=overflow, dtype=dtype, batch_size=batch_size,
               max_batch_tokens=max_batch_tokens, max_docs=max_docs, max_tokens=max_tokens,
               sample=sample, shard_size=shard_size, seed=seed, exclude_token_ids=exclude_token_ids,
-              context_size=context_size, text_field=text_field)
+              context_size=context_size, text_field=text_field,
+              float16_overflow=float16_overflow, max_inflight_bytes=max_inflight_bytes)
     out, model, data = os.fspath(out), _path_to_str(model), _path_to_str(data)
     _check_out_placement(out, model, data)
     mf.inspect_out(out, overwrite=overwrite, resume=resume)
@@ -94,15 +102,19 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
                 raise DataError("the corpus has no documents; check data, split and max_docs.")
         model, tokenizer = models.load_model(model, tokenizer, device=device,
                                              torch_dtype=torch_dtype, device_map=device_map,
+                                             revision=revision,
                                              trust_remote_code=trust_remote_code)
         names = resolve_modules(model, modules)
         context_size = models.resolve_context_size(context_size, model, tokenizer)
-        tracer = ModelTracer(model, tokenizer, names, dtype)
+        max_inflight_bytes = max_inflight_bytes or default_inflight_bytes()
+        tracer = ModelTracer(model, tokenizer, names, dtype, float16_overflow, max_inflight_bytes)
         config = CaptureConfig(
-            model=models.model_fingerprint(model), tokenizer=models.tokenizer_fingerprint(tokenizer),
+            model=models.model_fingerprint(model, revision),
+            tokenizer=models.tokenizer_fingerprint(tokenizer),
             source=source.fingerprint, modules=tuple(names), context_size=context_size,
             overflow=overflow, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
             max_docs=max_docs, max_tokens=max_tokens, sample=sample, seed=seed, dtype=dtype,
+            float16_overflow=float16_overflow, max_inflight_bytes=max_inflight_bytes,
             shard_size=shard_size, exclude_special_tokens=exclude_special_tokens,
             exclude_token_ids=tuple(int(t) for t in exclude_token_ids), store_text=store_text,
             text_field=text_field, split=split)
@@ -158,13 +170,15 @@ def _check_out_placement(out: str, model, data) -> None:
 
 
 def _validate(*, overflow, dtype, batch_size, max_batch_tokens, max_docs, max_tokens, sample,
-              shard_size, seed, exclude_token_ids, context_size, text_field) -> None:
+              shard_size, seed, exclude_token_ids, context_size, text_field, float16_overflow,
+              max_inflight_bytes) -> None:
     check_choice("overflow", overflow, ("truncate", "chunk"))
     check_choice("dtype", dtype, ("float32", "float16"))
+    check_choice("float16_overflow", float16_overflow, ("error", "clamp"))
     check_positive("batch_size", batch_size, allow_none=False)
     for name, value in (("max_batch_tokens", max_batch_tokens), ("max_docs", max_docs),
                         ("max_tokens", max_tokens), ("sample", sample), ("shard_size", shard_size),
-                        ("context_size", context_size)):
+                        ("context_size", context_size), ("max_inflight_bytes", max_inflight_bytes)):
         check_positive(name, value)
     if not isinstance(text_field, str) or not text_field:
         raise ConfigError(f"text_field must be a column name, got {text_field!r}.")
@@ -222,6 +236,7 @@ class _Session:
                      ", ".join(rolled))
         if removed:
             log.info("resume: removed %d uncommitted file(s): %s", len(removed), ", ".join(removed))
+        manifest.config["float16_overflow"] = self.config.float16_overflow  # may turn on
         self.manifest = manifest
         self.source_done = manifest.source_done
 
@@ -229,9 +244,8 @@ class _Session:
         from .batching import Tokenizing, estimate_shard_size
 
         config = self.config
-        row_bytes = max(self.tracer.dims.values()) * (4 if config.dtype == "float32" else 2)
         shard_size = config.shard_size or estimate_shard_size(
-            [text for _, text in peek], Tokenizing(self.tokenizer, config), row_bytes)
+            [text for _, text in peek], Tokenizing(self.tokenizer, config))
         modules = {name: mf.ModuleInfo(self.tracer.dims[name], config.dtype, mf.module_dir(name),
                                        self.tracer.types[name])
                    for name in config.modules}
@@ -267,6 +281,7 @@ class _Session:
                     if self.stop_requested.is_set() and isinstance(item, Batch):
                         break
                     if isinstance(item, Batch):
+                        writers.admit(item)  # waits while the in-flight budget is full
                         for sub, captured in self._forward(item):
                             writers.write(sub, captured)
                         bar.batch(item)
@@ -325,11 +340,14 @@ class _Session:
                 raise OutOfMemory(f"out of memory on a single document of {batch.input_ids.shape[1]} "
                                   "tokens; lower --context-size (or use overflow='chunk' with a "
                                   "smaller one), or use a device with more memory.") from error
-            _release_cached_memory()
-            self.oom_cap = batch.n_docs // 2
-            log.warning("out of memory at a batch of %d documents; retrying with at most %d "
-                        "(pass a smaller --batch-size to avoid this)", batch.n_docs, self.oom_cap)
-            return self._forward(batch)
+        # Out of the except block: its traceback no longer holds the failed forward's
+        # frames, so collecting now really frees that batch's tensors before the retry.
+        _release_cached_memory()
+        self.oom_cap = batch.n_docs // 2
+        log.warning("out of memory at a batch of %d documents; retrying with at most %d "
+                    "(pass a smaller --batch-size or --max-batch-tokens to avoid this)",
+                    batch.n_docs, self.oom_cap)
+        return self._forward(batch)
 
     def _record_failure(self, error: BaseException, writers) -> None:
         interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
@@ -354,16 +372,25 @@ class _Session:
 
 class _Writers:
     """One background writer per module plus a committer thread that commits shards in
-    order. Part files are written in `.tmp/` and only appear in `data/` at commit."""
+    order. Part files are written in `.tmp/` and only appear in `data/` at commit. One
+    `ByteBudget` bounds every byte between the forward and the disk: a batch's kept rows
+    on the host, the writers' queues and their row-group buffers."""
 
     def __init__(self, out, config: CaptureConfig, dims: dict, committed: mf.Manifest):
-        from ._threads import Worker
+        from ._threads import ByteBudget, Worker
+        from .writer import ENCODER_BYTES, encoder_slots
 
         self.out, self.config, self.dims, self.run_id = out, config, dims, committed.run_id
-        self.workers = {name: Worker(f"crowstream-writer[{name}]", WRITER_QUEUE_BATCHES)
-                        for name in dims}
+        self.workers = {name: Worker(f"crowstream-writer[{name}]") for name in dims}
         self.committer = Worker("crowstream-committer", 2)
-        self.parts: dict = {}            # module -> open PartWriter (writer threads only)
+        limit = config.max_inflight_bytes or default_inflight_bytes()
+        slots = encoder_slots(limit)  # concurrent encodes come out of the same budget
+        self.encoders = threading.BoundedSemaphore(slots)
+        self.budget = ByteBudget(max(1, limit - slots * ENCODER_BYTES))
+        item = 4 if config.dtype == "float32" else 2
+        # bytes one kept row costs per module, as stored (16: doc_id, position, token)
+        self.row_cost = {name: 16 + d * item for name, d in dims.items()}
+        self.parts: dict = {}            # module -> ShardParts of the open shard (writer threads)
         self.shard_stats: dict = {}      # module -> ModuleStats of the open shard
         # committed so far (committer thread only): records, and their statistics merged
         # in shard order, so a resumed run's totals equal an uninterrupted run's exactly
@@ -372,38 +399,62 @@ class _Writers:
         self.shard = len(self.shards)  # index of the open shard (main thread only)
         self.bytes_written = 0  # by this run (a resume starts again from zero)
 
+    def admit(self, batch) -> None:
+        """Wait until `batch`'s kept rows fit in the in-flight budget, then count them."""
+        rows = len(batch.keep_index)
+        self.budget.acquire(rows * sum(self.row_cost.values()), check=self.check)
+
+    def check(self) -> None:
+        for worker in (*self.workers.values(), self.committer):
+            worker.check()
+
     def write(self, batch, captured) -> None:
+        rows = len(batch.keep_index)
         for name, worker in self.workers.items():
-            worker.submit(self._write_rows, name, self.shard, batch, captured)
+            worker.submit(self._write_rows, name, self.shard, batch, captured,
+                          rows * self.row_cost[name])
         self.committer.check()
 
-    def _write_rows(self, name, shard, batch, captured) -> None:
+    def _write_rows(self, name, shard, batch, captured, charge) -> None:
+        import torch
+
         from .flatten import to_record_batch
         from .writer import ModuleStats
 
-        captured.wait()
-        vectors = captured.vectors[name].numpy()  # [N, d]
-        self._part(name, shard).write(to_record_batch(batch.doc_ids, batch.positions,
-                                                      batch.tokens, vectors, self.config.dtype))
-        self.shard_stats.setdefault(name, ModuleStats(self.dims[name])).update(vectors)
+        parts = self._part(name, shard)
+        buffered = parts.buffered_bytes
+        try:
+            captured.wait()
+            vectors = captured.rows(name, getattr(torch, self.config.dtype))  # [N, d]
+            parts.write(to_record_batch(batch.doc_ids, batch.positions, batch.tokens, vectors,
+                                        self.config.dtype))
+            stats = self.shard_stats.setdefault(name, ModuleStats(self.dims[name]))
+            stats.update(vectors, captured.clamped_count(name))
+        finally:  # written (or failed): the rows leave flight, the row-group buffer stays
+            captured.release(name)
+            self.budget.settle(charge, parts.buffered_bytes - buffered)
 
     def _part(self, name, shard):
         from .models import model_id
-        from .writer import PartWriter
+        from .writer import ShardParts
 
         if name not in self.parts:
-            tmp = mf.staging_path(self.out, f"{mf.module_dir(name)}/{mf.part_name(RANK, shard)}")
+            def path_of(seq):
+                rel = f"{mf.module_dir(name)}/{mf.part_name(RANK, shard, seq)}"
+                return mf.staging_path(self.out, rel)
             schema = part_schema(name, self.dims[name], self.config.dtype,
                                  model_id(self.config.model), FORMAT_VERSION)
-            self.parts[name] = PartWriter(tmp, schema)
+            self.parts[name] = ShardParts(path_of, schema, encoders=self.encoders)
         return self.parts[name]
 
     def _close_part(self, name, shard):
         from .writer import ModuleStats
 
-        info = self._part(name, shard).close()
+        parts = self._part(name, shard)
+        self.budget.settle(0, -parts.buffered_bytes)
+        infos = parts.close()
         del self.parts[name]
-        return info, self.shard_stats.pop(name, ModuleStats(self.dims[name]))
+        return infos, self.shard_stats.pop(name, ModuleStats(self.dims[name]))
 
     def commit(self, end) -> None:
         """Queue shard `end` for commit once every module has closed its part."""
@@ -425,9 +476,10 @@ class _Writers:
         docs_info = write_table(mf.staging_path(self.out, docs_rel), _docs_table(end))
         parts = [mf.Part(path=docs_rel, bytes=docs_info.bytes, sha256=docs_info.sha256,
                          kind="docs", rows=docs_info.rows)]
-        parts += [mf.Part(path=f"{mf.module_dir(m)}/{name}", bytes=info.bytes, sha256=info.sha256,
-                          kind="module", module=m, rows=info.rows)
-                  for m, (info, _) in results.items()]
+        parts += [mf.Part(path=f"{mf.module_dir(m)}/{mf.part_name(RANK, end.index, info.seq)}",
+                          bytes=info.bytes, sha256=info.sha256, kind="module", module=m,
+                          rows=info.rows)
+                  for m, (infos, _) in results.items() for info in infos]
         record = mf.ShardRecord(index=end.index, rank=RANK, source_start=end.source_start,
                                 source_end=end.source_end, docs=len(end.doc_ids),
                                 skipped=end.skipped, tokens=int(end.n_tokens.sum()),
@@ -525,10 +577,15 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def _release_cached_memory() -> None:
+    """Free what a failed forward left: its reference cycles, then the CUDA cache. Only
+    after an OOM, never per batch (a full collection costs ~180 ms)."""
+    import gc
+
     import torch
 
+    gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # only after an OOM, never per batch
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

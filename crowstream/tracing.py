@@ -1,39 +1,136 @@
 """Stage 3, capture. It owns running the model: resolving module names and globs,
 finding their execution order once with a probe forward, and one nnsight trace per batch
 that reads every requested module in that order, stops after the deepest, and returns
-each module's kept rows (padding dropped, cast to the output dtype on the model's device,
-then one device-to-host copy). It also leaves the user's model as it found it.
+each module's kept rows (padding dropped, checked against float16's range and cast on the
+model's device when float16 is stored, then one device-to-host copy into pooled pinned
+buffers). The model runs in eval mode during capture; afterwards it is left as it was found.
 
 (Named `tracing`, not `capture`: a submodule `capture` would shadow the public function.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import gc
 import inspect
+import itertools
 import re
+import threading
 import warnings
 
+import numpy as np
 import torch
 
-from .config import check_module_name
-from .errors import ModuleNotFoundInModel, ModuleOutputError
+from .config import FLOAT16_MAX, check_module_name
+from .errors import Float16OverflowError, ModuleNotFoundInModel, ModuleOutputError
 
 _GLOB_CHARS = set("*?[")
 
 
 @dataclasses.dataclass
 class Captured:
-    """Kept rows of one batch: {module: [N, d]} on the CPU, valid once `wait()` returns."""
+    """Kept rows of one batch on the host, valid once `wait()` returns.
+
+    `vectors[name]` is `[N, d]` in the stored dtype, or in the model's bf16/fp16 when
+    float32 is stored (upcast by `rows` on the writer thread: half the device memory and
+    copy bytes). `peaks[name]` is the largest magnitude before a float16 cast (checked by
+    `rows`); `clamped[name]` counts values clamped to float16's range.
+    """
 
     vectors: dict[str, torch.Tensor]
     ready: tuple = ()  # CUDA events, one per device the copies came from
+    peaks: dict = dataclasses.field(default_factory=dict)
+    clamped: dict = dataclasses.field(default_factory=dict)
+    buffers: dict = dataclasses.field(default_factory=dict)  # pinned buffers to give back
+    pool: PinnedPool | None = None
 
     def wait(self) -> None:
         for event in self.ready:
             event.synchronize()
+
+    def rows(self, name: str, dtype: torch.dtype) -> np.ndarray:
+        """[N, d] as stored; raises Float16OverflowError if the float16 cast overflowed."""
+        peak = self.peaks.get(name)
+        if peak is not None and not float(peak) <= FLOAT16_MAX:
+            raise Float16OverflowError(
+                f"module {name!r} has values of magnitude up to {float(peak):.6g}, beyond "
+                f"float16's range (±{FLOAT16_MAX:g}), so they cannot be stored as float16. "
+                "Store float32 instead (dtype='float32' / --dtype float32, in a new OUT or with "
+                "--overwrite), or clamp them (float16_overflow='clamp' / --float16-overflow "
+                "clamp, which --resume accepts).")
+        vectors = self.vectors[name]
+        return vectors.to(dtype).numpy() if vectors.dtype != dtype else vectors.numpy()
+
+    def clamped_count(self, name: str) -> int:
+        count = self.clamped.get(name)
+        return 0 if count is None else int(count)
+
+    def release(self, name: str) -> None:
+        """Done with `name`'s rows: they are dropped (whoever still holds this object), and
+        their pinned buffer goes back to the pool."""
+        self.vectors.pop(name, None)
+        buffer = self.buffers.pop(name, None)
+        if buffer is not None and self.pool is not None:
+            self.pool.give(buffer)
+
+
+class PinnedPool:
+    """Page-locked host buffers reused from batch to batch, so device-to-host copies are
+    asynchronous without a page-locked allocation per batch. A request takes the smallest
+    free buffer of at least its size and at most 1.25x it, or allocates one rounded up by
+    at most 1/8; buffers given back are kept while the free ones total under `capacity`."""
+
+    def __init__(self, capacity: int, allocate=None):
+        self.capacity = capacity
+        self._allocate = allocate or _pinned_bytes
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (a view of `shape` and `dtype`, the buffer to `give` back later)."""
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            fits = [b for b in self._free if nbytes <= b.numel() <= nbytes * 1.25 + (1 << 16)]
+            buffer = min(fits, key=torch.Tensor.numel) if fits else None
+            if buffer is not None:
+                self._free = [b for b in self._free if b is not buffer]
+        if buffer is None:
+            buffer = self._allocate(_size_class(nbytes))
+        return buffer[:nbytes].view(dtype).view(shape), buffer
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            if sum(b.numel() for b in self._free) + buffer.numel() <= self.capacity:
+                self._free.append(buffer)
+
+
+def _pinned_bytes(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
+
+def _size_class(nbytes: int) -> int:
+    """`nbytes` rounded up by at most 1/8 (eight size classes per power of two)."""
+    nbytes = max(nbytes, 1 << 16)
+    step = 1 << max(0, nbytes.bit_length() - 4)
+    return -(-nbytes // step) * step
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model.eval()` for the block; afterwards every submodule gets back its own
+    training flag, also after an error or an interrupt. (`inference_mode` does not
+    switch dropout off: a model handed over from a training loop would be captured with
+    dropout on.)"""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def resolve_modules(model, requested) -> list[str]:
@@ -102,7 +199,7 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
     try:
         ids = _probe_ids(tokenizer, model)
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             model(input_ids=ids, attention_mask=torch.ones_like(ids), **_no_cache(model))
     finally:
         for handle in handles:
@@ -114,7 +211,7 @@ def _probe_ids(tokenizer, model) -> torch.Tensor:
     ids = tokenizer("Hello world, hello probe.", add_special_tokens=True)["input_ids"][:8]
     if len(ids) < 2:
         ids = list(ids) + [tokenizer.eos_token_id or 0] * (2 - len(ids))
-    return torch.tensor([ids], device=_device_of(model))
+    return torch.tensor([ids], device=input_device(model))
 
 
 def _describe(output):
@@ -129,9 +226,23 @@ def _no_cache(model) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _device_of(model) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
+def input_device(model) -> torch.device:
+    """Where the input ids must go: the input embeddings' device. Not the first parameter,
+    which with `device_map` may sit on another GPU, on `meta`, or be offloaded; for an
+    offloaded embedding, accelerate's hook names the device it executes on."""
+    embeddings = None
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        embeddings = model.get_input_embeddings()
+    candidates = [embeddings] if isinstance(embeddings, torch.nn.Module) else []
+    for module in [*candidates, model]:
+        executes_on = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if executes_on is not None:
+            if isinstance(executes_on, int):  # a bare GPU index
+                executes_on = f"cuda:{executes_on}"
+            return torch.device(executes_on)
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.device.type != "meta":
+                return tensor.device
     return torch.device("cpu")
 
 
@@ -142,10 +253,13 @@ class ModelTracer:
     the user's model object carries nothing of crowstream or nnsight afterwards.
     """
 
-    def __init__(self, model, tokenizer, module_names: list[str], dtype: str):
+    def __init__(self, model, tokenizer, module_names: list[str], dtype: str,
+                 float16_overflow: str = "error", pinned_bytes: int = 1 << 30):
         self.model = model
         self.dtype = getattr(torch, dtype)
-        self.device = _device_of(model)
+        self.float16_overflow = float16_overflow
+        self.device = input_device(model)
+        self.pool = PinnedPool(pinned_bytes // 4) if self.device.type == "cuda" else None
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
         tokens = _probe_ids(tokenizer, model).shape[1]
         self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
@@ -155,25 +269,34 @@ class ModelTracer:
         self.order = [name for name in shapes if name in self.dims]
         self.forward_kwargs = _no_cache(model)
         self._saved_state = None
+        self._eval = None
 
     def __enter__(self) -> ModelTracer:
         import nnsight
 
+        self._eval = eval_mode(self.model)
+        self._eval.__enter__()
         self._saved_state = {m: {k: m.__dict__[k] for k in ("forward", "__nnsight__") if k in m.__dict__}
                              for m in self.model.modules()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
-            self.wrapped = nnsight.NNsight(self.model)
+            self.wrapped = _wrapper_class()(self.model)
+            self.wrapped._crowstream_device = self.device
         envoys = dict(self.wrapped.named_modules())
         self.envoys = [(name, envoys[f"model.{name}"]) for name in self.order]
         return self
 
     def __exit__(self, *exc) -> None:
-        for module, saved in (self._saved_state or {}).items():
-            for key in ("forward", "__nnsight__"):
-                module.__dict__.pop(key, None)
-            module.__dict__.update(saved)
-        self.wrapped = self.envoys = self._saved_state = None
+        try:
+            for module, saved in (self._saved_state or {}).items():
+                for key in ("forward", "__nnsight__"):
+                    module.__dict__.pop(key, None)
+                module.__dict__.update(saved)
+            self.wrapped = self.envoys = self._saved_state = None
+        finally:
+            if self._eval is not None:
+                self._eval.__exit__(*exc)
+                self._eval = None
 
     def run(self, batch) -> Captured:
         """One forward pass over `batch`; the rows its keep-mask selects, per module."""
@@ -182,14 +305,15 @@ class ModelTracer:
         mask = batch.attention_mask.to(self.device, non_blocking=on_cuda)
         index = batch.keep_index.to(self.device, non_blocking=on_cuda)
         with torch.inference_mode():
-            kept = self._trace(ids, mask, index)
+            kept, peaks, clamped = self._trace(ids, mask, index)
         gc.collect(1)  # a stopped trace leaves cycles holding its frames; young gen suffices
         if not on_cuda:
-            return Captured(kept)
-        host = {}
+            return Captured(kept, peaks=peaks, clamped=clamped)
+        host, buffers = {}, {}
         for name, rows in kept.items():
-            host[name] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host[name], buffers[name] = self.pool.take(rows.shape, rows.dtype)
             host[name].copy_(rows, non_blocking=True)
+        peaks, clamped = _to_host(peaks), _to_host(clamped)
         # the writer thread waits on these instead of this thread syncing the device;
         # with device_map, outputs (and so copies) may sit on several GPUs
         events = []
@@ -197,13 +321,14 @@ class ModelTracer:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             events.append(event)
-        return Captured(host, tuple(events))
+        return Captured(host, tuple(events), peaks, clamped, buffers, self.pool)
 
-    def _trace(self, ids, mask, index) -> dict[str, torch.Tensor]:
+    def _trace(self, ids, mask, index):
+        """-> ({module: kept rows}, {module: peak magnitude}, {module: clamped count})."""
         import nnsight
 
-        kept = {}
-        envoys, dtype = self.envoys, self.dtype
+        kept, peaks, clamped = {}, {}, {}
+        envoys, dtype, clamp = self.envoys, self.dtype, self.float16_overflow == "clamp"
         with self.wrapped.trace(input_ids=ids, attention_mask=mask, **self.forward_kwargs) as tracer:
             for name, envoy in envoys:
                 value = envoy.output
@@ -211,9 +336,46 @@ class ModelTracer:
                     value = value[0]
                 # [B, T, d] -> [N_kept, d], cast on the output's device before the copy
                 rows = value.reshape(-1, value.shape[-1]).index_select(0, index.to(value.device))
-                kept[name] = nnsight.save(rows.to(dtype))
+                if dtype == torch.float16 and rows.dtype != torch.float16:
+                    if clamp:  # counted and clamped on the device, in the model's dtype
+                        clamped[name] = nnsight.save((rows.abs() > FLOAT16_MAX).sum())
+                        rows = rows.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+                    else:  # checked on the writer thread: no device sync here
+                        peaks[name] = nnsight.save(rows.abs().amax() if rows.numel() else
+                                                   rows.new_zeros(()))
+                if rows.dtype != dtype and not _upcast_on_host(rows.dtype, dtype):
+                    rows = rows.to(dtype)
+                kept[name] = nnsight.save(rows)
             tracer.stop()
-        return kept
+        return kept, peaks, clamped
+
+
+def _upcast_on_host(have: torch.dtype, want: torch.dtype) -> bool:
+    """16-bit rows stored as float32 travel in 16 bits and are upcast on the host."""
+    return want == torch.float32 and have in (torch.bfloat16, torch.float16)
+
+
+def _to_host(scalars: dict) -> dict:
+    """0-d device tensors -> pinned host copies, without waiting for them."""
+    host = {}
+    for name, value in scalars.items():
+        host[name] = torch.empty((), dtype=value.dtype, pin_memory=True)
+        host[name].copy_(value, non_blocking=True)
+    return host
+
+
+@functools.cache
+def _wrapper_class():
+    """nnsight's wrapper, except that it leaves the inputs on the device we chose: its own
+    choice, the first parameter's device, is wrong for `device_map` models (meta, offload)."""
+    import nnsight
+
+    class Wrapped(nnsight.NNsight):
+        @property
+        def device(self) -> torch.device:
+            return self._crowstream_device
+
+    return Wrapped
 
 
 def _check_shape(name: str, shape, model, tokens: int) -> int:

@@ -105,7 +105,12 @@ def as_format_1(out, dest) -> None:
     shutil.copytree(out, dest)
     shutil.rmtree(os.path.join(dest, "commits"))
     m = raw_manifest(dest)
+    m.pop("digest", None)  # 0.1 wrote none
     m["parts"] = [{**p, "shard": s["index"]} for s in m["shards"] for p in s.pop("parts")]
+    for part in m["parts"]:  # 0.1's names had no per-shard file number
+        old = part["path"].replace("-000.parquet", ".parquet")
+        os.replace(os.path.join(dest, part["path"]), os.path.join(dest, old))
+        part["path"] = old
     for s in m["shards"]:
         del s["rank"], s["stats"]
     for stats in m["stats"].values():

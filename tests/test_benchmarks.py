@@ -45,3 +45,12 @@ def test_commits_tiny_prints_constant_cost(tmp_path):
     for line in ("time per commit, first 10%", "ratio last/first", "record bytes: first",
                  "stats file bytes", "crowstream.json writes during the commits: 0"):
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+@pytest.mark.slow
+def test_scale_tiny_prints_every_number(tmp_path):
+    out = _run("scale.py", tmp_path)
+    for line in ("bare loop: peak RSS", "max_inflight_bytes", "above the bare loop", "row groups:",
+                 "total_byte_size", "documents per batch: [4] (batch_size 4: OK)",
+                 "commit time first/last 10%", "targets:"):
+        assert line in out, f"missing {line!r} in:\n{out}"

@@ -134,7 +134,7 @@ def test_info_and_verify(captured, tmp_path):
 
     damaged = str(tmp_path / "damaged")
     shutil.copytree(out, damaged)
-    victim = "data/module=transformer.h.1/part-00000-000001.parquet"
+    victim = "data/module=transformer.h.1/part-00000-000001-000.parquet"
     path = os.path.join(damaged, victim)
     size = os.path.getsize(path)
     pq.ParquetFile(path)  # readable before

@@ -21,8 +21,8 @@ import crowstream as cs
 MODULE = "transformer.h.0"
 SEED = 2026
 # (target, flips, truncations): modest, for CI time
-PLAN = [("data/module=transformer.h.0/part-00000-000000.parquet", 4, 1),
-        ("docs/part-00000-000001.parquet", 1, 1),
+PLAN = [("data/module=transformer.h.0/part-00000-000000-000.parquet", 4, 1),
+        ("docs/part-00000-000001-000.parquet", 1, 1),
         ("crowstream.json", 3, 1),
         ("README.md", 1, 1)]
 

@@ -20,9 +20,9 @@ from helpers import manifest_of, save_manifest, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N = 24
-H0 = "data/module=transformer.h.0/part-00000-000001.parquet"
-H2 = "data/module=transformer.h.2/part-00000-000003.parquet"
-DOCS = "docs/part-00000-000002.parquet"
+H0 = "data/module=transformer.h.0/part-00000-000001-000.parquet"
+H2 = "data/module=transformer.h.2/part-00000-000003-000.parquet"
+DOCS = "docs/part-00000-000002-000.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def edit_part(out, rel, change) -> None:
     entry = part(manifest, rel)
     change(entry)
     save(out, manifest)
-    record_path = os.path.join(out, "commits", f"shard-{int(rel[-14:-8]):08d}.json")
+    record_path = os.path.join(out, "commits", f"shard-{int(rel.split('-')[2]):08d}.json")
     with open(record_path) as f:
         record = json.load(f)
     change(next(p for p in record["parts"] if p["path"] == rel))
@@ -116,11 +116,11 @@ def delete(out):
 
 def extra(out):
     shutil.copyfile(os.path.join(out, H0),
-                    os.path.join(out, "data/module=transformer.h.0/part-00000-000099.parquet"))
-    shutil.copyfile(os.path.join(out, DOCS), os.path.join(out, "docs/part-00000-000099.parquet"))
-    return [r"^extra: data/module=transformer\.h\.0/part-00000-000099\.parquet is not listed in the manifest "
+                    os.path.join(out, "data/module=transformer.h.0/part-00000-000099-000.parquet"))
+    shutil.copyfile(os.path.join(out, DOCS), os.path.join(out, "docs/part-00000-000099-000.parquet"))
+    return [r"^extra: data/module=transformer\.h\.0/part-00000-000099-000\.parquet is not listed in the manifest "
             r"\(left by a crash\? `--resume` removes it\)$",
-            r"^extra: docs/part-00000-000099\.parquet is not listed in the manifest"]
+            r"^extra: docs/part-00000-000099-000\.parquet is not listed in the manifest"]
 
 
 def flip_byte(out, rel=H2):
@@ -267,7 +267,7 @@ def test_verify_reports_each_damage_with_its_own_message(out, damage):
 
 
 def test_verify_lists_every_problem_at_once(out):
-    expected = (truncate(out) + delete(out) + flip_byte(out, "docs/part-00000-000000.parquet")
+    expected = (truncate(out) + delete(out) + flip_byte(out, "docs/part-00000-000000-000.parquet")
                 + extra(out) + module_count(out))
     problems = problems_of(out)
     assert len(problems) == len(expected), problems
@@ -278,7 +278,7 @@ def test_verify_lists_every_problem_at_once(out):
 
 
 def test_verify_ignores_tmp_leftovers(out):
-    with open(os.path.join(out, ".tmp", "transformer.h.0.part-00000-000009.parquet"), "wb") as f:
+    with open(os.path.join(out, ".tmp", "transformer.h.0.part-00000-000009-000.parquet"), "wb") as f:
         f.write(b"half")
     cs.verify(out)
 

@@ -20,7 +20,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.schemas import parquet_options
-from helpers import manifest_of, save_manifest
+from helpers import as_format_1, manifest_of, raw_manifest, save_manifest
 
 MODULES = {"transformer.h.0": 64, "transformer.h.1.mlp.c_fc": 256}
 N_DOCS = 24
@@ -38,7 +38,7 @@ def out(request, gpt2_dir, tmp_path_factory):
 
 def module_files(out, module):
     manifest = manifest_of(out)
-    return sorted(os.path.join(out, p["path"]) for p in manifest["parts"] if p.get("module") == module)
+    return sorted(os.path.join(out, p.path) for p in manifest.module_parts(module))
 
 
 def as_rows(doc_id, position, vector, d):
@@ -148,16 +148,12 @@ def test_cs_load_never_returns_another_outputs_cached_rows(out, tmp_path):
 
     other = tmp_path / os.path.basename(out)
     shutil.copytree(out, other)
-    manifest = manifest_of(other)
-    for part in manifest["parts"]:
-        if part.get("module") == "transformer.h.0":
-            path = os.path.join(other, part["path"])
-            table = pq.read_table(path)
-            doubled = pa.array(arrow_vectors(table["vector"]) * 2)
-            vector = pa.FixedSizeListArray.from_arrays(doubled, type=table.schema.field(3).type)
-            pq.write_table(table.set_column(3, table.schema.field(3), vector), path)
-            part["bytes"], part["sha256"] = os.path.getsize(path), fsync_and_hash(path)
-    save_manifest(other, manifest)
+    for part in manifest_of(other).module_parts("transformer.h.0"):  # same names, new values
+        path = os.path.join(other, part.path)
+        table = pq.read_table(path)
+        doubled = pa.array(arrow_vectors(table["vector"]) * 2)
+        vector = pa.FixedSizeListArray.from_arrays(doubled, type=table.schema.field(3).type)
+        pq.write_table(table.set_column(3, table.schema.field(3), vector), path)
     cache = str(tmp_path / "cache")
     first = cs.load(out, "transformer.h.0", cache_dir=cache).with_format("numpy")[:50]["vector"]
     second = cs.load(other, "transformer.h.0", cache_dir=cache).with_format("numpy")[:50]["vector"]
@@ -174,7 +170,7 @@ def test_scan_parquet_over_mixed_widths_fails_as_the_readme_says(out):
 
 
 def test_footer_says_what_each_part_is(out, gpt2_dir):
-    dtype = manifest_of(out)["config"]["dtype"]
+    dtype = manifest_of(out).config["dtype"]
     for module, d in MODULES.items():
         for path in module_files(out, module):
             found = pq.ParquetFile(path).metadata.metadata
@@ -219,7 +215,11 @@ def make_like_0_1(out):
     footer metadata, no page checksums; manifest format 1 with matching sizes/checksums."""
     from crowstream.writer import fsync_and_hash
 
-    manifest = manifest_of(out)
+    staged = str(out) + ".v2"
+    os.rename(out, staged)
+    as_format_1(staged, out)
+    shutil.rmtree(staged)
+    manifest = raw_manifest(out)
     old = {**parquet_options("float32"), "write_page_checksum": False}
     for part in manifest["parts"]:
         if part["kind"] != "module":
@@ -228,8 +228,6 @@ def make_like_0_1(out):
         table = pq.read_table(path)
         pq.write_table(table.replace_schema_metadata(None), path, **old)
         part["bytes"], part["sha256"] = os.path.getsize(path), fsync_and_hash(path)
-    manifest["format_version"] = 1
-    del manifest["digest"]  # 0.1 wrote none
     pathlib.Path(out, "crowstream.json").write_text(json.dumps(manifest))
 
 
@@ -239,7 +237,7 @@ def test_old_float16_output_is_explained_and_rewritten(out, tmp_path):
     old = str(tmp_path / "old")
     shutil.copytree(out, old)
     make_like_0_1(old)
-    dtype = manifest_of(old)["config"]["dtype"]
+    dtype = manifest_of(old).config["dtype"]
     before = {m: as_rows(*read_pyarrow_dataset(old, m), d) for m, d in MODULES.items()}
     query = f"select count(vector[1]) from read_parquet('{old}/data/*/*.parquet')"
     if dtype == "float32":

@@ -15,7 +15,7 @@ import crowstream as cs
 from crowstream import manifest as mf
 from crowstream.errors import ManifestError
 from crowstream.writer import ModuleStats
-from helpers import as_format_1, manifest_of, raw_manifest, read_rows, tree
+from helpers import as_format_1, manifest_of, raw_manifest, read_rows, save_manifest, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 
@@ -46,7 +46,7 @@ def test_commit_bytes_do_not_grow_with_the_shard_index(monkeypatch, gpt2, corpus
     out = tmp_path / "out"
     run = capture(gpt2, corpus[:60], out, modules=["transformer.h.1"], shard_size=1, batch_size=1)
     assert len(run.manifest.shards) == 60
-    assert [rel for rel, _ in writes if not rel.startswith("commits/")] == ["crowstream.json"] * 3
+    assert [rel for rel, _ in writes if not rel.startswith("commits/")] == ["README.md"] + ["crowstream.json"] * 3
     records = [size for rel, size in writes if rel.startswith("commits/")]
     assert len(records) == 60
     # only the digits of the numbers in a record vary (index, source range, rows, bytes)
@@ -130,8 +130,7 @@ def test_a_running_manifest_lists_nothing_and_readers_consolidate_the_records(co
     shards = raw["shards"]
     raw.update(status="running", shards=[], stats={},
                counts={"docs": 0, "skipped_docs": 0, "tokens_fed": 0, "rows": {m: 0 for m in MODULES}})
-    with open(os.path.join(out, "crowstream.json"), "w") as f:
-        json.dump(raw, f)
+    save_manifest(out, raw)
     committed = manifest_of(out)
     assert committed.status == "running"
     assert [s.to_json() for s in committed.shards] == shards
@@ -147,8 +146,7 @@ def test_readers_skip_a_recorded_shard_whose_parts_are_still_in_tmp(complete, tm
     shutil.copytree(complete, out)
     raw = raw_manifest(out)
     raw["status"] = "running"
-    with open(os.path.join(out, "crowstream.json"), "w") as f:
-        json.dump(raw, f)
+    save_manifest(out, raw)
     last = manifest_of(out).shards[-1]
     for part in last.parts:  # the crash came between the record and the renames
         os.replace(os.path.join(out, part.path), mf.staging_path(out, part.path))
@@ -169,7 +167,8 @@ def test_format_1_outputs_read_through_the_same_readers(complete, tmp_path):
     assert raw_manifest(out)["format_version"] == 1 and not os.path.exists(os.path.join(out, "commits"))
     v1, v2 = manifest_of(out), manifest_of(complete)
     assert v1.format_version == 1
-    assert [(p.path, p.rows, p.sha256) for p in v1.parts] == [(p.path, p.rows, p.sha256) for p in v2.parts]
+    assert [(p.path, p.rows, p.sha256) for p in v1.parts] == [
+        (p.path.replace("-000.parquet", ".parquet"), p.rows, p.sha256) for p in v2.parts]
     assert v1.counts == v2.counts
     info = cs.info(out)
     assert info["format_version"] == 1 and info["docs"] == 24

@@ -124,7 +124,7 @@ def test_cs_load_reads_only_committed_parts_after_a_crash(out32, tmp_path):
     shutil.copytree(out32.path, out)
     module_dir = os.path.join(out, "data", f"module={MODULES[0]}")
     shutil.copy(sorted(glob.glob(os.path.join(module_dir, "*.parquet")))[0],
-                os.path.join(module_dir, "part-00000-000099.parquet"))
+                os.path.join(module_dir, "part-00000-000099-000.parquet"))
     raw = datasets.load_dataset(out, MODULES[0], split="train", cache_dir=str(tmp_path / "a"))
     ours = cs.load(out, MODULES[0], cache_dir=str(tmp_path / "b"))
     assert raw.num_rows > out32.tokens[MODULES[0]]
@@ -309,7 +309,7 @@ def test_layout_only_parts_under_data(out32):
     assert sorted(os.listdir(data)) == [f"module={m}" for m in sorted(MODULES)]
     for module in MODULES:
         names = os.listdir(os.path.join(data, f"module={module}"))
-        assert sorted(names) == [f"part-00000-{i:06d}.parquet" for i in range(3)]
+        assert sorted(names) == [f"part-00000-{i:06d}-000.parquet" for i in range(3)]
     assert not os.listdir(os.path.join(out32.path, ".tmp"))
 
 

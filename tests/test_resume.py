@@ -125,7 +125,7 @@ def test_signal_inside_a_shard_drops_only_that_open_shard(monkeypatch, gpt2, doc
     out = str(tmp_path / "out")
     # two batches per shard; the signal comes during shard 4's first batch
     interrupted_run(monkeypatch, gpt2, docs, out, at=9, batch_size=2)
-    assert [s["index"] for s in manifest_of(out)["shards"]] == [0, 1, 2, 3]
+    assert [s.index for s in manifest_of(out).shards] == [0, 1, 2, 3]
     assert cs.verify(out)["parts"] == 4 * 3  # the open shard's files were dropped
     assert os.listdir(os.path.join(out, ".tmp")) == []
 
@@ -174,13 +174,13 @@ def test_resume_deletes_stale_tmp_and_unlisted_files_and_keeps_committed_ones(
     committed = {p.path: os.stat(os.path.join(out, p.path)) for p in manifest_of(out).parts}
     real_part = os.path.join(out, next(iter(committed)))
     stale = {
-        ".tmp/transformer.h.0.part-00000-000005.parquet": real_part,
+        ".tmp/transformer.h.0.part-00000-000005-000.parquet": real_part,
         ".tmp/crowstream.json.tmp": None,
         ".tmp/junk": None,
-        "data/module=transformer.h.0/part-00000-000099.parquet": real_part,
-        "data/module=transformer.h.2/part-00000-000005.parquet": real_part,  # same name as a future part
+        "data/module=transformer.h.0/part-00000-000099-000.parquet": real_part,
+        "data/module=transformer.h.2/part-00000-000005-000.parquet": real_part,  # same name as a future part
         "data/module=transformer.h.0/notes.txt": None,
-        "docs/part-00000-000099.parquet": real_part,
+        "docs/part-00000-000099-000.parquet": real_part,
     }
     for rel, source in stale.items():
         path = os.path.join(out, rel)
@@ -194,8 +194,8 @@ def test_resume_deletes_stale_tmp_and_unlisted_files_and_keeps_committed_ones(
     assert f"resume: removed {len(stale)} uncommitted file(s)" in caplog.text
     for rel in stale:
         assert rel in caplog.text
-    for rel in (".tmp/junk", "data/module=transformer.h.0/notes.txt", "docs/part-00000-000099.parquet",
-                "data/module=transformer.h.0/part-00000-000099.parquet"):
+    for rel in (".tmp/junk", "data/module=transformer.h.0/notes.txt", "docs/part-00000-000099-000.parquet",
+                "data/module=transformer.h.0/part-00000-000099-000.parquet"):
         assert not os.path.exists(os.path.join(out, rel))
     for rel, st in committed.items():  # committed parts are kept, not rewritten
         now = os.stat(os.path.join(out, rel))
