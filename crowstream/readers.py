@@ -1,7 +1,7 @@
 """Readers. It owns getting a capture back out of OUT: `load` (a `datasets.Dataset`, as
-`datasets.load_dataset(OUT, module)` gives), `stream` (fast shuffled torch batches for SAE
-training, straight from pyarrow), `scan`/`vocab`/`docs` (polars LazyFrames for analysis)
-and `info` (a summary of the manifest). Nothing here imports torch unless asked to.
+`datasets.load_dataset(OUT, module)` gives), `scan`/`vocab`/`docs` (polars LazyFrames for analysis)
+and `info` (a summary of the manifest). The training loader (`stream`, `stats`) lives in
+`loader.py`. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -40,59 +40,6 @@ def load(out, module: str, **kwargs):
     if sorted(on_disk) != sorted(listed):  # a crash left uncommitted parts: read only listed ones
         return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
     return datasets.load_dataset(out, module, split="train", **kwargs)
-
-
-def stream(out, module: str, *, batch_size: int = 4096, shuffle_buffer: int = 0,
-           seed: int = 0, columns=("vector",), dtype=None):
-    """Yield dicts of torch tensors, `batch_size` rows each, read with pyarrow.
-
-    `vector` comes as `[B, d]` (float32, or float16 if stored so; `dtype` casts), the
-    other requested `columns` as `[B]` int64. With `shuffle_buffer=n` (rows), rows are
-    shuffled through an n-row buffer (token-level shuffling for SAE training); part
-    files are visited in a seeded random order. The last batch may be smaller.
-    """
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
-    out = os.fspath(out)
-    manifest = mf.read_manifest(out)
-    files = _module_files(out, manifest, module)
-    d = manifest["modules"][module]["d"]
-    rng = np.random.default_rng(seed)
-    if shuffle_buffer:
-        files = [files[i] for i in rng.permutation(len(files))]
-    pending: dict[str, list] = {c: [] for c in columns}
-    held = 0
-
-    def emit(arrays, take):
-        batch = {c: torch.from_numpy(np.ascontiguousarray(a[:take])) for c, a in arrays.items()}
-        if dtype is not None and "vector" in batch:
-            batch["vector"] = batch["vector"].to(dtype)
-        return batch
-
-    for path in files:
-        for record in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
-            for c in columns:
-                column = record.column(c)
-                pending[c].append(column.values.to_numpy().reshape(-1, d) if c == "vector"
-                                  else column.to_numpy().astype(np.int64))
-            held += record.num_rows
-            while held >= max(batch_size, shuffle_buffer):
-                arrays = {c: np.concatenate(v) for c, v in pending.items()}
-                if shuffle_buffer:
-                    order = rng.permutation(held)
-                    arrays = {c: a[order] for c, a in arrays.items()}
-                yield emit(arrays, batch_size)
-                pending = {c: [a[batch_size:]] for c, a in arrays.items()}
-                held -= batch_size
-    if held:
-        arrays = {c: np.concatenate(v) for c, v in pending.items()}
-        if shuffle_buffer:
-            order = rng.permutation(held)
-            arrays = {c: a[order] for c, a in arrays.items()}
-        for start in range(0, held, batch_size):
-            yield emit({c: a[start:] for c, a in arrays.items()}, batch_size)
 
 
 def scan(out):
