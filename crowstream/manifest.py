@@ -16,7 +16,8 @@ import shutil
 
 from crowstream.schemas import validate_manifest
 
-from .config import DATA_DIR, DOCS_DIR, FORMAT_VERSION, MANIFEST_NAME, TMP_DIR, VOCAB_NAME
+from .config import (DATA_DIR, DOCS_DIR, FORMAT_VERSION, INPUT_DIR_SUFFIX, INPUT_SUFFIX,
+                     MANIFEST_NAME, TMP_DIR, VOCAB_NAME)
 from .errors import ManifestError, OutputError, OutputExistsError
 
 
@@ -85,6 +86,9 @@ def part_name(rank: int, shard: int) -> str:
 
 
 def module_dir(module: str) -> str:
+    """`data/module=<module>`; a module's input `<module>:input` -> `data/module=<module>@input`."""
+    if module.endswith(INPUT_SUFFIX):
+        module = module[:-len(INPUT_SUFFIX)] + INPUT_DIR_SUFFIX
     return f"{DATA_DIR}/module={module}"
 
 

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .config import check_module_name
+from .config import INPUT_SUFFIX, check_module_name
 from .errors import ModuleNotFoundInModel, ModuleOutputError
 
 _GLOB_CHARS = set("*?[")
@@ -37,7 +37,8 @@ class Captured:
 
 
 def resolve_modules(model, requested) -> list[str]:
-    """Exact names and globs -> module names, in the order given, without duplicates."""
+    """Exact names and globs -> module names, in the order given, without duplicates.
+    A name or glob ending in `:input` selects the matching modules' inputs."""
     if isinstance(requested, str):
         requested = [requested]
     requested = list(requested)
@@ -50,6 +51,8 @@ def resolve_modules(model, requested) -> list[str]:
     for pattern in requested:
         if not isinstance(pattern, str):
             raise ModuleNotFoundInModel(f"module names must be strings, got {pattern!r}.")
+        suffix = INPUT_SUFFIX if pattern.endswith(INPUT_SUFFIX) else ""
+        pattern = pattern[:len(pattern) - len(suffix)]
         if _GLOB_CHARS & set(pattern):
             regex = _glob_regex(pattern)
             matches = [n for n in names if regex.fullmatch(n)]
@@ -63,7 +66,7 @@ def resolve_modules(model, requested) -> list[str]:
             raise ModuleNotFoundInModel(
                 f"module {pattern!r} is not in {type(model).__name__}; "
                 f"{_close(pattern, names)}run `crowstream modules MODEL` to list them.")
-        resolved.extend(m for m in matches if m not in resolved)
+        resolved.extend(m + suffix for m in matches if m + suffix not in resolved)
     for name in resolved:
         check_module_name(name)
     return resolved
@@ -85,8 +88,12 @@ def _close(name: str, names: list[str]) -> str:
 
 def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     """Run one tiny forward with plain hooks; -> {name: output shape, in execution order}.
-    A module whose output holds no tensor maps to a string describing its type."""
+    A module whose output holds no tensor maps to a string describing its type. Names in
+    `only` ending in `:input` get their module's first input (as nnsight's `.input`: the
+    first positional argument, else the first keyword), in the order it arrives."""
     targets = {n: m for n, m in model.named_modules() if n and (only is None or n in only)}
+    inputs = {n: model.get_submodule(n[:-len(INPUT_SUFFIX)]) for n in only or ()
+              if n.endswith(INPUT_SUFFIX)}
     seen: dict[str, tuple | str] = {}
 
     def hook(name):
@@ -95,7 +102,15 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
                 seen[name] = _describe(output)
         return record
 
+    def pre_hook(name):
+        def record(module, args, kwargs):
+            if name not in seen:
+                seen[name] = _describe(args[0] if args else next(iter(kwargs.values()), None))
+        return record
+
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    handles += [m.register_forward_pre_hook(pre_hook(n), with_kwargs=True)
+                for n, m in inputs.items()]
     try:
         ids = _probe_ids(tokenizer, model)
         with torch.inference_mode():
@@ -144,7 +159,7 @@ class ModelTracer:
         self.device = _device_of(model)
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
         self.dims = {name: _check_shape(name, shapes.get(name), model) for name in module_names}
-        self.types = {name: type(model.get_submodule(name)).__name__ for name in module_names}
+        self.types = {name: type(model.get_submodule(_base(name))).__name__ for name in module_names}
         # Reads in a trace must follow execution order: order by the probe, not the user.
         self.order = [name for name in shapes if name in self.dims]
         self.forward_kwargs = _no_cache(model)
@@ -159,7 +174,8 @@ class ModelTracer:
             warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
             self.wrapped = nnsight.NNsight(self.model)
         envoys = dict(self.wrapped.named_modules())
-        self.envoys = [(name, envoys[f"model.{name}"]) for name in self.order]
+        self.envoys = [(name, envoys[f"model.{_base(name)}"], name != _base(name))
+                       for name in self.order]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -199,8 +215,8 @@ class ModelTracer:
         kept = {}
         envoys, dtype = self.envoys, self.dtype
         with self.wrapped.trace(input_ids=ids, attention_mask=mask, **self.forward_kwargs) as tracer:
-            for name, envoy in envoys:
-                value = envoy.output
+            for name, envoy, is_input in envoys:
+                value = envoy.input if is_input else envoy.output
                 if isinstance(value, tuple):
                     value = value[0]
                 # [B, T, d] -> [N_kept, d], cast on the output's device before the copy
@@ -210,14 +226,22 @@ class ModelTracer:
         return kept
 
 
+def _base(name: str) -> str:
+    """The module a name refers to: `x:input` -> `x`."""
+    return name[:-len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+
+
 def _check_shape(name: str, shape, model) -> int:
     if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1:
         return int(shape[-1])
-    children = [n for n, _ in model.named_modules() if n.startswith(name + ".")][:5]
+    is_input = name != _base(name)
+    children = [n for n, _ in model.named_modules() if n.startswith(_base(name) + ".")][:5]
     hint = (f" Try a submodule such as {', '.join(map(repr, children))}." if children
             else " Pick a block or a layer whose output is one [batch, seq, d] tensor.")
     if shape is None:
         raise ModuleOutputError(f"module {name!r} did not run in the forward pass, so it has no "
-                                f"output to capture (containers such as ModuleList never run).{hint}")
-    raise ModuleOutputError(f"module {name!r} returns {shape}, not a [batch, seq, d] tensor; "
+                                f"{'input' if is_input else 'output'} to capture (containers "
+                                f"such as ModuleList never run).{hint}")
+    raise ModuleOutputError(f"module {name!r} {'receives' if is_input else 'returns'} {shape}, "
+                            "not a [batch, seq, d] tensor; "
                             f"crowstream stores one d-vector per token.{hint}")
