@@ -92,6 +92,12 @@ def module_dir(module: str) -> str:
     return f"{DATA_DIR}/module={module}"
 
 
+def config_name(module: str) -> str:
+    """The dataset card's config name of a module: its directory name after `module=`
+    (`datasets` refuses `:` in config names, so an input is `<module>@input` there)."""
+    return module_dir(module).split("=", 1)[1]
+
+
 def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
     """Decide what to do with OUT, changing nothing: -> "fresh", "resume" or "replace".
 
@@ -226,7 +232,7 @@ def write_card(out: str, manifest: dict) -> None:
     """OUT/README.md: a dataset card with one `configs:` entry per module, docs and vocab."""
     lines = ["---", "configs:"]
     for name in manifest["modules"]:
-        lines += [f"- config_name: {json.dumps(name)}", "  data_files:", "  - split: train",
+        lines += [f"- config_name: {json.dumps(config_name(name))}", "  data_files:", "  - split: train",
                   f"    path: {json.dumps(module_dir(name) + '/*.parquet')}"]
     lines += ["- config_name: docs", "  data_files:", "  - split: train", f"    path: {DOCS_DIR}/*.parquet",
               "- config_name: vocab", "  data_files:", "  - split: train", f"    path: {VOCAB_NAME}",

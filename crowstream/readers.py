@@ -24,7 +24,8 @@ def _module_files(out: str, manifest: dict, module: str) -> list[str]:
 def load(out, module: str, **kwargs):
     """The rows of one module as a `datasets.Dataset` (doc_id, position, token, vector).
 
-    Identical to `datasets.load_dataset(out, module, split="train")`; extra keyword
+    Identical to `datasets.load_dataset(out, module, split="train")` (for a module input
+    `<module>:input`, the config is named `<module>@input`); extra keyword
     arguments go to `load_dataset` (`streaming=True` avoids its Arrow cache copy).
     Use `.with_format("torch")` to get `[B, d]` tensors per batch.
     """
@@ -39,7 +40,7 @@ def load(out, module: str, **kwargs):
     on_disk = glob.glob(os.path.join(out, mf.module_dir(module), "*.parquet"))
     if sorted(on_disk) != sorted(listed):  # a crash left uncommitted parts: read only listed ones
         return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
-    return datasets.load_dataset(out, module, split="train", **kwargs)
+    return datasets.load_dataset(out, mf.config_name(module), split="train", **kwargs)
 
 
 def scan(out):
