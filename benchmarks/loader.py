@@ -29,12 +29,13 @@ import uuid
 import numpy as np
 
 
-def write_synthetic(out: str, *, rows: int, d: int, files: int, modules=("synthetic",),
+def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",),
                     doc_tokens: int = 64, dtype: str = "float32", seed: int = 0) -> None:
     """A crowstream output without a model: `files` shards of `rows` rows in all, per module,
     written by crowstream's PartWriter (its row groups and Parquet settings). Documents have
     `doc_tokens` rows each (positions 0..doc_tokens-1), rows are grouped by document as a
-    capture writes them, and every module has the same (doc_id, position) rows."""
+    capture writes them, and every module has the same (doc_id, position) rows. `d` is one
+    width, or {module: width}."""
     from crowstream import manifest as mf
     from crowstream.config import DATA_DIR, DOCS_DIR, TMP_DIR
     from crowstream.flatten import to_record_batch
@@ -44,7 +45,8 @@ def write_synthetic(out: str, *, rows: int, d: int, files: int, modules=("synthe
     rng = np.random.default_rng(seed)
     for sub in (TMP_DIR, DATA_DIR, DOCS_DIR):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-    parts, stats = [], {m: ModuleStats(d) for m in modules}
+    widths = d if isinstance(d, dict) else {m: d for m in modules}
+    parts, stats = [], {m: ModuleStats(widths[m]) for m in modules}
     bounds = np.linspace(0, rows, files + 1).astype(np.int64)
     for shard in range(files):
         index = np.arange(bounds[shard], bounds[shard + 1])
@@ -52,6 +54,7 @@ def write_synthetic(out: str, *, rows: int, d: int, files: int, modules=("synthe
         tokens = (index * 7919 % 50_000).astype(np.int32)
         for module in modules:
             rel = f"{mf.module_dir(module)}/{mf.part_name(0, shard)}"
+            d = widths[module]
             writer = PartWriter(os.path.join(out, TMP_DIR, f"part-{shard}"),
                                 row_schema(d, dtype))
             for start in range(0, len(index), 8192):
@@ -68,10 +71,10 @@ def write_synthetic(out: str, *, rows: int, d: int, files: int, modules=("synthe
             os.replace(info.tmp_path, os.path.join(out, rel))
             parts.append({"path": rel, "kind": "module", "module": module, "shard": shard,
                           "rows": info.rows, "bytes": info.bytes, "sha256": info.sha256})
-    _write_manifest(out, modules, d, dtype, rows, parts, stats)
+    _write_manifest(out, modules, widths, dtype, rows, parts, stats)
 
 
-def _write_manifest(out, modules, d, dtype, rows, parts, stats) -> None:
+def _write_manifest(out, modules, widths, dtype, rows, parts, stats) -> None:
     """The manifest of a synthetic output (the one place this script knows its shape)."""
     from crowstream import manifest as mf
 
@@ -82,7 +85,7 @@ def _write_manifest(out, modules, d, dtype, rows, parts, stats) -> None:
               "exclude_token_ids": [], "store_text": False}
     manifest = mf.new_manifest(uuid.uuid4().hex[:16], config, 1,
                                {"model": fingerprint, "tokenizer": fingerprint, "versions": {}},
-                               {m: {"d": d, "dtype": dtype, "path": mf.module_dir(m)}
+                               {m: {"d": widths[m], "dtype": dtype, "path": mf.module_dir(m)}
                                 for m in modules})
     manifest["parts"] = parts
     manifest["counts"]["rows"] = {m: rows for m in modules}

@@ -198,12 +198,15 @@ class Stream(_iterable_dataset()):
             raise ConfigError(f"this stream was saved with {self._resume_workers} DataLoader "
                               f"worker(s) and now runs with {workers}; resume with the same "
                               "num_workers.")
-        skip = 0
+        skip, stream = 0, worker
         if self._resume_batches:
             totals = [self._batches_of(w, workers) for w in range(workers)]
-            skip = _worker_share(self._resume_batches, workers, worker, totals)
+            done, first = _worker_share(self._resume_batches, totals)
+            # the DataLoader starts again at worker 0: it takes the stream due next
+            stream = (first + worker) % workers
+            skip = done[stream]
         self._taken = 0
-        index = self.rank * workers + worker
+        index = self.rank * workers + stream
         batches = self._stream_batches(index, self.world_size * workers, skip)
         return self._counted(batches) if info is None else batches
 
@@ -411,7 +414,7 @@ class _Pool:
                 self.pool[k][self.filled:self.filled + i] = a[:i]
             self.filled += i
         while i < n:
-            k = min(self.batch_size - self.staged, n - i)
+            k = min(self.batch_size - self.staged, n - i, self.capacity or n)
             if self.capacity:
                 slots = self.rng.choice(self.capacity, k, replace=False)  # O(k), distinct
                 piece = {key: self.pool[key][slots] for key in chunk}  # [k, ...] copies
@@ -471,27 +474,30 @@ def _read_ahead(read, units: np.ndarray, threads: int):
                 future.cancel()
 
 
-def _worker_share(batches: int, workers: int, worker: int, totals: list) -> int:
-    """How many of the first `batches` batches a DataLoader took came from `worker`.
-    DataLoader takes batches from its workers round-robin, skipping exhausted ones;
-    `totals[w]` is worker w's batch count (None: endless)."""
-    if not batches:
-        return 0
+def _worker_share(batches: int, totals: list) -> tuple[list[int], int]:
+    """DataLoader takes batches from its workers round-robin, skipping exhausted ones;
+    `totals[w]` is worker w's batch count (None: endless). -> (how many of the first
+    `batches` came from each worker, the worker the next batch comes from)."""
+    workers = len(totals)
     left = [math.inf if t is None else t for t in totals]
     got = [0] * workers
+    last = workers - 1
     while batches > 0:
         active = [w for w in range(workers) if left[w] > got[w]]
         if not active:
             break
         rounds = min(min(left[w] - got[w] for w in active), batches // len(active))
-        if rounds == 0:  # a partial round: the first `batches` active workers get one more
+        if rounds == 0:  # a partial round
             for w in active[:batches]:
                 got[w] += 1
+                last = w
             break
         for w in active:
             got[w] += rounds
+        last = active[-1]
         batches -= rounds * len(active)
-    return int(got[worker])
+    following = [(last + 1 + i) % workers for i in range(workers)]
+    return got, next((w for w in following if left[w] > got[w]), 0)
 
 
 def _resolve(out: str, catalog: dict[str, ModuleParts], modules) -> tuple[bool, dict]:
