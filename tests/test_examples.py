@@ -32,3 +32,40 @@ def test_quickstart(tmp_path):
 
     assert cs.verify(str(out))["rows"] == 2 * int(rows.group(1).replace(",", ""))
     assert cs.info(str(out))["status"] == "complete"
+
+
+def _run_example(script: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_train_sae_loss_falls_and_explained_variance_rises(gpt2, corpus, tmp_path):
+    import json
+
+    import crowstream as cs
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "acts")
+    cs.capture(gpt2[0], corpus[:60], ["transformer.h.2"], out, tokenizer=gpt2[1], progress=False)
+    result = _run_example("train_sae.py", [out, "transformer.h.2", "--expansion", "4", "--k", "8",
+                                           "--steps", "300", "--batch-size", "256",
+                                           "--lr", "2e-3", "--shuffle-buffer", "2000",
+                                           "--log-every", "50", "--dead-steps", "100",
+                                           "--save", "sae.safetensors"], tmp_path)
+    logs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [m["step"] for m in logs] == [50, 100, 150, 200, 250, 300]
+    assert logs[-1]["mse"] < 0.5 * logs[0]["mse"], logs
+    assert logs[-1]["explained_variance"] > logs[0]["explained_variance"] + 0.1, logs
+    assert logs[-1]["explained_variance"] > 0.6, logs
+    assert 0 <= logs[-1]["dead_fraction"] < 1
+    weights = load_file(str(tmp_path / "sae.safetensors"))
+    assert weights["W_enc"].shape == (64, 256) and weights["W_dec"].shape == (256, 64)
+    assert torch_allclose_rows(weights["W_dec"])
+
+
+def torch_allclose_rows(w) -> bool:
+    """Decoder rows have unit norm, as the SAE keeps them."""
+    return bool(((w.norm(dim=1) - 1).abs() < 1e-4).all())
