@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
@@ -69,3 +71,27 @@ def test_train_sae_loss_falls_and_explained_variance_rises(gpt2, corpus, tmp_pat
 def torch_allclose_rows(w) -> bool:
     """Decoder rows have unit norm, as the SAE keeps them."""
     return bool(((w.norm(dim=1) - 1).abs() < 1e-4).all())
+
+
+def test_train_with_saelens(gpt2, corpus, tmp_path):
+    """SAELens' SAETrainer trains on cs.stream; runs when the `sae` extra is installed."""
+    pytest.importorskip("sae_lens")
+    import importlib.util
+
+    import torch
+
+    import crowstream as cs
+
+    out = str(tmp_path / "acts")
+    cs.capture(gpt2[0], corpus[:60], ["transformer.h.2"], out, tokenizer=gpt2[1], progress=False)
+    spec = importlib.util.spec_from_file_location(
+        "train_with_saelens", os.path.join(EXAMPLES, "train_with_saelens.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    sae = example.train(out, "transformer.h.2", expansion=4, k=8, steps=300, batch_size=256,
+                        lr=2e-3, shuffle_buffer=2000, save=str(tmp_path / "sae"))
+    assert sorted(os.listdir(tmp_path / "sae")) == ["cfg.json", "sae_weights.safetensors"]
+    x = next(iter(cs.stream(out, "transformer.h.2", batch_size=2000)))["vector"]  # raw rows
+    with torch.no_grad():
+        explained = 1 - (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert explained > 0.6, explained  # the scaling factor is folded in: raw rows work
