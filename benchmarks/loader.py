@@ -98,6 +98,7 @@ def _write_manifest(out, modules, widths, dtype, rows, parts, stats) -> None:
 def _timed(label, batches, row_bytes, limit=None):
     """Drain `batches` (dicts of tensors or arrays); -> (rows, seconds). Prints a line."""
     rows, started, first = 0, time.perf_counter(), None
+    cpu = time.process_time()
     for i, batch in enumerate(batches):
         x = batch["vector"] if isinstance(batch, dict) else batch
         rows += len(x)
@@ -105,9 +106,10 @@ def _timed(label, batches, row_bytes, limit=None):
         if limit is not None and i + 1 >= limit:
             break
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     print(f"{label:<58} {rows:>10,} rows {seconds:7.2f} s  {rows / seconds:>11,.0f} rows/s "
-          f"{rows * row_bytes / seconds / 1e9:6.2f} GB/s  (first batch {first or 0:.2f} s)",
-          flush=True)
+          f"{rows * row_bytes / seconds / 1e9:6.2f} GB/s  cpu {cpu:6.1f} s  (first batch "
+          f"{first or 0:.2f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     return rows, seconds
 
 
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--shuffle-buffer", type=int, default=1_000_000)
-    parser.add_argument("--read-threads", type=int, default=2)
+    parser.add_argument("--read-threads", type=int, default=4)
     parser.add_argument("--hf-batches", type=int, default=50,
                         help="cap on (c)'s batches: a shuffled Arrow dataset reads slowly")
     parser.add_argument("--tmp", help="directory for the temp dataset (default: system temp)")
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
         args.rows, args.d, args.files, args.batch_size = 20_000, 32, 4, 512
         args.shuffle_buffer, args.hf_batches = 5_000, 5
 
+    import datasets
     import torch
     from torch.utils.data import DataLoader
 
@@ -148,6 +151,7 @@ def main(argv=None) -> int:
     import crowstream.loader
 
     torch.manual_seed(0)
+    datasets.disable_progress_bars()
     tmp = tempfile.mkdtemp(prefix="crowstream-loader-bench-", dir=args.tmp)
     try:
         out = os.path.join(tmp, "out")
