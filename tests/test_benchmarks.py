@@ -46,4 +46,4 @@ def test_loader_tiny_prints_every_number(tmp_path):
                  "(c) load_dataset + DataLoader(shuffle=True)", "(d) raw pyarrow",
                  "rows/s", "GB/s", "ratio (a)/(d):", "(a)/(c):"):
         assert line in out, f"missing {line!r} in:\n{out}"
-    assert out.count(" 20,000 rows ") == 3, out  # (a), (b), (d) read every row
+    assert out.count(" 20,000 rows  ") == 3, out  # (a), (b), (d) read every row
