@@ -81,6 +81,8 @@ def stats(out, module: str) -> dict:
     import torch
 
     out = os.fspath(out)
+    if not isinstance(module, str) or set("*?[") & set(module):
+        raise ConfigError(f"stats takes one module name, got {module!r}.")
     parts = _resolve(out, _catalog(out), module)[1][module]
     recorded = _recorded_stats(out, module)
     if not recorded or not recorded.get("count"):

@@ -260,6 +260,8 @@ def test_argument_errors(small):
         cs.stream(small, "synthetic", rank=2, world_size=2)
     with pytest.raises(ConfigError, match="columns must be some of"):
         cs.stream(small, "synthetic", columns=("vectors",))
+    with pytest.raises(ConfigError, match="stats takes one module name"):
+        cs.stats(small, "syn*")
     with pytest.raises(ConfigError, match="shuffle_buffer must be"):
         cs.stream(small, "synthetic", shuffle_buffer=-1)
     assert isinstance(cs.stream(small, "synthetic"), (Stream, torch.utils.data.IterableDataset))
