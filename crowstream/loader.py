@@ -152,7 +152,7 @@ class Stream(_iterable_dataset()):
         self.rank, self.world_size = _ddp(rank, world_size)
         self.dtype, self.device, self.normalize = _torch_dtype(dtype), device, normalize
         self._plan = _Plan(parts)
-        self._norm = {m: _norm_arrays(out, m, parts[m].d, normalize) for m in self.modules} \
+        self._norm = {m: _norm_arrays(out, m, normalize, device) for m in self.modules} \
             if normalize else {}
         self._epoch = 0
         self._resume_batches = 0   # batches of the interrupted iteration to drop on resume
@@ -299,19 +299,22 @@ class Stream(_iterable_dataset()):
         module = self.modules[0] if key == "vector" else key
         if self.normalize:
             scale, shift = self._norm[module]
-            x = (x.float() - shift.to(x.device)) * scale.to(x.device)  # [B, d]
+            x = (x.float() - shift) * scale  # [B, d]
         return x if self.dtype is None else x.to(self.dtype)
 
 
-def _norm_arrays(out: str, module: str, d: int, normalize: str):
-    """-> (scale, shift) float32 tensors with x_normalised = (x - shift) * scale."""
+def _norm_arrays(out: str, module: str, normalize: str, device):
+    """-> (scale, shift) float32 tensors on `device`, x_normalised = (x - shift) * scale."""
     import torch
 
     recorded = stats(out, module)
     if normalize == "mean_norm":
-        return (torch.tensor(recorded["scaling_factor"], dtype=torch.float32),
-                torch.zeros((), dtype=torch.float32))
-    return ((recorded["var"] + STANDARDIZE_EPS).rsqrt().float(), recorded["mean"].float())
+        scale = torch.tensor(recorded["scaling_factor"], dtype=torch.float32)
+        shift = torch.zeros((), dtype=torch.float32)
+    else:
+        scale = (recorded["var"] + STANDARDIZE_EPS).rsqrt().float()
+        shift = recorded["mean"].float()
+    return scale.to(device or "cpu"), shift.to(device or "cpu")
 
 
 class _Plan:
