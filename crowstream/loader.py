@@ -494,7 +494,8 @@ def _gather(a: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 def _read_ahead(read, units: np.ndarray, threads: int):
     """read(unit) for each unit on `threads` background threads, `threads` +
-    READ_AHEAD_UNITS units ahead, yielded in order. Closing the generator cancels what is queued and joins the threads."""
+    READ_AHEAD_UNITS units ahead, yielded in order. Closing the generator cancels what is
+    queued and joins the threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads, thread_name_prefix="crowstream-reader") as executor:
@@ -571,13 +572,15 @@ def _check_arguments(batch_size, shuffle_buffer, seed, epochs, normalize, read_t
     check_positive("batch_size", batch_size, allow_none=False)
     check_positive("read_threads", read_threads, allow_none=False)
     check_positive("epochs", epochs)
-    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) \
+            or shuffle_buffer < 0:
         raise ConfigError(f"shuffle_buffer must be a number of rows (0 for no shuffling), "
                           f"got {shuffle_buffer!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
     if normalize is not None and normalize not in NORMALIZE:
-        raise ConfigError(f"normalize must be None, 'mean_norm' or 'standardize'; got {normalize!r}.")
+        raise ConfigError(f"normalize must be None, 'mean_norm' or 'standardize'; "
+                          f"got {normalize!r}.")
 
 
 def _check_columns(columns) -> tuple[str, ...]:
@@ -612,5 +615,6 @@ def _torch_dtype(dtype):
         return dtype
     value = getattr(torch, str(dtype), None) if re.fullmatch(r"[a-z0-9]+", str(dtype)) else None
     if not isinstance(value, torch.dtype):
-        raise ConfigError(f"dtype must be a torch dtype or its name (e.g. 'float16'), got {dtype!r}.")
+        raise ConfigError(f"dtype must be a torch dtype or its name (e.g. 'float16'), "
+                          f"got {dtype!r}.")
     return value

@@ -159,7 +159,8 @@ class ModelTracer:
         self.device = _device_of(model)
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
         self.dims = {name: _check_shape(name, shapes.get(name), model) for name in module_names}
-        self.types = {name: type(model.get_submodule(_base(name))).__name__ for name in module_names}
+        self.types = {name: type(model.get_submodule(_base(name))).__name__
+                      for name in module_names}
         # Reads in a trace must follow execution order: order by the probe, not the user.
         self.order = [name for name in shapes if name in self.dims]
         self.forward_kwargs = _no_cache(model)

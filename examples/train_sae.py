@@ -80,7 +80,8 @@ def train(out: str, module: str, *, expansion: int = 8, k: int = 32, steps: int 
             window["ev"] += 1 - (loss / total).item()
             window["n"] += 1
         if step % log_every == 0 or step == steps:
-            dead = (step - last_fired >= dead_steps).float().mean().item() if step >= dead_steps else 0.0
+            silent = step - last_fired >= dead_steps                # [m]
+            dead = silent.float().mean().item() if step >= dead_steps else 0.0
             metrics = {"step": step, "mse": window["mse"] / window["n"],
                        "explained_variance": window["ev"] / window["n"], "dead_fraction": dead,
                        "seconds": round(time.perf_counter() - started, 1)}
