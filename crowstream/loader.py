@@ -169,7 +169,7 @@ class Stream(_iterable_dataset()):
 
         Iterated directly (or with `num_workers=0`), the stream counts the batches itself.
         Inside a DataLoader with workers, pass `batches`, the number of batches your loop
-        took from the DataLoader since its epoch started, and its `num_workers`.
+        took from the DataLoader's current iterator, and its `num_workers`.
         """
         taken = self._resume_batches + self._taken if batches is None else int(batches)
         return {"epoch": self._epoch, "batches": taken, "seed": self.seed,
