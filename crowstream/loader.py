@@ -17,9 +17,11 @@ How a `Stream` works:
   of the pool comes out in a random order. `shuffle_buffer=0` reads in file order.
 - Everything random derives from `(seed, epoch, stream index)`, so a stream is a
   deterministic function of those. That makes resuming exact and simple: the state is
-  the epoch and the number of batches taken; resuming replays the interrupted epoch's
-  reads and shuffle and drops the batches already taken (epochs before it are skipped
-  without reading anything).
+  the epoch and the number of batches taken. Epochs before it are skipped without reading
+  anything; inside the interrupted epoch the pool's random draws are replayed over row
+  identities only (no reads), then only the units whose rows are still pooled are read,
+  and the stream continues from the first unread row. (A resume point inside the
+  end-of-epoch drain replays that epoch's reads instead.)
 
 Nothing here reads the manifest except `_catalog` and `_recorded_stats`.
 """
@@ -252,7 +254,8 @@ class Stream(_iterable_dataset()):
 
     def _pooled(self, index: int, count: int, skip: int):
         """Numpy batches of stream `index`: epochs of units through the pool, the first
-        `skip` batches dropped (whole epochs without reading them)."""
+        `skip` batches dropped (whole epochs without reading them; inside an epoch by
+        `_fast_forward`, or by replaying it when the resume point is in the final drain)."""
         per_worker = self.shuffle_buffer // (count // self.world_size)
         pool = _Pool(max(per_worker, 1) if self.shuffle_buffer else 0, self.batch_size)
         for epoch in self._epochs():
@@ -260,9 +263,11 @@ class Stream(_iterable_dataset()):
             if skip >= n:
                 skip -= n
                 continue
+            units = self._epoch_units(epoch, index, count)
             pool.rng = np.random.default_rng([self.seed, epoch, index])
-            chunks = _read_ahead(self._read, self._epoch_units(epoch, index, count),
-                                 self.read_threads)
+            if skip:
+                units, skip = self._fast_forward(pool, units, skip, epoch, index)
+            chunks = _read_ahead(self._read, units, self.read_threads)
             try:
                 batches = itertools.chain(itertools.chain.from_iterable(map(pool.feed, chunks)),
                                           pool.drain())
@@ -271,6 +276,44 @@ class Stream(_iterable_dataset()):
                 skip = 0
             finally:
                 chunks.close()
+
+    def _fast_forward(self, pool: _Pool, units: np.ndarray, skip: int, epoch: int, index: int):
+        """Bring `pool` to where it was after `skip` batches of this epoch without reading
+        the rows already gone: replay the pool's random draws over row identities only,
+        then read just the units whose rows are still pooled. -> (units still to read, the
+        first one shortened to its unread rows; batches still to drop: 0, or `skip` with
+        a fresh pool when the resume point lies in the final drain, which is replayed)."""
+        ghost = _Pool(pool.capacity, pool.batch_size, pool.rng)  # shares the generator
+        emitted = 0
+        for position, (_, start, stop) in enumerate(units):
+            identities = (position << 32) | np.arange(stop - start, dtype=np.int64)
+            for _ in ghost.feed({"id": identities}):
+                emitted += 1
+                if emitted == skip:  # every batch so far was full, nothing is staged
+                    pooled = ghost.pool["id"][:ghost.filled] if ghost.filled else np.empty(0, int)
+                    self._restore(pool, units, pooled)
+                    return _after(units, skip * pool.batch_size + ghost.filled), 0
+        pool.rng = np.random.default_rng([self.seed, epoch, index])
+        return units, skip
+
+    def _restore(self, pool: _Pool, units: np.ndarray, identities: np.ndarray) -> None:
+        """Fill `pool` with the rows `identities` ((unit position << 32) | row) name."""
+        unit_of, row_of = identities >> 32, identities & 0xFFFFFFFF
+        order = np.argsort(unit_of, kind="stable")
+        needed = np.unique(unit_of)
+        bounds = np.searchsorted(unit_of[order], needed, side="left").tolist() + [len(order)]
+        chunks = _read_ahead(self._read, units[needed], self.read_threads)
+        try:
+            for i, chunk in enumerate(chunks):
+                if pool.pool is None:
+                    pool.pool = {k: _empty((pool.capacity, *a.shape[1:]), a.dtype)
+                                 for k, a in chunk.items()}
+                slots = order[bounds[i]:bounds[i + 1]]
+                for key, a in chunk.items():
+                    _rows(pool.pool[key])[slots] = _rows(a)[row_of[slots]]
+        finally:
+            chunks.close()
+        pool.filled = len(identities)
 
     def _read(self, unit) -> dict[str, np.ndarray]:
         ids = [c for c in self.columns if c != "vector"]
@@ -466,6 +509,16 @@ class _Pool:
             return {k: a if a.flags.writeable and a.flags.c_contiguous else a.copy()
                     for k, a in pieces[0].items()}
         return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def _after(units: np.ndarray, rows: int) -> np.ndarray:
+    """The units that remain once the first `rows` rows of `units` are consumed."""
+    ends = np.cumsum(units[:, 2] - units[:, 1])
+    first = int(np.searchsorted(ends, rows, side="right"))
+    rest = units[first:].copy()
+    if len(rest):
+        rest[0, 1] += rows - (int(ends[first - 1]) if first else 0)
+    return rest
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

@@ -138,30 +138,68 @@ def test_endless_and_several_epochs(small):
 
 # -- resume -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_equals_one_uninterrupted_epoch(small, workers):
+def resumed_run(out, make, stop, workers):
+    """Take `stop` batches, save the state, and finish on a fresh stream: all batches."""
+    stream = make()
+    head = []
+    for batch in loader(stream, workers):
+        head.append(batch)
+        if len(head) == stop:
+            break
+    state = stream.state_dict() if workers == 0 else \
+        stream.state_dict(batches=stop, num_workers=workers)
+    resumed = make()
+    resumed.load_state_dict(state)
+    return head + list(loader(resumed, workers))
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a["doc_id"], b["doc_id"]) and torch.equal(a["position"], b["position"])
+        assert torch.equal(a["vector"], b["vector"])
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 4000])
+def test_resume_at_every_batch_equals_two_uninterrupted_epochs(small, shuffle_buffer):
+    def make():
+        return cs.stream(small, "synthetic", batch_size=700, shuffle_buffer=shuffle_buffer,
+                         seed=9, epochs=2, columns=("doc_id", "position", "vector"))
+
+    whole = list(make())
+    assert len(whole) == 2 * 36
+    for stop in range(1, len(whole)):  # the pool's fill, swaps and drain; both epochs
+        assert_same_batches(resumed_run(small, make, stop, 0), whole)
+
+
+def test_resume_with_dataloader_workers(small):
     def make():
         return cs.stream(small, "synthetic", batch_size=700, shuffle_buffer=4000, seed=9,
                          epochs=2, columns=("doc_id", "position", "vector"))
 
-    whole = list(loader(make(), workers))
+    whole = list(loader(make()))
     for stop in (3, 40, len(whole) - 1):  # early, past the first epoch, the very end
-        stream = make()
-        head = []
-        for batch in loader(stream, workers):
-            head.append(batch)
-            if len(head) == stop:
-                break
-        state = stream.state_dict() if workers == 0 else \
-            stream.state_dict(batches=stop, num_workers=workers)
-        resumed = make()
-        resumed.load_state_dict(state)
-        rest = list(loader(resumed, workers))
-        got = head + rest
-        assert len(got) == len(whole), stop
-        for a, b in zip(got, whole):
-            assert torch.equal(a["doc_id"], b["doc_id"]) and torch.equal(a["vector"], b["vector"])
+        assert_same_batches(resumed_run(small, make, stop, 2), whole)
 
+
+def test_resume_reads_only_the_rows_still_pooled(many_docs, monkeypatch):
+    """Resuming late in an epoch reads the units whose rows are still in the pool and
+    those not read yet, not the whole epoch again."""
+    def make():
+        return cs.stream(many_docs, "synthetic", batch_size=1000, shuffle_buffer=3000, seed=2,
+                         columns=("doc_id", "position", "vector"))
+
+    whole = list(make())
+    head = make()
+    taken = [b for _, b in zip(range(200), head)]  # 200 of 240 batches: 21.5 of 24 units
+    resumed = make()
+    resumed.load_state_dict(head.state_dict())
+    reads = []
+    original = Stream._read
+    monkeypatch.setattr(Stream, "_read", lambda self, unit: reads.append(unit) or
+                        original(self, unit))
+    assert_same_batches(taken + list(resumed), whole)
+    assert len(reads) <= 8, len(reads)  # a replay would read all 24 units again
 
 def test_resume_refuses_a_different_stream(small):
     state = cs.stream(small, "synthetic", seed=1).state_dict()
