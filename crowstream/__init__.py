@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "capture": ".pipeline", "Run": ".pipeline",
     "modules": ".models",
-    "load": ".readers", "stream": ".readers", "scan": ".readers", "vocab": ".readers",
-    "docs": ".readers", "info": ".readers",
+    "load": ".readers", "scan": ".readers", "vocab": ".readers", "docs": ".readers",
+    "info": ".readers",
+    "stream": ".loader", "Stream": ".loader", "stats": ".loader",
     "verify": ".integrity", "rewrite": ".reencode",
     "CrowstreamError": ".errors",
 }

@@ -62,6 +62,10 @@ RESUME_FIELDS = (
 )
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# A module's input is captured under the name `<module>:input` (API, CLI, manifest) and
+# stored in `data/module=<module>@input` (colons break paths on Windows and the Hub).
+INPUT_SUFFIX = ":input"
+INPUT_DIR_SUFFIX = "@input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +162,10 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 
 def check_module_name(name: str) -> None:
-    """Module names become directory names: refuse anything that could escape OUT."""
-    if not _MODULE_NAME.fullmatch(name) or ".." in name:
+    """Module names become directory names: refuse anything that could escape OUT.
+    `<module>:input` names a module's input."""
+    base = name[:-len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+    if not _MODULE_NAME.fullmatch(base) or ".." in base:
         raise ConfigError(
             f"module name {name!r} cannot be used as a directory name; "
             "use the dotted names that `crowstream modules MODEL` lists."

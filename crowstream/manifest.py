@@ -27,8 +27,8 @@ import shutil
 
 from crowstream.schemas import validate_manifest, validate_record
 
-from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, FORMAT_VERSION, MANIFEST_NAME, TMP_DIR,
-                     VOCAB_NAME)
+from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, FORMAT_VERSION, INPUT_DIR_SUFFIX,
+                     INPUT_SUFFIX, MANIFEST_NAME, TMP_DIR, VOCAB_NAME)
 from .errors import ManifestError, OutputError, OutputExistsError
 
 RECORD_NAME = re.compile(r"shard-(\d{8})\.json")
@@ -279,6 +279,9 @@ def part_name(rank: int, shard: int, seq: int = 0) -> str:
 
 
 def module_dir(module: str) -> str:
+    """`data/module=<module>`; a module's input `<module>:input` -> `data/module=<module>@input`."""
+    if module.endswith(INPUT_SUFFIX):
+        module = module[:-len(INPUT_SUFFIX)] + INPUT_DIR_SUFFIX
     return f"{DATA_DIR}/module={module}"
 
 
@@ -589,6 +592,12 @@ def damaged_parts(out: str, manifest: Manifest) -> list[str]:
 
 # -- OUT as a whole -----------------------------------------------------------------------------
 
+def config_name(module: str) -> str:
+    """The dataset card's config name of a module: its directory name after `module=`
+    (`datasets` refuses `:` in config names, so an input is `<module>@input` there)."""
+    return module_dir(module).split("=", 1)[1]
+
+
 def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
     """Decide what to do with OUT, changing nothing: -> "fresh", "resume" or "replace".
 
@@ -705,7 +714,7 @@ def card_text(manifest: Manifest) -> str:
     """The dataset card: one `configs:` entry per module, docs and vocab, and a summary."""
     lines = ["---", "configs:"]
     for name in manifest.modules:
-        lines += [f"- config_name: {json.dumps(name)}", "  data_files:", "  - split: train",
+        lines += [f"- config_name: {json.dumps(config_name(name))}", "  data_files:", "  - split: train",
                   f"    path: {json.dumps(module_dir(name) + '/*.parquet')}"]
     lines += ["- config_name: docs", "  data_files:", "  - split: train", f"    path: {DOCS_DIR}/*.parquet",
               "- config_name: vocab", "  data_files:", "  - split: train", f"    path: {VOCAB_NAME}",

@@ -1,9 +1,8 @@
 """Readers. It owns getting a capture back out of OUT: `load` (a `datasets.Dataset`, as
-`datasets.load_dataset(OUT, module)` gives), `stream` (fast shuffled torch batches for SAE
-training, straight from pyarrow), `scan`/`vocab`/`docs` (polars LazyFrames for analysis)
-and `info` (a summary of the manifest). Every reader sees the committed state
-(`manifest.readable`), also of a run in progress or cut short by a crash. Nothing here
-imports torch unless asked to.
+`datasets.load_dataset(OUT, module)` gives), `scan`/`vocab`/`docs` (polars LazyFrames for
+analysis) and `info` (a summary of the manifest). Every reader sees the committed state
+(`manifest.readable`), also of a run in progress or cut short by a crash. The training
+loader (`stream`, `stats`) lives in `loader.py`. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ def load(out, module: str, **kwargs):
     two OUTs with the same name, or a capture redone in the same OUT, would share a
     stale cache. Extra keyword arguments go to `load_dataset` (`streaming=True` avoids
     the cache copy). Use `.with_format("torch")` to get `[B, d]` tensors per batch.
+    A module's input is named `<module>:input` (its card config is `<module>@input`).
     """
     import datasets
     import pyarrow.dataset as pds
@@ -45,60 +45,6 @@ def load(out, module: str, **kwargs):
     kwargs.setdefault("fragment_scan_options",
                       pds.ParquetFragmentScanOptions(page_checksum_verification=True))
     return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
-
-
-def stream(out, module: str, *, batch_size: int = 4096, shuffle_buffer: int = 0,
-           seed: int = 0, columns=("vector",), dtype=None):
-    """Yield dicts of torch tensors, `batch_size` rows each, read with pyarrow.
-
-    `vector` comes as `[B, d]` (float32, or float16 if stored so; `dtype` casts), the
-    other requested `columns` as `[B]` int64. With `shuffle_buffer=n` (rows), rows are
-    shuffled through an n-row buffer (token-level shuffling for SAE training); part
-    files are visited in a seeded random order. The last batch may be smaller.
-    """
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
-    out = os.fspath(out)
-    manifest = mf.readable(out)
-    files = _module_files(out, manifest, module)
-    d = manifest.modules[module].d
-    rng = np.random.default_rng(seed)
-    if shuffle_buffer:
-        files = [files[i] for i in rng.permutation(len(files))]
-    pending: dict[str, list] = {c: [] for c in columns}
-    held = 0
-
-    def emit(arrays, take):
-        batch = {c: torch.from_numpy(np.ascontiguousarray(a[:take])) for c, a in arrays.items()}
-        if dtype is not None and "vector" in batch:
-            batch["vector"] = batch["vector"].to(dtype)
-        return batch
-
-    for path in files:
-        parquet = pq.ParquetFile(path, page_checksum_verification=True)
-        for record in parquet.iter_batches(batch_size=batch_size, columns=list(columns)):
-            for c in columns:
-                column = record.column(c)
-                pending[c].append(column.values.to_numpy().reshape(-1, d) if c == "vector"
-                                  else column.to_numpy().astype(np.int64))
-            held += record.num_rows
-            while held >= max(batch_size, shuffle_buffer):
-                arrays = {c: np.concatenate(v) for c, v in pending.items()}
-                if shuffle_buffer:
-                    order = rng.permutation(held)
-                    arrays = {c: a[order] for c, a in arrays.items()}
-                yield emit(arrays, batch_size)
-                pending = {c: [a[batch_size:]] for c, a in arrays.items()}
-                held -= batch_size
-    if held:
-        arrays = {c: np.concatenate(v) for c, v in pending.items()}
-        if shuffle_buffer:
-            order = rng.permutation(held)
-            arrays = {c: a[order] for c, a in arrays.items()}
-        for start in range(0, held, batch_size):
-            yield emit({c: a[start:] for c, a in arrays.items()}, batch_size)
 
 
 def _scan(files):

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from .config import FLOAT16_MAX, check_module_name
+from .config import FLOAT16_MAX, INPUT_SUFFIX, check_module_name
 from .errors import Float16OverflowError, ModuleNotFoundInModel, ModuleOutputError
 
 _GLOB_CHARS = set("*?[")
@@ -134,7 +134,8 @@ def eval_mode(model):
 
 
 def resolve_modules(model, requested) -> list[str]:
-    """Exact names and globs -> module names, in the order given, without duplicates."""
+    """Exact names and globs -> module names, in the order given, without duplicates.
+    A name or glob ending in `:input` selects the matching modules' inputs."""
     if isinstance(requested, str):
         requested = [requested]
     requested = list(requested)
@@ -147,6 +148,8 @@ def resolve_modules(model, requested) -> list[str]:
     for pattern in requested:
         if not isinstance(pattern, str):
             raise ModuleNotFoundInModel(f"module names must be strings, got {pattern!r}.")
+        suffix = INPUT_SUFFIX if pattern.endswith(INPUT_SUFFIX) else ""
+        pattern = pattern[:len(pattern) - len(suffix)]
         if _GLOB_CHARS & set(pattern):
             regex = _glob_regex(pattern)
             matches = [n for n in names if regex.fullmatch(n)]
@@ -160,7 +163,7 @@ def resolve_modules(model, requested) -> list[str]:
             raise ModuleNotFoundInModel(
                 f"module {pattern!r} is not in {type(model).__name__}; "
                 f"{_close(pattern, names)}run `crowstream modules MODEL` to list them.")
-        resolved.extend(m for m in matches if m not in resolved)
+        resolved.extend(m + suffix for m in matches if m + suffix not in resolved)
     for name in resolved:
         check_module_name(name)
     return resolved
@@ -182,12 +185,16 @@ def _close(name: str, names: list[str]) -> str:
 
 def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     """Run one tiny forward with plain hooks; -> {name: output shape, in execution order}.
-    A module whose output holds no tensor maps to a string describing its type."""
+    A module whose output holds no tensor maps to a string describing its type. Names in
+    `only` ending in `:input` get their module's first input (as nnsight's `.input`: the
+    first positional argument, else the first keyword), in the order it arrives."""
     from .models import refuse_encoder_decoder
 
     name = str(getattr(model, "name_or_path", "") or type(model).__name__)
     refuse_encoder_decoder(getattr(model, "config", None), name)
     targets = {n: m for n, m in model.named_modules() if n and (only is None or n in only)}
+    inputs = {n: model.get_submodule(n[:-len(INPUT_SUFFIX)]) for n in only or ()
+              if n.endswith(INPUT_SUFFIX)}
     seen: dict[str, tuple | str] = {}
 
     def hook(name):
@@ -196,7 +203,15 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
                 seen[name] = _describe(output)
         return record
 
+    def pre_hook(name):
+        def record(module, args, kwargs):
+            if name not in seen:
+                seen[name] = _describe(args[0] if args else next(iter(kwargs.values()), None))
+        return record
+
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    handles += [m.register_forward_pre_hook(pre_hook(n), with_kwargs=True)
+                for n, m in inputs.items()]
     try:
         ids = _probe_ids(tokenizer, model)
         with torch.inference_mode(), eval_mode(model):
@@ -264,7 +279,8 @@ class ModelTracer:
         tokens = _probe_ids(tokenizer, model).shape[1]
         self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
                      for name in module_names}
-        self.types = {name: type(model.get_submodule(name)).__name__ for name in module_names}
+        self.types = {name: type(model.get_submodule(_base(name))).__name__
+                      for name in module_names}
         # Reads in a trace must follow execution order: order by the probe, not the user.
         self.order = [name for name in shapes if name in self.dims]
         self.forward_kwargs = _no_cache(model)
@@ -283,7 +299,8 @@ class ModelTracer:
             self.wrapped = _wrapper_class()(self.model)
             self.wrapped._crowstream_device = self.device
         envoys = dict(self.wrapped.named_modules())
-        self.envoys = [(name, envoys[f"model.{name}"]) for name in self.order]
+        self.envoys = [(name, envoys[f"model.{_base(name)}"], name != _base(name))
+                       for name in self.order]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -330,8 +347,8 @@ class ModelTracer:
         kept, peaks, clamped = {}, {}, {}
         envoys, dtype, clamp = self.envoys, self.dtype, self.float16_overflow == "clamp"
         with self.wrapped.trace(input_ids=ids, attention_mask=mask, **self.forward_kwargs) as tracer:
-            for name, envoy in envoys:
-                value = envoy.output
+            for name, envoy, is_input in envoys:
+                value = envoy.input if is_input else envoy.output
                 if isinstance(value, tuple):
                     value = value[0]
                 # [B, T, d] -> [N_kept, d], cast on the output's device before the copy
@@ -378,20 +395,28 @@ def _wrapper_class():
     return Wrapped
 
 
+def _base(name: str) -> str:
+    """The module a name refers to: `x:input` -> `x`."""
+    return name[:-len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+
+
 def _check_shape(name: str, shape, model, tokens: int) -> int:
     """-> d for a module whose probe output is `[1, tokens, d]`; anything else (no output,
     not a tensor, another rank, or a changed sequence length) is refused."""
     if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1 and shape[1] == tokens:
         return int(shape[-1])
-    children = [n for n, _ in model.named_modules() if n.startswith(name + ".")][:5]
+    is_input = name != _base(name)
+    children = [n for n, _ in model.named_modules() if n.startswith(_base(name) + ".")][:5]
     hint = (f" Try a submodule such as {', '.join(map(repr, children))}." if children
             else " Pick a block or a layer whose output is one [batch, seq, d] tensor.")
     if shape is None:
         raise ModuleOutputError(f"module {name!r} did not run in the forward pass, so it has no "
-                                f"output to capture (containers such as ModuleList never run).{hint}")
+                                f"{'input' if is_input else 'output'} to capture (containers "
+                                f"such as ModuleList never run).{hint}")
+    verb = "receives" if is_input else "returns"
     if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1:
-        raise ModuleOutputError(f"module {name!r} returns {shape} for an input of {tokens} tokens: "
+        raise ModuleOutputError(f"module {name!r} {verb} {shape} for an input of {tokens} tokens: "
                                 "it changes the sequence length, so its rows cannot be matched "
                                 f"to tokens.{hint}")
-    raise ModuleOutputError(f"module {name!r} returns {shape}, not a [batch, seq, d] tensor; "
+    raise ModuleOutputError(f"module {name!r} {verb} {shape}, not a [batch, seq, d] tensor; "
                             f"crowstream stores one d-vector per token.{hint}")

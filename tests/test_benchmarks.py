@@ -54,3 +54,12 @@ def test_scale_tiny_prints_every_number(tmp_path):
                  "total_byte_size", "documents per batch: [4] (batch_size 4: OK)",
                  "commit time first/last 10%", "targets:"):
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+def test_loader_tiny_prints_every_number(tmp_path):
+    out = _run("loader.py", tmp_path)
+    for line in ("(a) cs.stream shuffle_buffer=", "(b) cs.stream, no shuffling",
+                 "(c) load_dataset + DataLoader(shuffle=True)", "(d) raw pyarrow",
+                 "rows/s", "GB/s", "ratio (a)/(d):", "(a)/(c):"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert out.count(" 20,000 rows  ") == 3, out  # (a), (b), (d) read every row

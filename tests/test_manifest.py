@@ -176,7 +176,7 @@ def test_format_1_outputs_read_through_the_same_readers(complete, tmp_path):
     for module in MODULES:
         v1_rows = cs.load(out, module, cache_dir=str(tmp_path / "a")).data.table
         assert v1_rows.equals(cs.load(complete, module, cache_dir=str(tmp_path / "b")).data.table)
-        assert next(cs.stream(out, module))["vector"].equal(next(cs.stream(complete, module))["vector"])
+        assert next(iter(cs.stream(out, module)))["vector"].equal(next(iter(cs.stream(complete, module)))["vector"])
     assert cs.scan(out).collect().equals(cs.scan(complete).collect())
     assert cs.docs(out).collect().equals(cs.docs(complete).collect())
 
