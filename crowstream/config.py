@@ -11,12 +11,13 @@ from typing import Literal
 
 from .errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "crowstream.json"
 TMP_DIR = ".tmp"
 DATA_DIR = "data"
 DOCS_DIR = "docs"
 VOCAB_NAME = "vocab.parquet"
+TOKENIZER_DIR = "tokenizer"
 
 # Row-group size and the Parquet settings live in schemas/rows.json (the format's single
 # source of truth): ~16 MiB, because huge row groups made selective reads 8-60x slower.

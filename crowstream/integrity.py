@@ -1,6 +1,7 @@
 """Verification (`crowstream.verify`; the module is not named `verify` so it cannot shadow the function). It owns `verify(out)`: re-reading every part file the manifest lists and
 checking it exists, has the recorded size and sha256, opens as Parquet with the format's
-schema and the recorded row count; that no unlisted file sits in `data/` or `docs/`; and
+schema and the recorded row count (docs parts: each `tokens` list holds `n_tokens` ids);
+that `tokenizer/` loads (format 2); that no unlisted file sits in `data/` or `docs/`; and
 that the manifest's counts add up. Every finding has its own message.
 """
 
@@ -12,7 +13,7 @@ import os
 from crowstream.schemas import docs_schema, row_schema
 
 from . import manifest as mf
-from .config import DATA_DIR, DOCS_DIR, VOCAB_NAME
+from .config import DATA_DIR, DOCS_DIR, TOKENIZER_DIR, VOCAB_NAME
 from .errors import VerifyError
 
 
@@ -31,6 +32,8 @@ def verify(out) -> dict:
     problems += _check_counts(manifest)
     if not os.path.isfile(os.path.join(out, VOCAB_NAME)):
         problems.append(f"missing: {VOCAB_NAME}")
+    elif manifest["format_version"] >= 2:
+        problems += _check_tokenizer(out)
     if problems:
         raise VerifyError(f"{out!r} is damaged: {len(problems)} problem(s): " + "; ".join(problems),
                           problems)
@@ -56,7 +59,7 @@ def _check_part(out: str, part: dict, manifest: dict) -> list[str]:
         parquet = pq.ParquetFile(path)
     except Exception as error:  # any decode failure is damage to report, with its reason
         return [f"unreadable: {rel} is not valid Parquet ({error})"]
-    expected = (docs_schema() if part["kind"] == "docs" else
+    expected = (docs_schema(manifest["format_version"]) if part["kind"] == "docs" else
                 row_schema(manifest["modules"][part["module"]]["d"],
                            manifest["modules"][part["module"]]["dtype"]))
     problems = []
@@ -65,7 +68,44 @@ def _check_part(out: str, part: dict, manifest: dict) -> list[str]:
     if parquet.metadata.num_rows != part["rows"]:
         problems.append(f"row count mismatch: {rel} has {parquet.metadata.num_rows:,} rows, "
                         f"the manifest records {part['rows']:,}")
+    if not problems and part["kind"] == "docs" and "tokens" in expected.names:
+        problems += _check_doc_tokens(rel, parquet)
     return problems
+
+
+def _check_doc_tokens(rel: str, parquet) -> list[str]:
+    """Each document's `tokens` list holds exactly `n_tokens` ids."""
+    import pyarrow.compute as pc
+
+    table = parquet.read(columns=["doc_id", "n_tokens", "tokens"])
+    lengths = pc.list_value_length(table["tokens"])
+    wrong = pc.not_equal(lengths, pc.cast(table["n_tokens"], lengths.type))
+    if not pc.any(wrong).as_py():
+        return []
+    first = table.filter(wrong).slice(0, 1).to_pylist()[0]
+    return [f"tokens mismatch: {rel} has {pc.sum(wrong).as_py():,} document(s) whose tokens "
+            f"length differs from n_tokens (doc_id {first['doc_id']}: {len(first['tokens'])} "
+            f"ids, n_tokens {first['n_tokens']})"]
+
+
+def _check_tokenizer(out: str) -> list[str]:
+    """OUT/tokenizer/ loads offline and knows as many tokens as vocab.parquet lists."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(out, TOKENIZER_DIR)
+    if not os.path.isdir(path):
+        return [f"missing: {TOKENIZER_DIR}/ (the saved tokenizer)"]
+    try:
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except Exception as error:  # any load failure is damage to report, with its reason
+        return [f"unreadable: {TOKENIZER_DIR}/ does not load as a tokenizer ({error})"]
+    listed = pq.ParquetFile(os.path.join(out, VOCAB_NAME)).metadata.num_rows
+    if size != listed:
+        return [f"tokenizer mismatch: {TOKENIZER_DIR}/ has {size:,} tokens, "
+                f"{VOCAB_NAME} lists {listed:,}"]
+    return []
 
 
 def _check_unlisted(out: str, manifest: dict) -> list[str]:

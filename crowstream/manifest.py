@@ -16,7 +16,8 @@ import shutil
 
 from crowstream.schemas import validate_manifest
 
-from .config import DATA_DIR, DOCS_DIR, FORMAT_VERSION, MANIFEST_NAME, TMP_DIR, VOCAB_NAME
+from .config import (DATA_DIR, DOCS_DIR, FORMAT_VERSION, MANIFEST_NAME, TMP_DIR,
+                     TOKENIZER_DIR, VOCAB_NAME)
 from .errors import ManifestError, OutputError, OutputExistsError
 
 
@@ -123,7 +124,7 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
     an overwrite killed mid-delete): crowstream's own names and part files, nothing else.
     Without a manifest nothing was committed, so starting afresh loses nothing."""
     names = set(existing)
-    if not names <= {"README.md", VOCAB_NAME, DATA_DIR, DOCS_DIR, TMP_DIR} or not names & {TMP_DIR, DATA_DIR}:
+    if not names <= {"README.md", VOCAB_NAME, TOKENIZER_DIR, DATA_DIR, DOCS_DIR, TMP_DIR} or not names & {TMP_DIR, DATA_DIR}:
         return False
     card = os.path.join(out, "README.md")
     if os.path.isfile(card):

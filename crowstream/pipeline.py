@@ -22,8 +22,8 @@ import pyarrow as pa
 from crowstream.schemas import docs_schema, row_schema, vocab_schema
 
 from . import manifest as mf
-from .config import (DATA_DIR, DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, WRITER_QUEUE_BATCHES,
-                     CaptureConfig, check_choice, check_positive)
+from .config import (DATA_DIR, DOCS_DIR, SORT_WINDOW_DOCS, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME,
+                     WRITER_QUEUE_BATCHES, CaptureConfig, check_choice, check_positive)
 from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
                      OutOfMemory, ResumeMismatchError)
 
@@ -184,6 +184,7 @@ class _Session:
         self.manifest = mf.new_manifest(uuid.uuid4().hex[:16], config.to_json(),
                                         shard_size, provenance, modules)
         _write_vocab(self.out, self.tokenizer)
+        _write_tokenizer(self.out, self.tokenizer)
         mf.write_card(self.out, self.manifest)
         mf.write_manifest(self.out, self.manifest)
 
@@ -409,9 +410,13 @@ class _Writers:
 
 def _docs_table(end) -> pa.Table:
     texts = end.texts if end.texts is not None else [None] * len(end.doc_ids)
+    offsets = np.concatenate([[0], np.cumsum(end.n_tokens, dtype=np.int32)]).astype(np.int32)
+    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(end.token_ids, pa.int32()))
     return pa.table({"doc_id": pa.array(end.doc_ids, pa.int64()),
                      "n_tokens": pa.array(end.n_tokens, pa.int32()),
-                     "text": pa.array(texts, pa.string())}, schema=docs_schema())
+                     "text": pa.array(texts, pa.string()),
+                     "tokens": tokens.cast(docs_schema().field("tokens").type)},
+                    schema=docs_schema())
 
 
 def _write_vocab(out: str, tokenizer) -> None:
@@ -428,6 +433,12 @@ def _write_vocab(out: str, tokenizer) -> None:
     tmp = os.path.join(out, TMP_DIR, VOCAB_NAME)
     write_table(tmp, table)
     os.replace(tmp, os.path.join(out, VOCAB_NAME))
+
+
+def _write_tokenizer(out: str, tokenizer) -> None:
+    """OUT/tokenizer/: the tokenizer's own files (save_pretrained), so the docs table's
+    token ids decode exactly (byte-level BPE, WordPiece) without the model directory."""
+    tokenizer.save_pretrained(os.path.join(out, TOKENIZER_DIR))
 
 
 def _translate(error: BaseException, out: str, bytes_written: int) -> BaseException:

@@ -292,7 +292,7 @@ def test_manifest_validates(out32, out16):
         with open(os.path.join(run.path, "crowstream.json"), encoding="utf-8") as f:
             manifest = json.load(f)
         assert validate_manifest(manifest) == []
-        assert manifest["format_version"] == 1 and manifest["status"] == "complete"
+        assert manifest["format_version"] == 2 and manifest["status"] == "complete"
         for part in manifest["parts"]:
             assert os.path.getsize(os.path.join(run.path, part["path"])) == part["bytes"]
         broken = {k: v for k, v in manifest.items() if k != "run_id"}
