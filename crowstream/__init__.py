@@ -21,6 +21,7 @@ _EXPORTS = {
     "load": ".readers", "stream": ".readers", "scan": ".readers", "vocab": ".readers",
     "docs": ".readers", "info": ".readers",
     "verify": ".integrity",
+    "top": ".analysis", "contexts": ".analysis", "report": ".report",
     "CrowstreamError": ".errors",
 }
 
