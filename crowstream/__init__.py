@@ -21,7 +21,7 @@ _EXPORTS = {
     "load": ".readers", "stream": ".readers", "scan": ".readers", "vocab": ".readers",
     "docs": ".readers", "info": ".readers",
     "verify": ".integrity",
-    "top": ".analysis", "contexts": ".analysis", "report": ".report",
+    "top": ".analysis", "contexts": ".analysis", "report": ".reporting",
     "CrowstreamError": ".errors",
 }
 
