@@ -166,7 +166,7 @@ def scan_batches(files: list[str], d: int, batch_rows: int | None = None,
 
     columns = ["doc_id", "position", "token", "vector"]
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering held a whole file
         groups = None if row_groups is None else row_groups.get(path, [])
         if groups == []:
             continue
