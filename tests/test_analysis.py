@@ -4,6 +4,7 @@ decode of the document's token slice (GPT-2 byte-level BPE and MiniLM WordPiece)
 from __future__ import annotations
 
 import glob
+import re
 import os
 
 import numpy as np
@@ -219,15 +220,131 @@ def test_bad_arguments_get_one_clear_error(chunked):
 
 
 def test_format_1_output_explains_what_to_do(chunked, tmp_path):
-    """An output without tokenizer/ and tokens (as 0.1 wrote) -> window=None still works,
-    contexts raise one error naming the fix."""
+    """An output as 0.1 wrote it (format 1: no tokenizer/, no tokens column) still verifies;
+    window=None works; contexts raise one error naming the fix."""
+    import hashlib
+    import json
     import shutil
 
-    old = str(tmp_path / "old")
-    shutil.copytree(chunked, old)
+    old = damaged_copy(chunked, tmp_path)
     shutil.rmtree(os.path.join(old, "tokenizer"))
-    for path in glob.glob(os.path.join(old, "docs", "*.parquet")):
-        pq.write_table(pq.read_table(path).drop_columns(["tokens"]), path)
+    with open(os.path.join(old, "crowstream.json")) as f:
+        manifest = json.load(f)
+    manifest["format_version"] = 1
+    for entry in manifest["parts"]:
+        if entry["kind"] == "docs":
+            path = os.path.join(old, entry["path"])
+            pq.write_table(pq.read_table(path).drop_columns(["tokens"]), path)
+            entry["bytes"] = os.path.getsize(path)
+            with open(path, "rb") as f:
+                entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(old, "crowstream.json"), "w") as f:
+        json.dump(manifest, f)
+    assert cs.verify(old)["parts"] == len(manifest["parts"])
     assert len(cs.top(old, MODULES[0], "norm", k=3, window=None)) == 3
     with pytest.raises(ConfigError, match=r"before format 2.*window=None"):
         cs.top(old, MODULES[0], "norm", k=3)
+
+def readme_analyse_code() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n## Analyse\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_readme_analyse_recipes_run_as_written(chunked, capsys):
+    code = readme_analyse_code()
+    line = 'OUT, MODULE = "acts/", "transformer.h.6"'
+    assert line in code
+    namespace = {}
+    exec(compile(code.replace(line, f"OUT, MODULE = {chunked!r}, {MODULES[1]!r}"), "README", "exec"),
+         namespace)
+    doc_id, position, token, vector = read_rows(chunked)[MODULES[1]]
+    norms = np.sqrt(np.einsum("ij,ij->i", vector, vector))
+    np.testing.assert_allclose(namespace["top_rows"]["norm"].to_numpy(), np.sort(norms)[::-1][:20], rtol=1e-5)
+    assert namespace["top_rows_big"]["norm"].sort(descending=True).to_list() == \
+        namespace["top_rows"]["norm"].to_list()
+    mean = namespace["mean_per_token"]
+    some = mean["token"][0]
+    np.testing.assert_allclose(mean.filter(pl.col("token") == some)["mean"].to_numpy()[0],
+                               vector[token == some].mean(0), rtol=1e-4, atol=1e-6)
+    assert mean.columns == ["token", "count", "mean", "text", "special"]
+    one_doc = namespace["one_doc"]
+    assert one_doc["position"].to_list() == sorted(position[doc_id == namespace["doc"]].tolist())
+    assert len(namespace["tokens"]) > one_doc["position"].max()
+    assert len(namespace["hits"]) == 20 and namespace["hits"]["doc_id"].value_counts()["count"].max() <= 2
+    assert namespace["top_tokens"].columns == namespace["top_tokens_big"].columns
+
+
+def damaged_copy(source, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "damaged")
+    shutil.copytree(source, out)
+    return out
+
+
+def rewrite_docs_part(out, change) -> None:
+    """Apply `change` to the first docs part and record its new size and checksum, so only
+    the content check can notice."""
+    import hashlib
+    import json
+
+    manifest_path = os.path.join(out, "crowstream.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    entry = next(p for p in manifest["parts"] if p["kind"] == "docs")
+    path = os.path.join(out, entry["path"])
+    pq.write_table(change(pq.read_table(path)), path)
+    entry["bytes"] = os.path.getsize(path)
+    with open(path, "rb") as f:
+        entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+
+
+def verify_problems(out) -> list[str]:
+    from crowstream.errors import VerifyError
+
+    with pytest.raises(VerifyError) as info:
+        cs.verify(out)
+    return info.value.problems
+
+
+def test_verify_checks_the_tokens_column(chunked, tmp_path):
+    import pyarrow as pa
+
+    assert cs.verify(chunked)["parts"] > 0  # intact before
+
+    def drop_last_token_of_first_doc(table):
+        tokens = table["tokens"].to_pylist()
+        tokens[0] = tokens[0][:-1]
+        return table.set_column(3, table.schema.field("tokens"), pa.array(tokens, table.schema.field("tokens").type))
+
+    out = damaged_copy(chunked, tmp_path)
+    rewrite_docs_part(out, drop_last_token_of_first_doc)
+    [problem] = verify_problems(out)
+    assert re.match(r"^tokens mismatch: docs/part-\d+-\d+\.parquet has 1 document\(s\) whose tokens length "
+                    r"differs from n_tokens \(doc_id \d+: \d+ ids, n_tokens \d+\)$", problem), problem
+
+
+def test_verify_refuses_a_docs_part_without_tokens(chunked, tmp_path):
+    out = damaged_copy(chunked, tmp_path)
+    rewrite_docs_part(out, lambda table: table.drop_columns(["tokens"]))
+    [problem] = verify_problems(out)
+    assert problem.startswith("schema mismatch: docs/") and "tokens: list<element: int32 not null>" in problem
+
+
+def test_verify_checks_the_saved_tokenizer(chunked, tmp_path):
+    import shutil
+
+    out = damaged_copy(chunked, tmp_path)
+    with open(os.path.join(out, "tokenizer", "tokenizer.json"), "w") as f:
+        f.write("{ not json")
+    [problem] = verify_problems(out)
+    assert problem.startswith("unreadable: tokenizer/ does not load as a tokenizer ("), problem
+    shutil.rmtree(os.path.join(out, "tokenizer"))
+    assert verify_problems(out) == ["missing: tokenizer/ (the saved tokenizer)"]
