@@ -301,13 +301,20 @@ def _plot_norms(norms: np.ndarray) -> str:
 
 def _plot_positions(sums: np.ndarray, counts: np.ndarray) -> str:
     figure, ax = _figure()
-    seen = np.flatnonzero(counts)
+    seen, least = _well_sampled(counts)
     ax.plot(seen, sums[seen] / counts[seen], color="#3b6ea8", lw=1, marker=".", ms=3)
     ax.set_xscale("symlog", linthresh=1)  # log beyond 1, and position 0 stays visible
-    ax.set_xlabel("token position (log; 0 shown)")
+    ax.set_xlabel(f"token position (log; 0 shown; >= {least} rows each)")
     ax.set_ylabel("mean norm")
     ax.set_title("Mean norm by position", fontsize=10)
     return _png(figure)
+
+
+def _well_sampled(counts: np.ndarray) -> tuple[np.ndarray, int]:
+    """Positions seen at least MIN_TOKEN_COUNT times (the long tail of a few long documents
+    is noise), or every seen position when too few qualify; -> (positions, threshold)."""
+    least = MIN_TOKEN_COUNT if np.count_nonzero(counts >= MIN_TOKEN_COUNT) >= 2 else 1
+    return np.flatnonzero(counts >= least), least
 
 
 def _plot_spectrum(variance_sorted: np.ndarray) -> str:
@@ -325,10 +332,10 @@ def _plot_spectrum(variance_sorted: np.ndarray) -> str:
 def _plot_cosines(curves: dict) -> str:
     figure, ax = _figure(8.4, 3.2)
     for name, (sums, counts) in curves.items():
-        seen = np.flatnonzero(counts)
+        seen, least = _well_sampled(counts)
         ax.plot(seen, sums[seen] / counts[seen], lw=1, marker=".", ms=3, label=name)
     ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("token position (log; 0 shown)")
+    ax.set_xlabel(f"token position (log; 0 shown; >= {least} row pairs each)")
     ax.set_ylabel("mean cosine similarity")
     ax.legend(fontsize=8)
     return _png(figure)
