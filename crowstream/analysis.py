@@ -66,7 +66,8 @@ def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | 
         from .readers import vocab
 
         texts = vocab(out).select(pl.col("token"), pl.col("text").alias("token_text"))
-        found = found.join(texts.collect(), on="token", how="left", maintain_order="left")
+        found = found.join(texts.collect(), on="token", how="left").sort(
+            "score", "doc_id", "position", descending=[True, False, False])
         return found.select("doc_id", "position", "token", "token_text", "score")
     found = contexts(out, found, window)
     return found.select("doc_id", "position", "token", "token_text", "score", "context")

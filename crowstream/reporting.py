@@ -196,8 +196,9 @@ def _context_table(out: str, stats: ModuleSample) -> str:
     except ConfigError as error:  # a format-1 output: token texts only
         from .readers import vocab
 
-        found = found.join(vocab(out).select("token", "text").collect(), on="token", how="left",
-                           maintain_order="left").rename({"text": "context"})
+        found = (found.join(vocab(out).select("token", "text").collect(), on="token", how="left")
+                 .sort("score", "doc_id", "position", descending=[True, False, False])
+                 .rename({"text": "context"}))
         note = f"contexts unavailable: {error}"
     rows = "".join(f"<tr><td>{r['score']:.3f}</td><td>{r['doc_id']}</td><td>{r['position']}</td>"
                    f"<td class=\"ctx\">{_bold_marked(r['context'] or '')}</td></tr>"

@@ -125,3 +125,16 @@ def test_analysis_benchmark_tiny_prints_every_number(tmp_path):
         assert line in done.stdout, f"missing {line!r} in:\n{done.stdout}"
     assert len(re.findall(r"^  report: +[\d,]+ rows per module", done.stdout, re.M)) == 3
     assert not os.listdir(tmp_path), "the benchmark left files behind"
+
+
+def test_report_without_a_saved_tokenizer_says_contexts_are_unavailable(gpt2_out, tmp_path):
+    import os
+    import shutil
+
+    old = str(tmp_path / "old")
+    shutil.copytree(gpt2_out, old)
+    shutil.rmtree(os.path.join(old, "tokenizer"))  # as crowstream 0.1 wrote it
+    cs.report(old, tmp_path / "old.html")
+    page = (tmp_path / "old.html").read_text(encoding="utf-8")
+    check_page(page, ["transformer.h.0", "transformer.h.2"])
+    assert page.count("contexts unavailable: ") == 2 and "no tokenizer/" in page
