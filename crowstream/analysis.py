@@ -209,7 +209,9 @@ def _call_scorer(function, x: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(x)
     with torch.inference_mode():
         result = function(tensor)
-    result = result.detach().float().cpu().numpy() if hasattr(result, "detach") else np.asarray(result)
+    if hasattr(result, "detach"):  # a torch tensor
+        result = result.detach().float().cpu().numpy()
+    result = np.asarray(result)
     if result.shape != (len(x),):
         raise ConfigError(f"the score function must map a [B, d] tensor to [B] scores; for "
                           f"B={len(x)} it returned shape {tuple(result.shape)}.")

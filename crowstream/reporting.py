@@ -49,8 +49,8 @@ def report(out, path, *, max_rows: int = REPORT_ROWS) -> dict:
         plan = sample_plan(files, max_rows)
         plans[module] = (files, d, plan)
         stats = ModuleSample(d)
-        for doc_id, position, token, vectors in analysis.scan_batches(files, d, row_groups=plan.groups):
-            stats.add(doc_id, position, token, vectors)
+        for batch in analysis.scan_batches(files, d, row_groups=plan.groups):
+            stats.add(*batch)  # doc_id, position, token, vectors
         sampled[module] = {"rows": spec["rows"], "sampled_rows": stats.rows}
         sections.append(_module_section(out, module, spec, plan, stats))
     cosine = _cosine_section(summary, plans)
@@ -78,7 +78,8 @@ def sample_plan(files: list[str], max_rows: int) -> SamplePlan:
     groups = []  # (path, index, rows)
     for i in chosen:
         metadata = pq.ParquetFile(files[i]).metadata
-        groups += [(files[i], g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
+        groups += [(files[i], g, metadata.row_group(g).num_rows)
+                   for g in range(metadata.num_row_groups)]
     rows = np.array([g[2] for g in groups], dtype=np.int64)
     if rows.sum() > max_rows:
         n = int(np.clip(np.ceil(max_rows / max(rows.mean(), 1)), 1, len(groups)))
@@ -141,7 +142,8 @@ def _add_bins(sums, counts, keys, weights):
 # -- sections --------------------------------------------------------------------------
 
 
-def _module_section(out: str, module: str, spec: dict, plan: SamplePlan, stats: ModuleSample) -> str:
+def _module_section(out: str, module: str, spec: dict, plan: SamplePlan,
+                    stats: ModuleSample) -> str:
     if not stats.rows:
         return f"<h2>{_e(module)}</h2><p>No committed rows yet.</p>"
     norms = np.concatenate(stats.norms)
@@ -181,7 +183,8 @@ def _token_table(out: str, stats: ModuleSample) -> str:
     rows = "".join(f"<tr><td>{t}</td><td><code>{_e(repr(texts.get(t, '?')))}</code></td>"
                    f"<td>{int(counts[t]):,}</td><td>{stats.token_sum[t] / counts[t]:.3f}</td></tr>"
                    for t in order.tolist())
-    note = f"tokens seen at least {min(MIN_TOKEN_COUNT, int(max(counts.max(), 1)))} times in the sample"
+    least = min(MIN_TOKEN_COUNT, int(max(counts.max(), 1)))
+    note = f"tokens seen at least {least} times in the sample"
     return (f'<table><tr><th>token</th><th>text</th><th>count</th><th>mean norm</th></tr>{rows}'
             f'</table><p class="note">{note}</p>')
 
@@ -345,12 +348,14 @@ def _plot_cosines(curves: dict) -> str:
 # -- page ------------------------------------------------------------------------------
 
 _CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 16px}
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;
+padding:0 16px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;border-top:1px solid #ddd;padding-top:14px}
 h2 small{font-weight:normal;color:#666;font-size:13px} h3{font-size:14px;margin:8px 0}
 table{border-collapse:collapse;font-size:12.5px} td,th{border:1px solid #ddd;padding:2px 6px;
-text-align:left;vertical-align:top} th{background:#f3f5f8} td.ctx{font-family:ui-monospace,monospace;
-white-space:pre-wrap;max-width:640px} .plots{display:flex;flex-wrap:wrap;gap:8px}
+text-align:left;vertical-align:top} th{background:#f3f5f8}
+td.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;max-width:640px}
+.plots{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0} figcaption,.note,.facts{color:#555;font-size:12px} .tables{display:flex;gap:24px;
 flex-wrap:wrap;align-items:flex-start} .sample{background:#fff7e0;border:1px solid #ecd9a0;
 padding:6px 10px;display:inline-block}
@@ -364,10 +369,7 @@ def _page(summary: dict, sampled: dict, sections: list[str], cosine: str) -> str
         f"<td>{sampled[n]['sampled_rows']:,}</td></tr>" for n, m in summary["modules"].items())
     partial = [n for n, s in sampled.items() if s["sampled_rows"] < s["rows"]]
     if partial:
-        sample = ("Sampled: " + "; ".join(f"{n}: {sampled[n]['sampled_rows']:,} of "
-                                          f"{sampled[n]['rows']:,} rows "
-                                          f"({sampled[n]['sampled_rows'] / max(sampled[n]['rows'], 1):.1%})"
-                                          for n in partial)
+        sample = ("Sampled: " + "; ".join(_sampled_text(n, **sampled[n]) for n in partial)
                   + ". Whole row groups, evenly spaced over evenly spaced part files; the "
                   "statistics, plots and top contexts below are over the sample.")
     else:
@@ -377,7 +379,8 @@ def _page(summary: dict, sampled: dict, sections: list[str], cosine: str) -> str
            ("tokens fed", f"{summary['tokens_fed']:,}"),
            ("context", f"{summary['context_size']} ({summary['overflow']})"),
            ("shards", f"{summary['shards']:,}"), ("on disk", _mib(summary["bytes"])),
-           ("run", f"{summary['run_id']}, created {summary['created']}, updated {summary['updated']}")]
+           ("run", f"{summary['run_id']}, created {summary['created']}, "
+                   f"updated {summary['updated']}")]
     if summary.get("error"):
         run.append(("error", summary["error"]))
     facts = "".join(f"<tr><th>{_e(k)}</th><td>{_e(str(v))}</td></tr>" for k, v in run)
@@ -400,6 +403,10 @@ def _bold_marked(context: str) -> str:
     if 0 <= start < end:
         text = f"{text[:start + 1]}<b>{text[start + 1:end]}</b>{text[end:]}"
     return text
+
+
+def _sampled_text(module: str, rows: int, sampled_rows: int) -> str:
+    return f"{module}: {sampled_rows:,} of {rows:,} rows ({sampled_rows / max(rows, 1):.1%})"
 
 
 def _e(text: str) -> str:
