@@ -102,6 +102,17 @@ def test_top_more_than_all_rows_returns_all_in_order(chunked):
     assert_same(found, brute_force(chunked, MODULES[0], SCORES["norm"][1], rows + 50))
 
 
+def test_top_over_float16_vectors(gpt2_dir, corpus, tmp_path):
+    out = str(tmp_path / "fp16")
+    cs.capture(gpt2_dir, corpus[:10], MODULES[:1], out, context_size=32, dtype="float16",
+               progress=False)
+    reference = lambda x: np.sqrt(np.einsum("ij,ij->i", x, x))  # noqa: E731
+    doc_id, position, token, vector = read_rows(out)[MODULES[0]]
+    assert vector.dtype == np.float16
+    found = cs.top(out, MODULES[0], "norm", k=7, per_doc=2)
+    assert_same(found, brute_force(out, MODULES[0], lambda x: reference(x.astype(np.float32)), 7, 2))
+
+
 def test_top_keeps_enough_candidates_per_document():
     """A document that first fills the list and is later capped must not hide others."""
     best = analysis.TopK(3, per_doc=1)
