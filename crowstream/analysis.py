@@ -173,9 +173,15 @@ def scan_batches(files: list[str], d: int, batch_rows: int | None = None,
             continue
         for batch in parquet.iter_batches(batch_size=batch_rows or SCAN_BATCH_ROWS, columns=columns,
                                           row_groups=groups):
-            vectors = batch.column("vector").flatten().to_numpy().reshape(-1, d)  # zero-copy
             yield (batch.column("doc_id").to_numpy(), batch.column("position").to_numpy(),
-                   batch.column("token").to_numpy(), vectors.astype(np.float32, copy=False))
+                   batch.column("token").to_numpy(), vectors_of(batch.column("vector"), d))
+
+
+def vectors_of(column, d: int) -> np.ndarray:
+    """A fixed_size_list<float>[d] Arrow array as a [N, d] float32 array (zero-copy for
+    float32; `.flatten()` gives the same memory but cost more than the scoring)."""
+    values = column.values.slice(column.offset * d, len(column) * d)
+    return values.to_numpy().reshape(-1, d).astype(np.float32, copy=False)
 
 
 def make_scorer(score, d: int):
@@ -196,7 +202,8 @@ def make_scorer(score, d: int):
     if direction.shape != (d,):
         raise ConfigError(f"a direction must have shape ({d},) for this module; got "
                           f"{direction.shape}.")
-    return lambda x: x @ direction  # [B, d] @ [d] -> [B]
+    # [B, d] . [d] -> [B]; einsum: 3x faster than BLAS's threaded x @ direction on 2 busy cores
+    return lambda x: np.einsum("ij,j->i", x, direction)
 
 
 def _call_scorer(function, x: np.ndarray) -> np.ndarray:

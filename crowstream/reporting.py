@@ -265,8 +265,9 @@ def _keys(table) -> np.ndarray:
 
 
 def _vectors(table, d: int) -> np.ndarray:
-    column = table.column("vector").combine_chunks()
-    return column.flatten().to_numpy().reshape(-1, d).astype(np.float32, copy=False)
+    from .analysis import vectors_of
+
+    return vectors_of(table.column("vector").combine_chunks(), d)
 
 
 # -- plots -----------------------------------------------------------------------------

@@ -69,8 +69,8 @@ def assert_same(found, expected):
 
 DIRECTION = np.random.default_rng(0).standard_normal(64).astype(np.float32)
 SCORES = {
-    "direction": (DIRECTION, lambda x: x @ DIRECTION),
-    "direction-tensor": (torch.from_numpy(DIRECTION), lambda x: x @ DIRECTION),
+    "direction": (DIRECTION, lambda x: np.einsum("ij,j->i", x, DIRECTION)),
+    "direction-tensor": (torch.from_numpy(DIRECTION), lambda x: np.einsum("ij,j->i", x, DIRECTION)),
     "neuron": (7, lambda x: x[:, 7]),
     "norm": ("norm", lambda x: np.sqrt(np.einsum("ij,ij->i", x, x))),
     "callable": (lambda t: torch.relu(t[:, :8]).sum(1), lambda x: np.maximum(x[:, :8], 0).sum(1)),
