@@ -359,3 +359,18 @@ def test_verify_checks_the_saved_tokenizer(chunked, tmp_path):
     assert problem.startswith("unreadable: tokenizer/ does not load as a tokenizer ("), problem
     shutil.rmtree(os.path.join(out, "tokenizer"))
     assert verify_problems(out) == ["missing: tokenizer/ (the saved tokenizer)"]
+
+
+def test_a_run_killed_before_its_first_manifest_with_the_tokenizer_saved_restarts(tmp_path):
+    """The tokenizer is saved before the first manifest: a run killed between the two left
+    tokenizer/ beside vocab.parquet and .tmp/; resume/overwrite must still recognise OUT."""
+    from crowstream import manifest as mf
+
+    out = tmp_path / "out"
+    for sub in (".tmp", "data", "docs", "tokenizer"):
+        (out / sub).mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out / "vocab.parquet").write_bytes(b"")
+    (out / "README.md").write_text("written by crowstream")
+    assert mf.inspect_out(str(out), overwrite=False, resume=True) == "replace"
+    assert mf.inspect_out(str(out), overwrite=True, resume=False) == "replace"
