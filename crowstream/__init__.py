@@ -4,6 +4,8 @@
     run = cs.capture("gpt2", "corpus.txt", ["transformer.h.6"], "acts/")
     ds = cs.load("acts/", "transformer.h.6")          # datasets.Dataset
     lf = cs.scan("acts/")                             # polars.LazyFrame
+    cs.top("acts/", "transformer.h.6", "norm")        # top rows with their contexts
+    cs.report("acts/", "report.html")                 # one self-contained HTML report
 
 Importing this package is cheap: torch, transformers, nnsight and datasets load only
 when a function that needs them runs.
@@ -22,6 +24,7 @@ _EXPORTS = {
     "info": ".readers",
     "stream": ".loader", "Stream": ".loader", "stats": ".loader",
     "verify": ".integrity", "rewrite": ".reencode",
+    "top": ".analysis", "contexts": ".analysis", "report": ".reporting",
     "CrowstreamError": ".errors",
 }
 

@@ -75,6 +75,7 @@ class ShardEnd:
     source_end: int             # ... and after it
     doc_ids: np.ndarray         # [D] int64, documents with text (None rows are skipped)
     n_tokens: np.ndarray        # [D] int32, tokens fed to the model per document
+    token_ids: np.ndarray       # [sum(n_tokens)] int32, each document's ids in turn, as fed
     texts: list[str] | None     # kept only with store_text
     skipped: int                # rows whose text was None
     last: bool                  # max_tokens reached: no shard follows
@@ -139,6 +140,7 @@ def shard_stream(rows: Iterator[tuple[int, str | None]], tokenizing: Tokenizing,
 def _shard(block, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed: int):
     config = tokenizing.config
     all_ids, all_counts, all_texts, skipped, stop, used = [], [], [], 0, False, 0
+    all_token_ids = []
     for w in range(0, len(block), SORT_WINDOW_DOCS):  # a window never crosses the shard
         window = block[w:w + SORT_WINDOW_DOCS]
         doc_ids = [d for d, text in window if text is not None]
@@ -158,6 +160,8 @@ def _shard(block, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed:
         used += used_rows
         all_ids.extend(doc_ids)
         all_counts.append(counts)
+        all_token_ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32,
+                                         count=int(counts.sum())))
         if config.store_text:
             all_texts.extend(texts)
         yield from batches_of(tokenizing.pieces(doc_ids, encoded), tokenizing)
@@ -165,6 +169,7 @@ def _shard(block, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed:
             break
     end = ShardEnd(index, consumed, consumed + used, np.asarray(all_ids, dtype=np.int64),
                    np.concatenate(all_counts).astype(np.int32) if all_counts else np.zeros(0, np.int32),
+                   np.concatenate(all_token_ids) if all_token_ids else np.zeros(0, np.int32),
                    all_texts if config.store_text else None, skipped, stop)
     yield end
     return end

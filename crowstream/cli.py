@@ -1,4 +1,4 @@
-"""The command line: `crowstream capture|modules|info|verify|rewrite|demo` (also `python -m
+"""The command line: `crowstream capture|modules|info|verify|rewrite|report|demo` (also `python -m
 crowstream`). It owns argument parsing and presentation only; every command calls the
 Python API. Errors print one line (no traceback) and exit non-zero.
 """
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = commands.add_parser("rewrite", help="re-encode an older float16 output so DuckDB reads it")
     r.add_argument("out")
+    r = commands.add_parser("report", help="write a self-contained HTML report of a capture")
+    r.add_argument("out")
+    r.add_argument("-o", "--output", default="report.html", help="HTML file to write")
+    r.add_argument("--max-rows", type=int, default=None,
+                   help="rows read per module at most (default 200,000; sampled above that)")
 
     d = commands.add_parser("demo", help="capture all-MiniLM-L6-v2 over Python's docs (offline)")
     d.add_argument("-o", "--out", default="crowstream-demo")
@@ -215,6 +220,16 @@ def _rewrite(args) -> None:
           f"{args.out}: nothing to rewrite (no float16 part file uses BYTE_STREAM_SPLIT)")
 
 
+def _report(args) -> None:
+    from .reporting import REPORT_ROWS, report
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache chatter
+    done = report(args.out, args.output, max_rows=args.max_rows or REPORT_ROWS)
+    read = sum(m["sampled_rows"] for m in done["modules"].values())
+    total = sum(m["rows"] for m in done["modules"].values())
+    print(f"wrote {done['path']} ({read:,} of {total:,} rows read)")
+
+
 def _demo(args) -> None:
     from .demo import print_demo, run_demo
 
@@ -222,4 +237,4 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"capture": _capture, "modules": _modules, "info": _info, "verify": _verify,
-            "rewrite": _rewrite, "demo": _demo}
+            "rewrite": _rewrite, "report": _report, "demo": _demo}

@@ -19,6 +19,7 @@ DATA_DIR = "data"
 DOCS_DIR = "docs"
 COMMITS_DIR = "commits"  # one record (+ partial statistics) per committed shard
 VOCAB_NAME = "vocab.parquet"
+TOKENIZER_DIR = "tokenizer"
 
 # Row-group size and the Parquet settings live in schemas/rows.json (the format's single
 # source of truth): ~16 MiB, because huge row groups made selective reads 8-60x slower.

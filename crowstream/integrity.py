@@ -5,7 +5,8 @@ decodes with its page checksums verified, has the format's schema, footer metada
 recorded row count; checking each shard's statistics file (checksum, modules, row counts);
 that no unlisted file sits in `data/`, `docs/` or `commits/`; that the dataset card is the
 one the manifest describes; and that a consolidated manifest says what the commit records
-say. Every finding has its own message. It also owns `reader_notes`: advice for outputs
+say; docs parts' `tokens` lists hold `n_tokens` ids and `tokenizer/` loads (format 2).
+Every finding has its own message. It also owns `reader_notes`: advice for outputs
 that some Parquet readers cannot open.
 """
 
@@ -18,7 +19,7 @@ import os
 from crowstream.schemas import docs_schema, part_metadata, row_schema
 
 from . import manifest as mf
-from .config import VOCAB_NAME
+from .config import TOKENIZER_DIR, VOCAB_NAME
 from .errors import VerifyError
 
 
@@ -48,6 +49,8 @@ def verify(out) -> dict:
     problems += _check_card(out, manifest)
     if not os.path.isfile(os.path.join(out, VOCAB_NAME)):
         problems.append(f"missing: {VOCAB_NAME}")
+    elif manifest.format_version >= 2:
+        problems += _check_tokenizer(out)
     if problems:
         raise VerifyError(f"{out!r} is damaged: {len(problems)} problem(s): " + "; ".join(problems),
                           problems)
@@ -97,7 +100,7 @@ def _check_part(out: str, part: mf.Part, manifest: mf.Manifest) -> list[str]:
     except Exception as error:  # any decode failure is damage to report, with its reason
         return [f"unreadable: {rel} is not valid Parquet ({error})"]
     if part.kind == "docs":
-        expected = docs_schema()
+        expected = docs_schema(manifest.format_version)
     else:
         module = manifest.modules[part.module]
         expected = row_schema(module.d, module.dtype)
@@ -108,7 +111,44 @@ def _check_part(out: str, part: mf.Part, manifest: mf.Manifest) -> list[str]:
     if parquet.metadata.num_rows != part.rows:
         problems.append(f"row count mismatch: {rel} has {parquet.metadata.num_rows:,} rows, "
                         f"the manifest records {part.rows:,}")
+    if not problems and part.kind == "docs" and "tokens" in expected.names:
+        problems += _check_doc_tokens(rel, parquet)
     return problems
+
+
+def _check_doc_tokens(rel: str, parquet) -> list[str]:
+    """Each document's `tokens` list holds exactly `n_tokens` ids."""
+    import pyarrow.compute as pc
+
+    table = parquet.read(columns=["doc_id", "n_tokens", "tokens"])
+    lengths = pc.list_value_length(table["tokens"])
+    wrong = pc.not_equal(lengths, pc.cast(table["n_tokens"], lengths.type))
+    if not pc.any(wrong).as_py():
+        return []
+    first = table.filter(wrong).slice(0, 1).to_pylist()[0]
+    return [f"tokens mismatch: {rel} has {pc.sum(wrong).as_py():,} document(s) whose tokens "
+            f"length differs from n_tokens (doc_id {first['doc_id']}: {len(first['tokens'])} "
+            f"ids, n_tokens {first['n_tokens']})"]
+
+
+def _check_tokenizer(out: str) -> list[str]:
+    """OUT/tokenizer/ loads offline and knows as many tokens as vocab.parquet lists."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(out, TOKENIZER_DIR)
+    if not os.path.isdir(path):
+        return [f"missing: {TOKENIZER_DIR}/ (the saved tokenizer)"]
+    try:
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except Exception as error:  # any load failure is damage to report, with its reason
+        return [f"unreadable: {TOKENIZER_DIR}/ does not load as a tokenizer ({error})"]
+    listed = pq.ParquetFile(os.path.join(out, VOCAB_NAME)).metadata.num_rows
+    if size != listed:
+        return [f"tokenizer mismatch: {TOKENIZER_DIR}/ has {size:,} tokens, "
+                f"{VOCAB_NAME} lists {listed:,}"]
+    return []
 
 
 def _check_file(out: str, ref: mf.FileRef, recorded: str) -> list[str]:

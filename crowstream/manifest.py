@@ -28,7 +28,7 @@ import shutil
 from crowstream.schemas import validate_manifest, validate_record
 
 from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, FORMAT_VERSION, INPUT_DIR_SUFFIX,
-                     INPUT_SUFFIX, MANIFEST_NAME, TMP_DIR, VOCAB_NAME)
+                     INPUT_SUFFIX, MANIFEST_NAME, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME)
 from .errors import ManifestError, OutputError, OutputExistsError
 
 RECORD_NAME = re.compile(r"shard-(\d{8})\.json")
@@ -633,7 +633,7 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
     an overwrite killed mid-delete): crowstream's own names and part files, nothing else.
     Without a manifest nothing was committed, so starting afresh loses nothing."""
     names = set(existing)
-    ours = {"README.md", VOCAB_NAME, DATA_DIR, DOCS_DIR, TMP_DIR, COMMITS_DIR}
+    ours = {"README.md", VOCAB_NAME, DATA_DIR, DOCS_DIR, TMP_DIR, COMMITS_DIR, TOKENIZER_DIR}
     if not names <= ours or not names & {TMP_DIR, DATA_DIR}:
         return False
     card = os.path.join(out, "README.md")

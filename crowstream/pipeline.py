@@ -23,8 +23,8 @@ from crowstream.schemas import docs_schema, part_schema, vocab_schema
 
 from . import manifest as mf
 from .config import (DATA_DIR, DEFAULT_MAX_BATCH_TOKENS, DOCS_DIR, FORMAT_VERSION,
-                     SORT_WINDOW_DOCS, TMP_DIR, VOCAB_NAME, CaptureConfig, check_choice,
-                     check_positive, default_inflight_bytes)
+                     SORT_WINDOW_DOCS, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME, CaptureConfig,
+                     check_choice, check_positive, default_inflight_bytes)
 from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
                      OutOfMemory, OutputError, ResumeMismatchError)
 
@@ -254,6 +254,7 @@ class _Session:
                                     provenance=provenance, modules=modules,
                                     counts=mf.Counts.of([], modules))
         _write_vocab(self.out, self.tokenizer)
+        _write_tokenizer(self.out, self.tokenizer)
         mf.write_card(self.out, self.manifest)
         mf.write_manifest(self.out, self.manifest)
 
@@ -514,9 +515,13 @@ class _Writers:
 
 def _docs_table(end) -> pa.Table:
     texts = end.texts if end.texts is not None else [None] * len(end.doc_ids)
+    offsets = np.concatenate([[0], np.cumsum(end.n_tokens, dtype=np.int32)]).astype(np.int32)
+    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(end.token_ids, pa.int32()))
     return pa.table({"doc_id": pa.array(end.doc_ids, pa.int64()),
                      "n_tokens": pa.array(end.n_tokens, pa.int32()),
-                     "text": pa.array(texts, pa.string())}, schema=docs_schema())
+                     "text": pa.array(texts, pa.string()),
+                     "tokens": tokens.cast(docs_schema().field("tokens").type)},
+                    schema=docs_schema())
 
 
 def _write_vocab(out: str, tokenizer) -> None:
@@ -533,6 +538,12 @@ def _write_vocab(out: str, tokenizer) -> None:
     tmp = os.path.join(out, TMP_DIR, VOCAB_NAME)
     write_table(tmp, table)
     os.replace(tmp, os.path.join(out, VOCAB_NAME))
+
+
+def _write_tokenizer(out: str, tokenizer) -> None:
+    """OUT/tokenizer/: the tokenizer's own files (save_pretrained), so the docs table's
+    token ids decode exactly (byte-level BPE, WordPiece) without the model directory."""
+    tokenizer.save_pretrained(os.path.join(out, TOKENIZER_DIR))
 
 
 def _translate(error: BaseException, out: str, bytes_written: int) -> BaseException:

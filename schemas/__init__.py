@@ -153,10 +153,15 @@ def row_schema(d: int, dtype: str) -> pa.Schema:
     ])
 
 
-def docs_schema() -> pa.Schema:
-    return pa.schema([pa.field("doc_id", pa.int64(), nullable=False),
-                      pa.field("n_tokens", pa.int32(), nullable=False),
-                      pa.field("text", pa.string())])
+def docs_schema(format_version: int = 2) -> pa.Schema:
+    """Arrow schema of the docs part files; format 1 had no `tokens` column."""
+    fields = [pa.field("doc_id", pa.int64(), nullable=False),
+              pa.field("n_tokens", pa.int32(), nullable=False),
+              pa.field("text", pa.string())]
+    if format_version >= 2:
+        fields.append(pa.field("tokens", pa.list_(pa.field("element", pa.int32(), nullable=False)),
+                               nullable=False))
+    return pa.schema(fields)
 
 
 def vocab_schema() -> pa.Schema:

@@ -1,0 +1,354 @@
+"""cs.top against brute force over every row, and cs.contexts against the tokenizer's own
+decode of the document's token slice (GPT-2 byte-level BPE and MiniLM WordPiece)."""
+
+from __future__ import annotations
+
+import glob
+import re
+import os
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import crowstream as cs
+from crowstream import analysis
+from crowstream.errors import ConfigError
+from helpers import read_rows
+
+MODULES = ["transformer.h.0", "transformer.h.2"]
+
+
+@pytest.fixture(scope="module")
+def chunked(gpt2_dir, corpus, tmp_path_factory):
+    """Long documents chunked into 16-token windows, special tokens excluded from the rows."""
+    out = str(tmp_path_factory.mktemp("chunked") / "out")
+    cs.capture(gpt2_dir, corpus[:40] + ["<|endoftext|> starts with a special token"], MODULES,
+               out, context_size=16, overflow="chunk", exclude_special_tokens=True,
+               batch_size=8, shard_size=15, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm_out(minilm_dir, corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("minilm") / "out")
+    cs.capture(minilm_dir, corpus[:24], ["encoder.layer.1"], out, context_size=48,
+               batch_size=8, progress=False, device="cpu")
+    return out
+
+
+def docs_tokens(out) -> dict[int, list[int]]:
+    table = pl.concat([pl.read_parquet(p) for p in glob.glob(os.path.join(out, "docs", "*.parquet"))])
+    return dict(zip(table["doc_id"].to_list(), table["tokens"].to_list()))
+
+
+def brute_force(out, module, scores_of, k, per_doc=None):
+    """Sort every row by (score desc, doc_id, position), cap per document, take k."""
+    doc_id, position, token, vector = read_rows(out)[module]
+    scores = scores_of(vector).astype(np.float64)
+    kept, per = [], {}
+    for i in np.lexsort((position, doc_id, -scores)):
+        if per_doc is not None and per.get(doc_id[i], 0) >= per_doc:
+            continue
+        per[doc_id[i]] = per.get(doc_id[i], 0) + 1
+        kept.append(i)
+        if len(kept) == k:
+            break
+    return doc_id[kept], position[kept], token[kept], scores[kept]
+
+
+def assert_same(found, expected):
+    doc_id, position, token, scores = expected
+    assert found["doc_id"].to_list() == doc_id.tolist()
+    assert found["position"].to_list() == position.tolist()
+    assert found["token"].to_list() == token.tolist()
+    np.testing.assert_allclose(found["score"].to_numpy(), scores, rtol=1e-6, atol=1e-6)
+
+
+DIRECTION = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+SCORES = {
+    "direction": (DIRECTION, lambda x: np.einsum("ij,j->i", x, DIRECTION)),
+    "direction-tensor": (torch.from_numpy(DIRECTION), lambda x: np.einsum("ij,j->i", x, DIRECTION)),
+    "neuron": (7, lambda x: x[:, 7]),
+    "norm": ("norm", lambda x: np.sqrt(np.einsum("ij,ij->i", x, x))),
+    "callable": (lambda t: torch.relu(t[:, :8]).sum(1), lambda x: np.maximum(x[:, :8], 0).sum(1)),
+    # rounded scores: many exact ties, decided by (doc_id, position)
+    "ties": (lambda t: torch.round(t[:, 3]), lambda x: np.round(x[:, 3])),
+    "all-tied": (np.zeros(64, np.float32), lambda x: x @ np.zeros(64, np.float32)),
+}
+
+
+@pytest.mark.parametrize("per_doc", [None, 1, 3])
+@pytest.mark.parametrize("kind", SCORES)
+def test_top_matches_brute_force(chunked, kind, per_doc, monkeypatch):
+    monkeypatch.setattr(analysis, "SCAN_BATCH_ROWS", 97)  # many batches, candidates carried over
+    score, reference = SCORES[kind]
+    for module, k in ((MODULES[0], 25), (MODULES[1], 5)):
+        found = cs.top(chunked, module, score, k=k, per_doc=per_doc, window=None)
+        assert found.columns == ["doc_id", "position", "token", "token_text", "score"]
+        assert_same(found, brute_force(chunked, module, reference, k, per_doc))
+    if kind == "ties":
+        assert found["score"].n_unique() < len(found)  # the tie-break really was exercised
+    if per_doc is not None:
+        assert found["doc_id"].value_counts()["count"].max() <= per_doc
+
+
+def test_top_more_than_all_rows_returns_all_in_order(chunked):
+    rows = len(read_rows(chunked)[MODULES[0]][0])
+    found = cs.top(chunked, MODULES[0], "norm", k=rows + 50, window=None)
+    assert len(found) == rows
+    assert_same(found, brute_force(chunked, MODULES[0], SCORES["norm"][1], rows + 50))
+
+
+def test_top_over_float16_vectors(gpt2_dir, corpus, tmp_path):
+    out = str(tmp_path / "fp16")
+    cs.capture(gpt2_dir, corpus[:10], MODULES[:1], out, context_size=32, dtype="float16",
+               progress=False)
+    reference = lambda x: np.sqrt(np.einsum("ij,ij->i", x, x))  # noqa: E731
+    doc_id, position, token, vector = read_rows(out)[MODULES[0]]
+    assert vector.dtype == np.float16
+    found = cs.top(out, MODULES[0], "norm", k=7, per_doc=2)
+    assert_same(found, brute_force(out, MODULES[0], lambda x: reference(x.astype(np.float32)), 7, 2))
+
+
+def test_top_keeps_enough_candidates_per_document():
+    """A document that first fills the list and is later capped must not hide others."""
+    best = analysis.TopK(3, per_doc=1)
+    best.add(np.array([10.0, 9, 8]), np.array([0, 0, 0]), np.arange(3, dtype=np.int32), np.zeros(3, np.int32))
+    best.add(np.array([5.0, 4, 7]), np.array([1, 2, 3]), np.zeros(3, np.int32), np.zeros(3, np.int32))
+    best.add(np.array([11.0, 6]), np.array([0, 4]), np.array([9, 0], np.int32), np.zeros(2, np.int32))
+    frame = best.frame()
+    assert frame["doc_id"].to_list() == [0, 3, 4] and frame["score"].to_list() == [11, 7, 6]
+
+
+def test_top_with_context_and_token_text(chunked, gpt2):
+    _, tokenizer = gpt2
+    found = cs.top(chunked, MODULES[1], "norm", k=10, per_doc=2)
+    assert found.columns == ["doc_id", "position", "token", "token_text", "score", "context"]
+    tokens = docs_tokens(chunked)
+    for row in found.iter_rows(named=True):
+        assert tokens[row["doc_id"]][row["position"]] == row["token"]
+        assert row["token_text"] == tokenizer.decode([row["token"]])
+        assert row["context"].count("«") == 1 and row["context"].count("»") == 1
+
+
+def test_docs_tokens_are_what_the_model_saw(chunked, gpt2, corpus):
+    """Full sequence (all chunks), special tokens included, and every stored row's token
+    sits at its position in it."""
+    _, tokenizer = gpt2
+    texts = corpus[:40] + ["<|endoftext|> starts with a special token"]
+    tokens = docs_tokens(chunked)
+    assert tokens == {i: tokenizer(t)["input_ids"] for i, t in enumerate(texts)}
+    assert max(len(t) for t in tokens.values()) > 3 * 16  # chunked, not truncated
+    assert tokens[40][0] == tokenizer.eos_token_id  # excluded from the rows, kept here
+    for module in MODULES:
+        doc_id, position, token, _ = read_rows(chunked)[module]
+        assert all(tokens[d][p] == t for d, p, t in zip(doc_id.tolist(), position.tolist(), token.tolist()))
+        assert 0 not in position[doc_id == 40]  # the special token's row was excluded
+
+
+def test_truncated_docs_keep_only_what_was_fed(gpt2_dir, corpus, tmp_path):
+    out = str(tmp_path / "out")
+    cs.capture(gpt2_dir, corpus[:12], MODULES[:1], out, context_size=16, progress=False)
+    tokens = docs_tokens(out)
+    assert max(len(t) for t in tokens.values()) == 16
+    n_tokens = pl.read_parquet(os.path.join(out, "docs")).select("doc_id", "n_tokens").rows()
+    assert all(len(tokens[d]) == n for d, n in n_tokens)
+
+
+def expected_context(tokenizer, ids, position, window):
+    lo, hi = max(0, position - window[0]), min(len(ids), position + window[1] + 1)
+    return tokenizer.decode(ids[lo:hi])
+
+
+def check_contexts(out, tokenizer, rows, window):
+    frame = pl.DataFrame({"doc_id": [d for d, _ in rows], "position": [p for _, p in rows]},
+                         schema={"doc_id": pl.Int64, "position": pl.Int32})
+    result = cs.contexts(out, frame, window=window)
+    assert result.columns == ["doc_id", "position", "token_text", "context"]
+    tokens = docs_tokens(out)
+    for (doc_id, position), context, token_text in zip(rows, result["context"], result["token_text"]):
+        ids = tokens[doc_id]
+        assert context.count("«") == 1 and context.count("»") == 1, context
+        assert context.replace("«", "").replace("»", "") == expected_context(tokenizer, ids, position, window)
+        assert token_text == tokenizer.decode([ids[position]])
+    return result
+
+
+@pytest.mark.parametrize("window", [(16, 4), (0, 0), (3, 40)])
+def test_contexts_equal_decode_of_the_token_slice_gpt2(chunked, gpt2, window):
+    _, tokenizer = gpt2
+    tokens = docs_tokens(chunked)
+    long_doc = max(tokens, key=lambda d: len(tokens[d]))
+    n = len(tokens[long_doc])
+    rows = [(0, 0), (0, len(tokens[0]) - 1), (long_doc, 0), (long_doc, 16), (long_doc, 15),
+            (long_doc, n // 2), (long_doc, n - 1), (40, 0), (40, 1)]
+    result = check_contexts(chunked, tokenizer, rows, window)
+    # byte-level BPE decodes additively: the marked span is exactly the token's text
+    for context, token_text in zip(result["context"], result["token_text"]):
+        assert f"«{token_text}»" in context
+
+
+def test_contexts_equal_decode_of_the_token_slice_wordpiece(minilm_out, minilm):
+    _, tokenizer = minilm
+    tokens = docs_tokens(minilm_out)
+    doc = max(tokens, key=lambda d: len(tokens[d]))
+    subword = next(p for p, t in enumerate(tokens[doc]) if tokenizer.convert_ids_to_tokens(t).startswith("##"))
+    rows = [(doc, 0), (doc, 1), (doc, subword), (doc, len(tokens[doc]) - 1), (0, len(tokens[0]) - 1)]
+    result = check_contexts(minilm_out, tokenizer, rows, (16, 4))
+    assert result["context"][0].startswith("«[CLS]»")
+    assert result["context"][3].endswith("«[SEP]»")
+
+
+def test_contexts_without_the_model_directory(chunked, tmp_path):
+    """OUT alone decodes: the tokenizer was saved in it."""
+    assert sorted(os.listdir(os.path.join(chunked, "tokenizer")))
+    tokenizer = analysis.load_tokenizer(chunked)
+    assert len(tokenizer) == pq.ParquetFile(os.path.join(chunked, "vocab.parquet")).metadata.num_rows
+
+
+def test_bad_arguments_get_one_clear_error(chunked):
+    with pytest.raises(ConfigError, match=r"shape \(64,\)"):
+        cs.top(chunked, MODULES[0], np.ones(5))
+    with pytest.raises(ConfigError, match="out of range for d=64"):
+        cs.top(chunked, MODULES[0], 64)
+    with pytest.raises(ConfigError, match="'nrom' is not known"):
+        cs.top(chunked, MODULES[0], "nrom")
+    with pytest.raises(ConfigError, match=r"\[B\] scores"):
+        cs.top(chunked, MODULES[0], lambda t: t)
+    with pytest.raises(ConfigError, match="k must be a positive integer"):
+        cs.top(chunked, MODULES[0], "norm", k=0)
+    with pytest.raises(ConfigError, match="window must be"):
+        cs.top(chunked, MODULES[0], "norm", window=5)
+    with pytest.raises(ConfigError, match="has no module 'nope'"):
+        cs.top(chunked, "nope", "norm")
+    with pytest.raises(ConfigError, match="no token at doc_id 0, position 999"):
+        cs.contexts(chunked, pl.DataFrame({"doc_id": [0], "position": [999]}))
+    with pytest.raises(ConfigError, match="lacks position"):
+        cs.contexts(chunked, pl.DataFrame({"doc_id": [0]}))
+
+
+def test_format_1_output_explains_what_to_do(chunked, tmp_path):
+    """An output as 0.1 wrote it (format 1: no tokenizer/, no tokens column) still verifies;
+    window=None works; contexts raise one error naming the fix."""
+    from helpers import as_format_1, manifest_of
+
+    old = str(tmp_path / "old")
+    as_format_1(chunked, old)
+    assert cs.verify(old)["parts"] == len(manifest_of(old).parts)
+    assert len(cs.top(old, MODULES[0], "norm", k=3, window=None)) == 3
+    with pytest.raises(ConfigError, match=r"before format 2.*window=None"):
+        cs.top(old, MODULES[0], "norm", k=3)
+
+def readme_analyse_code() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n## Analyse\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_readme_analyse_recipes_run_as_written(chunked, capsys):
+    code = readme_analyse_code()
+    line = 'OUT, MODULE = "acts/", "transformer.h.6"'
+    assert line in code
+    namespace = {}
+    exec(compile(code.replace(line, f"OUT, MODULE = {chunked!r}, {MODULES[1]!r}"), "README", "exec"),
+         namespace)
+    doc_id, position, token, vector = read_rows(chunked)[MODULES[1]]
+    norms = np.sqrt(np.einsum("ij,ij->i", vector, vector))
+    np.testing.assert_allclose(namespace["top_rows"]["norm"].to_numpy(), np.sort(norms)[::-1][:20], rtol=1e-5)
+    assert namespace["top_rows_big"]["norm"].sort(descending=True).to_list() == \
+        namespace["top_rows"]["norm"].to_list()
+    mean = namespace["mean_per_token"]
+    some = mean["token"][0]
+    np.testing.assert_allclose(mean.filter(pl.col("token") == some)["mean"].to_numpy()[0],
+                               vector[token == some].mean(0), rtol=1e-4, atol=1e-6)
+    assert mean.columns == ["token", "count", "mean", "text", "special"]
+    one_doc = namespace["one_doc"]
+    assert one_doc["position"].to_list() == sorted(position[doc_id == namespace["doc"]].tolist())
+    assert len(namespace["tokens"]) > one_doc["position"].max()
+    assert len(namespace["hits"]) == 20 and namespace["hits"]["doc_id"].value_counts()["count"].max() <= 2
+    assert namespace["top_tokens"].columns == namespace["top_tokens_big"].columns
+
+
+def damaged_copy(source, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "damaged")
+    shutil.copytree(source, out)
+    return out
+
+
+def rewrite_docs_part(out, change) -> None:
+    """Apply `change` to the first docs part and record its new size and checksum, so only
+    the content check can notice."""
+    from helpers import manifest_of, restamp_part
+
+    rel = next(p.path for p in manifest_of(out).parts if p.kind == "docs")
+    path = os.path.join(out, rel)
+    pq.write_table(change(pq.read_table(path)), path)
+    restamp_part(out, rel)
+
+
+def verify_problems(out) -> list[str]:
+    from crowstream.errors import VerifyError
+
+    with pytest.raises(VerifyError) as info:
+        cs.verify(out)
+    return info.value.problems
+
+
+def test_verify_checks_the_tokens_column(chunked, tmp_path):
+    import pyarrow as pa
+
+    assert cs.verify(chunked)["parts"] > 0  # intact before
+
+    def drop_last_token_of_first_doc(table):
+        tokens = table["tokens"].to_pylist()
+        tokens[0] = tokens[0][:-1]
+        return table.set_column(3, table.schema.field("tokens"), pa.array(tokens, table.schema.field("tokens").type))
+
+    out = damaged_copy(chunked, tmp_path)
+    rewrite_docs_part(out, drop_last_token_of_first_doc)
+    [problem] = verify_problems(out)
+    assert re.match(r"^tokens mismatch: docs/part-\d+-\d+-\d+\.parquet has 1 document\(s\) whose tokens length "
+                    r"differs from n_tokens \(doc_id \d+: \d+ ids, n_tokens \d+\)$", problem), problem
+
+
+def test_verify_refuses_a_docs_part_without_tokens(chunked, tmp_path):
+    out = damaged_copy(chunked, tmp_path)
+    rewrite_docs_part(out, lambda table: table.drop_columns(["tokens"]))
+    [problem] = verify_problems(out)
+    assert problem.startswith("schema mismatch: docs/") and "tokens: list<element: int32 not null>" in problem
+
+
+def test_verify_checks_the_saved_tokenizer(chunked, tmp_path):
+    import shutil
+
+    out = damaged_copy(chunked, tmp_path)
+    with open(os.path.join(out, "tokenizer", "tokenizer.json"), "w") as f:
+        f.write("{ not json")
+    [problem] = verify_problems(out)
+    assert problem.startswith("unreadable: tokenizer/ does not load as a tokenizer ("), problem
+    shutil.rmtree(os.path.join(out, "tokenizer"))
+    assert verify_problems(out) == ["missing: tokenizer/ (the saved tokenizer)"]
+
+
+def test_a_run_killed_before_its_first_manifest_with_the_tokenizer_saved_restarts(tmp_path):
+    """The tokenizer is saved before the first manifest: a run killed between the two left
+    tokenizer/ beside vocab.parquet and .tmp/; resume/overwrite must still recognise OUT."""
+    from crowstream import manifest as mf
+
+    out = tmp_path / "out"
+    for sub in (".tmp", "data", "docs", "tokenizer"):
+        (out / sub).mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out / "vocab.parquet").write_bytes(b"")
+    (out / "README.md").write_text("written by crowstream")
+    assert mf.inspect_out(str(out), overwrite=False, resume=True) == "replace"
+    assert mf.inspect_out(str(out), overwrite=True, resume=False) == "replace"
