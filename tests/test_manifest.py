@@ -180,7 +180,7 @@ def test_format_1_outputs_read_through_the_same_readers(complete, tmp_path):
         assert v1_rows.equals(cs.load(complete, module, cache_dir=str(tmp_path / "b")).data.table)
         assert next(iter(cs.stream(out, module)))["vector"].equal(next(iter(cs.stream(complete, module)))["vector"])
     assert cs.scan(out).collect().equals(cs.scan(complete).collect())
-    assert cs.docs(out).collect().equals(cs.docs(complete).collect())
+    assert cs.docs(out).collect().equals(cs.docs(complete).collect().drop("tokens"))
 
 
 def test_resuming_a_format_1_output_is_one_clear_error(gpt2, corpus, complete, tmp_path):
