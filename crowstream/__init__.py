@@ -20,7 +20,7 @@ _EXPORTS = {
     "modules": ".models",
     "load": ".readers", "stream": ".readers", "scan": ".readers", "vocab": ".readers",
     "docs": ".readers", "info": ".readers",
-    "verify": ".integrity", "rewrite": ".reencode",
+    "verify": ".integrity", "rewrite": ".reencode", "finalize": ".ranks",
     "CrowstreamError": ".errors",
 }
 

@@ -29,6 +29,7 @@ from .errors import DataError
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # compressed text files that datasets (fsspec) decompresses by their extension
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_REPLAY_ROWS = 1024  # rows of a one-shot iterable kept to read again (>= SORT_WINDOW_DOCS)
 
 
 @dataclasses.dataclass
@@ -52,6 +53,29 @@ class Source:
             stream = itertools.islice(self._rows(skip), limit)
         for index, item in stream:
             yield index, _text_of(item, self.text_field, index)
+
+    def shards(self, shard_size: int, wanted, *, first: int = 0, stop: int | None = None,
+               on_end=None) -> Iterator[tuple[int, list]]:
+        """`(index, rows)` of every shard from `first` (up to `stop`) that `wanted(index)`
+        accepts; shard k is rows [k * shard_size, (k + 1) * shard_size) of `rows()`. The
+        rows of other shards are read past, never tokenized, so `doc_id` stays the global
+        row index under several ranks. `on_end(shards, rows)` is called once the corpus
+        is seen to end."""
+        rows = self.rows(first * shard_size)
+        index = first
+        while stop is None or index < stop:
+            if wanted(index):
+                block = list(itertools.islice(rows, shard_size))
+                size = len(block)
+                if block:
+                    yield index, block
+            else:
+                size = sum(1 for _ in itertools.islice(rows, shard_size))
+            if size < shard_size:
+                if on_end is not None:
+                    on_end(index + (size > 0), index * shard_size + size)
+                return
+            index += 1
 
 
 def open_source(data, *, text_field: str = "text", split: str = "train",
@@ -105,9 +129,16 @@ def _open(data, text_field: str, split: str):
         return (lambda skip: enumerate(data[skip:], start=skip)), len(data), {
             "kind": "list", "n": len(data), "sha256": digest.hexdigest()}
     if isinstance(data, Iterable) and not isinstance(data, (bytes, dict)):
-        iterator = iter(data)
-        def rows(skip):
-            return itertools.islice(enumerate(iterator), skip, None)
+        numbered, head = enumerate(iter(data)), []
+
+        def rows(skip):  # one pass: the first rows read (the peek) are replayed once more
+            def replayed():
+                yield from list(head)
+                for pair in numbered:
+                    if len(head) < _REPLAY_ROWS:
+                        head.append(pair)
+                    yield pair
+            return itertools.islice(replayed(), skip, None)
         return rows, None, {"kind": "iterable", "type": type(data).__name__}
     raise DataError(
         f"data of type {type(data).__name__} is not supported; pass a list of strings or dicts, "
