@@ -88,7 +88,30 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
               sample=sample, shard_size=shard_size, seed=seed, exclude_token_ids=exclude_token_ids,
               context_size=context_size, text_field=text_field,
               float16_overflow=float16_overflow, max_inflight_bytes=max_inflight_bytes)
-    grouped = ranks.init_process_group()
+    options = {k: v for k, v in locals().items()
+               if k not in ("model", "data", "modules", "out", "ranks")}
+    created = ranks.init_process_group()
+    grouped = ranks.in_process_group()
+    try:
+        return _capture(model, data, modules, out, grouped=grouped, **options)
+    except BaseException as error:
+        if grouped and not getattr(error, "crowstream_flagged", False):
+            ranks.all_ok(False, quiet=True)  # the other ranks stop instead of waiting for us
+        raise
+    finally:
+        if created:
+            ranks.destroy_process_group()
+
+
+def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field, split,
+             context_size, overflow, batch_size, max_batch_tokens, max_docs, max_tokens, sample,
+             seed, dtype, float16_overflow, max_inflight_bytes, shard_size,
+             exclude_special_tokens, exclude_token_ids, store_text, overwrite, resume, device,
+             torch_dtype, device_map, revision, trust_remote_code, progress, rank,
+             world_size) -> Run:
+    """`capture` once its options are valid (and, under torchrun, the process group is up)."""
+    from . import ranks
+
     rank, world = ranks.resolve(rank, world_size)
     ranks.check_options(world, max_tokens=max_tokens, overwrite=overwrite, device_map=device_map)
     if grouped and device is None:
@@ -154,26 +177,32 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
 
 
 def _run_grouped(session, source, lock) -> Run:
-    """Under torch.distributed: run this rank's share, then wait for every rank at a
-    barrier (an all-reduce of a failure flag); rank 0 finalizes when all succeeded."""
+    """Under torch.distributed: run this rank's share, then meet every rank at the end
+    barrier, an all-reduce of a failure flag (a failing rank reaches it from its error
+    path); rank 0 finalizes once all succeeded. Errors raised here are already flagged."""
     from . import ranks
 
     try:
         session.run(source)
-    except BaseException:
+    except BaseException as error:
         if lock is not None:
             lock.release()
-        ranks.all_ok(False)  # the peers learn of the failure and stop cleanly
+        ranks.all_ok(False, quiet=True)
+        error.crowstream_flagged = True
         raise
     if lock is not None:
         lock.release()
     if not ranks.all_ok(True):
-        raise CrowstreamError(f"another rank failed; this rank's shards are committed in "
-                              f"{session.out!r}. Fix the failure, then rerun the same command "
-                              "(committed shards are skipped).")
-    if session.rank == 0 and session.world > 1:
-        session.manifest = ranks.finalize(session.out)
-    ranks.all_ok(True)  # the others return once rank 0 has finalized
+        failure = CrowstreamError(
+            f"another rank failed; this rank's shards are committed in {session.out!r}. Fix the "
+            "failure, then rerun the same command (committed shards are skipped).")
+        failure.crowstream_flagged = True
+        raise failure
+    try:
+        if session.rank == 0 and session.world > 1:
+            session.manifest = ranks.finalize(session.out)
+    finally:
+        ranks.barrier()  # the others return once rank 0 has finalized (or failed to)
     if session.rank != 0:
         session.manifest = mf.read_manifest(session.out)
     return session._result()

@@ -186,15 +186,40 @@ def local_device():
     return f"cuda:{index}"
 
 
-def all_ok(ok: bool) -> bool:
-    """End-of-run barrier: True when every rank of the process group finished its share.
-    A rank that fails still reaches this call (from its error path), so the others never
-    wait for a dead peer's shards; a rank killed outright makes the barrier time out."""
+def in_process_group() -> bool:
+    """Whether a torch.distributed process group with more than one rank is initialised."""
+    group = _process_group()
+    return group is not None and group[1] > 1
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def all_ok(ok: bool, *, quiet: bool = False) -> bool:
+    """The end barrier: an all-reduce of a failure flag. -> True when every rank finished
+    its share. A failing rank calls it from its error path (`quiet`: a peer already gone
+    is logged, not raised over the original error), so the others never wait for it."""
     import torch
     import torch.distributed as dist
 
     flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    except Exception as error:
+        if not quiet:
+            raise
+        log.error("could not tell the other ranks about this failure: %s", error)
+        return False
     return int(flag.item()) == 0

@@ -147,3 +147,57 @@ def test_ranks_come_from_the_environment_and_are_checked(monkeypatch):
         ranks.check_options(2, max_tokens=10, overwrite=False, device_map=None)
     with pytest.raises(ConfigError, match="device_map='auto'"):
         ranks.check_options(2, max_tokens=None, overwrite=False, device_map="auto")
+
+
+def test_torchrun_two_ranks_with_gloo_equal_one_process(gpt2_dir, corpus_txt, reference, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "crowstream", "capture", gpt2_dir, corpus_txt, "-o", str(out), "--shard-size", "4",
+            "--batch-size", "4", "--no-progress", "--device", "cpu"]
+    for module in MODULES:
+        args += ["-m", module]
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 2  # one line per rank
+    assert record_ranks(out) == {k: k % 2 for k in range(30)}
+    assert manifest_of(out).status == "complete"  # rank 0 finalized after the barrier
+    assert_same_rows(out, reference)
+    assert manifest_of(out).stats == manifest_of(reference).stats
+    cs.verify(out)
+
+
+FAILING_RANK = r"""
+import os, sys
+import crowstream as cs
+model, corpus, out = sys.argv[1:4]
+with open(corpus, encoding="utf-8") as f:
+    docs = f.read().split("\n")[:-1]
+def texts():
+    for i, doc in enumerate(docs):
+        if os.environ["RANK"] == "1" and i == 70:
+            raise RuntimeError("rank 1 fails on purpose")
+        yield doc
+cs.capture(model, texts(), ["transformer.h.0", "transformer.h.2"], out, shard_size=4,
+           batch_size=4, progress=False, device="cpu")
+"""
+
+
+def test_torchrun_a_failing_rank_stops_the_others_cleanly(gpt2_dir, corpus_txt, reference,
+                                                          tmp_path):
+    out, script = tmp_path / "out", tmp_path / "fail.py"
+    script.write_text(FAILING_RANK)
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(script), gpt2_dir, corpus_txt, str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0 and "rank 1 fails on purpose" in done.stderr
+    committed = manifest_of(out)
+    assert committed.status == "running" and 0 < len(committed.shards) < 30
+    assert all(os.path.getsize(os.path.join(out, p.path)) == p.bytes for p in committed.parts)
+    with open(corpus_txt, encoding="utf-8") as f:
+        docs = f.read().split("\n")[:-1]
+    run = cs.capture(gpt2_dir, (d for d in docs), MODULES, str(out), resume=True, **KW)
+    assert run.manifest.status == "complete"
+    assert_same_rows(out, reference)
+    cs.verify(out)
