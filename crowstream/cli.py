@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
     c.add_argument("--text-field", default="text")
     c.add_argument("--split", default="train")
+    c.add_argument("--data-config", help="config of a dataset repository, e.g. wikitext-2-raw-v1")
+    c.add_argument("--data-revision", help="branch, tag or commit of a hub dataset")
+    c.add_argument("--data-files", action="append",
+                   help="data file(s) or glob(s) within the dataset repository (repeat for several)")
     c.add_argument("--max-docs", type=int)
     c.add_argument("--max-tokens", type=int, help="stop after about this many tokens fed to the model")
     c.add_argument("--sample", type=int, help="a random sample of this many documents")
@@ -168,7 +172,9 @@ def _capture(args) -> None:
         store_text=args.store_text, overwrite=args.overwrite, resume=args.resume,
         device=args.device, torch_dtype=args.torch_dtype, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress, rank=args.rank, world_size=args.world_size)
+        progress=not args.no_progress, rank=args.rank, world_size=args.world_size,
+        data_config=args.data_config, data_revision=args.data_revision,
+        data_files=args.data_files)
     rows = ", ".join(f"{name}: {n:,}" for name, n in run.tokens.items())
     status = "" if run.manifest.status == "complete" else \
         f" so far; the run is {run.manifest.status}: `crowstream finalize {run.path}` once every rank is done"

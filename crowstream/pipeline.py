@@ -53,8 +53,9 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
             exclude_token_ids=(), store_text: bool = False, overwrite: bool = False,
             resume: bool = False, device=None, torch_dtype=None, device_map=None,
             revision: str | None = None, trust_remote_code: bool = False,
-            progress: bool = True, rank: int | None = None,
-            world_size: int | None = None) -> Run:
+            progress: bool = True, rank: int | None = None, world_size: int | None = None,
+            data_config: str | None = None, data_revision: str | None = None,
+            data_files=None) -> Run:
     """Run `model` over `data` and store the outputs of `modules` under `out`.
 
     One forward pass per batch captures every module and stops after the deepest.
@@ -69,6 +70,9 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     `batch_size` documents; `max_inflight_bytes` bounds the bytes between the forward and
     the disk (default min(2 GiB, 10% of RAM)); `revision` picks a hub model's revision.
     `resume=True` continues an interrupted run in `out`; `overwrite=True` replaces one.
+    `data_config`, `data_revision` and `data_files` pick a config (e.g.
+    "wikitext-2-raw-v1"), revision and files of a dataset repository (hub id or local
+    directory), as `datasets.load_dataset` takes them; hub corpora are streamed.
     `rank`/`world_size` (default: the environment's RANK/WORLD_SIZE, as torchrun sets
     them) make this process one of several writing one run: it captures shards k with
     k mod world_size == rank; ranks started with the same call join one run, and the
@@ -108,7 +112,7 @@ def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field,
              seed, dtype, float16_overflow, max_inflight_bytes, shard_size,
              exclude_special_tokens, exclude_token_ids, store_text, overwrite, resume, device,
              torch_dtype, device_map, revision, trust_remote_code, progress, rank,
-             world_size) -> Run:
+             world_size, data_config, data_revision, data_files) -> Run:
     """`capture` once its options are valid (and, under torchrun, the process group is up)."""
     from . import ranks
 
@@ -130,8 +134,10 @@ def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field,
         else:
             mode = held.enter_context(_locked_out(out, overwrite=overwrite, resume=resume))
             recorded = mf.read_manifest(out) if mode == "resume" else None
-        source = sources.open_source(data, text_field=text_field, split=split, sample=sample,
-                                     seed=seed, max_docs=max_docs)
+        source = sources.open_source(
+            data, text_field=text_field, split=split, sample=sample, seed=seed,
+            max_docs=max_docs, repository=sources.Repository(data_config, data_revision,
+                                                             data_files))
         peek = []
         if mode != "resume":  # the first documents size the shards of a new run
             peek = list(itertools.islice(source.rows(0), SORT_WINDOW_DOCS))
