@@ -120,7 +120,7 @@ def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field,
     ranks.check_options(world, max_tokens=max_tokens, overwrite=overwrite, device_map=device_map)
     if grouped and device is None:
         device = ranks.local_device()
-    out, model, data = os.fspath(out), _path_to_str(model), _path_to_str(data)
+    out, model, data = _local_out(os.fspath(out)), _path_to_str(model), _path_to_str(data)
     _check_out_placement(out, model, data)
     mf.inspect_out(out, overwrite=overwrite, resume=resume or world > 1)
 
@@ -253,6 +253,21 @@ def _locked_out(out: str, *, overwrite: bool, resume: bool):
         if created and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
         raise
+
+
+def _local_out(out: str) -> str:
+    """OUT as a local path: `file://` URLs become paths; other URLs (s3://, gs://, ...) are
+    refused rather than taken as a local directory named `s3:`."""
+    import re
+    import urllib.parse
+
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out):
+        return out
+    if out.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(out).path)
+    raise OutputError(f"OUT {out.split('?')[0]!r} is a URL: writing to object storage is not "
+                      "supported yet. Capture into a local (or shared file system) path and "
+                      "upload the finished folder; it holds no absolute paths.")
 
 
 def _path_to_str(value):
