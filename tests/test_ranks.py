@@ -214,3 +214,20 @@ def test_an_object_storage_url_is_refused_not_taken_as_a_directory(gpt2_dir, tmp
     assert os.listdir(tmp_path) == []  # no directory named "s3:"
     run = cs.capture(gpt2_dir, ["a b"], MODULES, f"file://{tmp_path}/out", **KW)
     assert run.path == f"{tmp_path}/out" and run.manifest.status == "complete"
+
+
+def test_a_run_started_by_three_ranks_is_finished_by_two(gpt2_dir, corpus_txt, reference,
+                                                          tmp_path):
+    out = str(tmp_path / "out")
+    cs.capture(gpt2_dir, corpus_txt, MODULES, out, rank=2, world_size=3, **KW)
+    assert set(record_ranks(out)) == set(range(2, 30, 3))
+    first = cs.capture(gpt2_dir, corpus_txt, MODULES, out, rank=0, world_size=2, **KW)
+    assert first.manifest.status == "running"
+    # rank 0 of 2 took the even shards rank 2 of 3 had not committed: 2, 8, 14, ... stay rank 2's
+    assert {k for k, r in record_ranks(out).items() if r == 0} == \
+        {k for k in range(0, 30, 2) if k % 3 != 2}
+    last = cs.capture(gpt2_dir, corpus_txt, MODULES, out, rank=1, world_size=2, **KW)
+    assert last.manifest.status == "complete" and len(last.manifest.shards) == 30
+    assert_same_rows(out, reference)
+    assert manifest_of(out).stats == manifest_of(reference).stats
+    cs.verify(out)
