@@ -118,6 +118,7 @@ def finalize(out) -> mf.Manifest:
     missing shards (or saying that no rank has reached the end of the corpus yet), and
     `OutputError` while a rank is still writing."""
     out = os.fspath(out)
+    mf.read_manifest(out)  # not a crowstream output: one clear error, before locking it
     with mf.exclusive(out, wait=JOIN_WAIT_S):
         return finalize_locked(out)
 

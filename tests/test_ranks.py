@@ -135,7 +135,7 @@ def test_one_rank_resumes_after_a_two_rank_crash(gpt2_dir, corpus_txt, reference
 
 def test_ranks_come_from_the_environment_and_are_checked(monkeypatch):
     from crowstream import ranks
-    from crowstream.errors import ConfigError
+    from crowstream.errors import ConfigError, ManifestError
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -143,6 +143,8 @@ def test_ranks_come_from_the_environment_and_are_checked(monkeypatch):
     assert ranks.resolve(1, 2) == (1, 2)
     with pytest.raises(ConfigError, match=r"rank must be in \[0, world_size\); got rank 3, world_size 2"):
         ranks.resolve(None, 2)
+    with pytest.raises(ManifestError, match="has no crowstream.json"):
+        cs.finalize("no-such-out")
     with pytest.raises(ConfigError, match="max_tokens"):
         ranks.check_options(2, max_tokens=10, overwrite=False, device_map=None)
     with pytest.raises(ConfigError, match="device_map='auto'"):
