@@ -233,8 +233,11 @@ def crowstream_batches(tokenizer, docs, config_json: dict, shard_size: int) -> l
     fields = {f.name for f in dataclasses.fields(CaptureConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config_json.items() if k in fields}
     config = CaptureConfig(**values)
-    stream = shard_stream(iter(enumerate(docs)), Tokenizing(tokenizer, config),
-                          shard_size=shard_size, first_shard=0, source_start=0, tokens_before=0)
+    rows = list(enumerate(docs))
+    shards = ((k, rows[k * shard_size:(k + 1) * shard_size])
+              for k in range(-(-len(rows) // shard_size)))
+    stream = shard_stream(shards, Tokenizing(tokenizer, config), shard_size=shard_size,
+                          tokens_before=0)
     return [item for item in stream if isinstance(item, Batch)]
 
 

@@ -23,7 +23,7 @@ _EXPORTS = {
     "load": ".readers", "scan": ".readers", "vocab": ".readers", "docs": ".readers",
     "info": ".readers",
     "stream": ".loader", "Stream": ".loader", "stats": ".loader",
-    "verify": ".integrity", "rewrite": ".reencode",
+    "verify": ".integrity", "rewrite": ".reencode", "finalize": ".ranks",
     "top": ".analysis", "contexts": ".analysis", "report": ".reporting",
     "CrowstreamError": ".errors",
 }

@@ -34,6 +34,7 @@ class Batch:
     tokens: np.ndarray            # [N] int32
     piece_doc_ids: np.ndarray     # [B] int64, the document of each batch row
     piece_starts: np.ndarray      # [B] int64, absolute position of each row's first token
+    shard: int = 0                # the shard this batch belongs to
 
     @property
     def n_docs(self) -> int:
@@ -61,8 +62,9 @@ class Batch:
         halves = []
         for rows in (slice(0, half), slice(half, self.n_docs)):
             width = int(lengths[rows].max())
-            halves.append(_assemble(ids[rows, :width], lengths[rows], keep[rows, :width],
-                                    self.piece_doc_ids[rows], self.piece_starts[rows]))
+            halves.append(dataclasses.replace(
+                _assemble(ids[rows, :width], lengths[rows], keep[rows, :width],
+                          self.piece_doc_ids[rows], self.piece_starts[rows]), shard=self.shard))
         return halves[0], halves[1]
 
 
@@ -116,24 +118,18 @@ class Tokenizing:
         return out
 
 
-def shard_stream(rows: Iterator[tuple[int, str | None]], tokenizing: Tokenizing, *,
-                 shard_size: int, first_shard: int, source_start: int,
+def shard_stream(shards, tokenizing: Tokenizing, *, shard_size: int,
                  tokens_before: int) -> Iterator[Batch | ShardEnd]:
-    """Batches of each shard in turn, each shard followed by its `ShardEnd`."""
+    """Batches of each `(index, rows)` shard in turn, each shard followed by its
+    `ShardEnd`. Shard k starts at source row k * shard_size."""
     config = tokenizing.config
     tokens_fed = tokens_before
-    shard, consumed = first_shard, source_start
-    while True:
+    for index, block in shards:
         if config.max_tokens is not None and tokens_fed >= config.max_tokens:
             return
-        block = list(itertools.islice(rows, shard_size))  # the source applies max_docs
-        if not block:
-            return
-        end = yield from _shard(block, tokenizing, shard, consumed, tokens_fed)
+        end = yield from _shard(block, tokenizing, index, index * shard_size, tokens_fed)
         tokens_fed += int(end.n_tokens.sum())
-        consumed = end.source_end
-        shard += 1
-        if end.last or len(block) < shard_size:  # limit reached, or the source ran out
+        if end.last:  # max_tokens reached
             return
 
 
@@ -164,7 +160,9 @@ def _shard(block, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed:
                                          count=int(counts.sum())))
         if config.store_text:
             all_texts.extend(texts)
-        yield from batches_of(tokenizing.pieces(doc_ids, encoded), tokenizing)
+        for batch in batches_of(tokenizing.pieces(doc_ids, encoded), tokenizing):
+            batch.shard = index
+            yield batch
         if stop:
             break
     end = ShardEnd(index, consumed, consumed + used, np.asarray(all_ids, dtype=np.int64),

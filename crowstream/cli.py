@@ -1,4 +1,4 @@
-"""The command line: `crowstream capture|modules|info|verify|rewrite|report|demo` (also `python -m
+"""The command line: `crowstream capture|modules|info|verify|finalize|rewrite|report|demo` (also `python -m
 crowstream`). It owns argument parsing and presentation only; every command calls the
 Python API. Errors print one line (no traceback) and exit non-zero.
 """
@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
     c.add_argument("--text-field", default="text")
     c.add_argument("--split", default="train")
+    c.add_argument("--data-config", help="config of a dataset repository, e.g. wikitext-2-raw-v1")
+    c.add_argument("--data-revision", help="branch, tag or commit of a hub dataset")
+    c.add_argument("--data-files", action="append",
+                   help="data file(s) or glob(s) within the dataset repository (repeat for several)")
     c.add_argument("--max-docs", type=int)
     c.add_argument("--max-tokens", type=int, help="stop after about this many tokens fed to the model")
     c.add_argument("--sample", type=int, help="a random sample of this many documents")
@@ -58,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--resume", action="store_true")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--rank", type=int, help="this process's rank of several writing one run "
+                   "(default: env RANK, as torchrun sets it); it captures shards k with "
+                   "k mod world-size == rank")
+    c.add_argument("--world-size", type=int, help="how many ranks write the run (default: env "
+                   "WORLD_SIZE, else 1)")
 
     m = commands.add_parser("modules", help="list the capturable modules of MODEL")
     m.add_argument("model")
@@ -69,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = commands.add_parser("verify", help="re-read every part file and check it")
     v.add_argument("out")
+
+    f = commands.add_parser("finalize", help="consolidate a multi-rank run once every shard "
+                            "is committed")
+    f.add_argument("out")
 
     r = commands.add_parser("rewrite", help="re-encode an older float16 output so DuckDB reads it")
     r.add_argument("out")
@@ -164,9 +177,21 @@ def _capture(args) -> None:
         store_text=args.store_text, overwrite=args.overwrite, resume=args.resume,
         device=args.device, torch_dtype=args.torch_dtype, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress)
+        progress=not args.no_progress, rank=args.rank, world_size=args.world_size,
+        data_config=args.data_config, data_revision=args.data_revision,
+        data_files=args.data_files)
     rows = ", ".join(f"{name}: {n:,}" for name, n in run.tokens.items())
-    print(f"wrote {run.docs:,} documents to {run.path} ({rows} rows)")
+    status = "" if run.manifest.status == "complete" else \
+        f" so far; the run is {run.manifest.status}: `crowstream finalize {run.path}` once every rank is done"
+    print(f"wrote {run.docs:,} documents to {run.path} ({rows} rows){status}")
+
+
+def _finalize(args) -> None:
+    from .ranks import finalize
+
+    manifest = finalize(args.out)
+    print(f"{args.out}: complete ({len(manifest.shards)} shards, {manifest.counts.docs:,} "
+          f"documents)")
 
 
 def _modules(args) -> None:
@@ -237,4 +262,4 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"capture": _capture, "modules": _modules, "info": _info, "verify": _verify,
-            "rewrite": _rewrite, "report": _report, "demo": _demo}
+            "finalize": _finalize, "rewrite": _rewrite, "report": _report, "demo": _demo}

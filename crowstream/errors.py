@@ -64,3 +64,12 @@ class OutOfMemory(CrowstreamError, MemoryError):
 
 class Float16OverflowError(CrowstreamError, OverflowError):
     """A module's output exceeds float16's range and `float16_overflow="error"`."""
+
+
+class IncompleteRunError(CrowstreamError, ValueError):
+    """`finalize` found shards of a multi-rank run not committed yet; `.missing` lists them
+    (None when no rank has reached the end of the corpus, so the count is unknown)."""
+
+    def __init__(self, message: str, missing: list[int] | None = None):
+        super().__init__(message)
+        self.missing = missing

@@ -82,8 +82,8 @@ class ShardRecord:
     """One committed shard: the deterministic range of source rows it covers, what it fed
     the model, its part files and its partial statistics file (`None` in format 1).
 
-    `rank` is the process that wrote it (0 for now; the scale-out hands shard k to rank
-    k mod world). This is also the content of `commits/shard-<index:08d>.json`.
+    `rank` is the process that wrote it, out of `world_size` ranks (shard k goes to rank
+    k mod world_size). This is also the content of `commits/shard-<index:08d>.json`.
     """
 
     index: int
@@ -95,6 +95,7 @@ class ShardRecord:
     tokens: int
     parts: tuple[Part, ...]
     stats: FileRef | None = None
+    world_size: int = 1
 
     def to_json(self) -> dict:
         value = {"index": self.index, "rank": self.rank, "source_start": self.source_start,
@@ -102,6 +103,8 @@ class ShardRecord:
                  "tokens": self.tokens, "parts": [p.to_json() for p in self.parts]}
         if self.stats is not None:
             value["stats"] = self.stats.to_json()
+        if self.world_size != 1:  # single-process records stay byte-identical to before
+            value["world_size"] = self.world_size
         return value
 
     @classmethod
@@ -110,7 +113,7 @@ class ShardRecord:
         return cls(value["index"], value.get("rank", 0), value["source_start"],
                    value["source_end"], value["docs"], value["skipped"], value["tokens"],
                    tuple(Part.from_json(p) for p in value["parts"]),
-                   FileRef.from_json(stats) if stats else None)
+                   FileRef.from_json(stats) if stats else None, value.get("world_size", 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +226,8 @@ class Manifest:
 
     @property
     def source_done(self) -> int:
-        """Source rows covered by the committed shards (where a resume starts)."""
-        return self.shards[-1].source_end if self.shards else 0
+        """Source rows covered by the committed shards."""
+        return sum(s.source_end - s.source_start for s in self.shards)
 
     def to_json(self) -> dict:
         return {
@@ -266,6 +269,9 @@ def manifest_path(out: str) -> str:
 def record_path(index: int) -> str:
     """The commit record of shard `index`, relative to OUT."""
     return f"{COMMITS_DIR}/shard-{index:08d}.json"
+
+
+END_PATH = f"{COMMITS_DIR}/end.json"  # where the corpus ends, once a rank has read that far
 
 
 def stats_path(index: int) -> str:
@@ -474,14 +480,15 @@ def merged_stats(out: str, shards, modules) -> dict:
 
 
 def read_records(out: str, run_id: str) -> list[ShardRecord]:
-    """Every commit record in `commits/`, in index order; a gap, a damaged record or one of
-    another run is a `ManifestError` (records are written atomically: a crash leaves none
-    of these)."""
+    """Every commit record in `commits/`, in index order; a damaged record, one of another
+    run, or a gap in the indices is a `ManifestError` (records are written atomically: a
+    crash leaves none of these). Gaps are expected, and allowed, once any record was
+    written by one of several ranks (each commits only its own shards, at its own pace)."""
     directory = os.path.join(out, COMMITS_DIR)
     names = sorted(n for n in os.listdir(directory) if RECORD_NAME.fullmatch(n)) \
         if os.path.isdir(directory) else []
     records = []
-    for expected, name in enumerate(names):
+    for name in names:
         path = os.path.join(directory, name)
         value = _read_json(path)
         problems = validate_record(value) if isinstance(value, dict) else ["not a JSON object"]
@@ -492,11 +499,45 @@ def read_records(out: str, run_id: str) -> list[ShardRecord]:
             raise ManifestError(f"{path} belongs to run {value['run_id']}, not to this OUT's run "
                                 f"{run_id}. It was left as it is; capture again into a new OUT.")
         record = ShardRecord.from_json(value)
-        if record.index != expected or name != os.path.basename(record_path(record.index)):
-            raise ManifestError(f"{directory} has no record for shard {expected} (found {name}): "
-                                "records were deleted or renamed. Capture again into a new OUT.")
+        if name != os.path.basename(record_path(record.index)):
+            raise ManifestError(f"{path} holds the record of shard {record.index}: records were "
+                                "renamed. Capture again into a new OUT.")
         records.append(record)
+    ranked = any(r.world_size > 1 for r in records)
+    for expected, record in enumerate(records):
+        if record.index != expected and not ranked:
+            raise ManifestError(f"{directory} has no record for shard {expected} (found "
+                                f"{os.path.basename(record_path(record.index))}): records were "
+                                "deleted or renamed. Capture again into a new OUT.")
     return records
+
+
+def write_end(out: str, run_id: str, shards: int, source_rows: int) -> None:
+    """Record where the corpus ends: `shards` shards over `source_rows` rows. Every rank
+    that reads that far writes the same content, atomically."""
+    value = {"format": "crowstream-end", "format_version": FORMAT_VERSION, "run_id": run_id,
+             "shards": shards, "source_rows": source_rows}
+    tmp = os.path.join(out, TMP_DIR, f"end.json.{os.getpid()}.tmp")  # ranks write it at once
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(_dumps(value))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out, END_PATH))
+    fsync_dir(os.path.join(out, COMMITS_DIR))
+
+
+def read_end(out: str, run_id: str) -> int | None:
+    """The corpus's shard count from `commits/end.json`, or None while no rank has
+    reached the end of the corpus."""
+    path = os.path.join(out, END_PATH)
+    if not os.path.isfile(path):
+        return None
+    value = _read_json(path)
+    if not isinstance(value, dict) or value.get("run_id") != run_id \
+            or not isinstance(value.get("shards"), int) or value["shards"] < 0:
+        raise ManifestError(f"{path} is damaged or belongs to another run; it was left as it "
+                            "is. Delete it: a resume records it again.")
+    return value["shards"]
 
 
 def consolidated(out: str, manifest: Manifest, *, stats: bool = True) -> Manifest:
@@ -535,17 +576,21 @@ def readable(out: str) -> Manifest:
 
 # -- recovery before a resume -------------------------------------------------------------------
 
-def recover(out: str, manifest: Manifest) -> tuple[Manifest, list[str], list[str]]:
+def recover(out: str, manifest: Manifest, owned=None) -> tuple[Manifest, list[str], list[str]]:
     """Prepare OUT for a resume: roll forward every committed shard whose parts are still in
     `.tmp/`, then delete every file no record lists (in `.tmp/`, `data/`, `docs/` and
     `commits/`). -> (the committed manifest, paths rolled forward, paths removed).
+    With `owned` (shard index -> bool; one rank of several), only unlisted files of the
+    shards it owns are deleted: the other ranks' files in flight are theirs.
 
     Raises `ManifestError` when a listed part is missing or not of its recorded size
     (before anything is deleted)."""
     state = consolidated(out, manifest, stats=False)  # the run merges them as it starts
-    rolled = move_into_place(out, [p for p in state.parts
+    mine = state if owned is None else dataclasses.replace(
+        state, shards=[s for s in state.shards if owned(s.index)])  # others may be committing
+    rolled = move_into_place(out, [p for p in mine.parts
                                    if os.path.exists(staging_path(out, p.path))])
-    damaged = damaged_parts(out, state)
+    damaged = damaged_parts(out, mine)
     if damaged:
         raise ManifestError(
             f"cannot resume {out!r}: {len(damaged)} committed file(s) are missing or "
@@ -553,14 +598,23 @@ def recover(out: str, manifest: Manifest) -> tuple[Manifest, list[str], list[str
             "`crowstream verify OUT` shows the damage; capture again with overwrite=True "
             "(--overwrite) or into a new OUT.")
     listed = {p.path for p in state.parts} | {s.stats.path for s in state.shards}
-    listed |= {record_path(s.index) for s in state.shards}
+    listed |= {record_path(s.index) for s in state.shards} | {END_PATH}
     removed = [rel for rel in _files(out, TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR)
-               if rel not in listed]
+               if rel not in listed and (owned is None or _owned_file(rel, owned))]
     for rel in removed:
         os.remove(os.path.join(out, rel))
     for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     return state, rolled, removed
+
+
+_SHARD_OF_FILE = re.compile(r"part-\d{5}-(\d{6})-\d{3}\.parquet|shard-(\d{8})\.(?:json|stats\.parquet)")
+
+
+def _owned_file(rel: str, owned) -> bool:
+    """Whether `rel` is a file of a shard that `owned` (index -> bool) accepts."""
+    found = _SHARD_OF_FILE.search(rel.rsplit("/", 1)[-1].rsplit("__", 1)[-1])
+    return found is not None and owned(int(found.group(1) or found.group(2)))
 
 
 def _files(out: str, *tops: str) -> list[str]:
@@ -577,7 +631,7 @@ def unlisted_files(out: str, manifest: Manifest) -> list[str]:
     listed = {p.path for p in manifest.parts}
     listed |= {s.stats.path for s in manifest.shards if s.stats is not None}
     if manifest.format_version != 1:
-        listed |= {record_path(s.index) for s in manifest.shards}
+        listed |= {record_path(s.index) for s in manifest.shards} | {END_PATH}
     return [rel for rel in _files(out, DATA_DIR, DOCS_DIR, COMMITS_DIR) if rel not in listed]
 
 
@@ -606,7 +660,7 @@ def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"OUT {out!r} is a file, not a directory; choose another path.")
-    existing = os.listdir(out) if os.path.isdir(out) else []
+    existing = [n for n in os.listdir(out) if n != LOCKS_DIR] if os.path.isdir(out) else []
     if not existing:
         parent = os.path.dirname(os.path.abspath(out))
         _check_writable(out if os.path.isdir(out) else _existing_ancestor(parent))
@@ -643,7 +697,7 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
                 return False
     patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}(-\d{3,})?\.parquet"),
                 DOCS_DIR: re.compile(r"part-\d{5}-\d{6}(-\d{3,})?\.parquet"),
-                COMMITS_DIR: re.compile(r"shard-\d{8}\.(json|stats\.parquet)")}
+                COMMITS_DIR: re.compile(r"shard-\d{8}\.(json|stats\.parquet)|end\.json")}
     for top, pattern in patterns.items():
         for root, _, files in os.walk(os.path.join(out, top)):
             for name in files:
@@ -658,7 +712,7 @@ def create_out(out: str, mode: str) -> None:
     last, so an overwrite killed midway is still recognised as a crowstream output."""
     if mode == "replace":
         for name in os.listdir(out):
-            if name != MANIFEST_NAME:
+            if name not in (MANIFEST_NAME, LOCKS_DIR):
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if os.path.exists(manifest_path(out)):
@@ -676,10 +730,15 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
+LOCKS_DIR = ".locks"  # one lock file per rank of a multi-rank run
+
+
 @contextlib.contextmanager
-def exclusive(out: str):
-    """Hold an advisory lock on the OUT directory for a run, so two captures never write
-    (or clean up, or overwrite) the same OUT at once. Released when the process dies."""
+def exclusive(out: str, *, wait: float = 0):
+    """Hold an advisory lock on the OUT directory, so two captures never write (or clean
+    up, or overwrite) the same OUT at once. Released when the process dies. A single
+    process holds it for its whole run; a rank of several only while it creates or joins
+    the run and while it finalizes, waiting up to `wait` seconds for it."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no advisory locks to take
@@ -687,14 +746,73 @@ def exclusive(out: str):
         return
     fd = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            raise OutputError(f"another crowstream process is writing to {out!r}; let it finish "
-                              "(or stop it) before resuming or overwriting.") from error
+        _flock(fd, wait, f"another crowstream process is writing to {out!r}; let it finish "
+                         "(or stop it) before resuming or overwriting.")
         yield
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, wait: float, message: str) -> None:
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError as error:
+            if time.monotonic() >= deadline:
+                raise OutputError(message) from error
+            time.sleep(0.05)
+
+
+def _lock_path(out: str, rank: int) -> str:
+    return os.path.join(out, LOCKS_DIR, f"rank-{rank:05d}.lock")
+
+
+class RankLock:
+    """The lock of one rank of a multi-rank run: `OUT/.locks/rank-<rank>.lock`, held from
+    the start of the rank's run until `release` (or the process's death)."""
+
+    def __init__(self, out: str, rank: int):
+        os.makedirs(os.path.join(out, LOCKS_DIR), exist_ok=True)
+        self.fd: int | None = os.open(_lock_path(out, rank), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _flock(self.fd, 0, f"another crowstream process is writing to {out!r} as rank "
+                               f"{rank}; let it finish (or stop it) first.")
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def busy_ranks(out: str, *, besides: int | None = None) -> list[int]:
+    """Ranks whose lock another process holds right now (`besides`: the caller's own)."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    directory = os.path.join(out, LOCKS_DIR)
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    busy = []
+    for name in names:
+        found = re.fullmatch(r"rank-(\d{5})\.lock", name)
+        if not found or int(found.group(1)) == besides:
+            continue
+        fd = os.open(os.path.join(directory, name), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy.append(int(found.group(1)))
+        finally:
+            os.close(fd)
+    return busy
 
 
 def _check_writable(out: str) -> None:

@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +24,10 @@ from . import manifest as mf
 from .config import (DATA_DIR, DEFAULT_MAX_BATCH_TOKENS, DOCS_DIR, FORMAT_VERSION,
                      SORT_WINDOW_DOCS, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME, CaptureConfig,
                      check_choice, check_positive, default_inflight_bytes)
-from .errors import (ConfigError, CrowstreamError, DataError, Interrupted, ManifestError,
-                     OutOfMemory, OutputError, ResumeMismatchError)
+from .errors import (ConfigError, CrowstreamError, DataError, IncompleteRunError, Interrupted,
+                     ManifestError, OutOfMemory, OutputError, ResumeMismatchError)
 
 log = logging.getLogger("crowstream")
-RANK = 0  # one process writes part-00000-*; distributed ranks would each take their own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +53,9 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
             exclude_token_ids=(), store_text: bool = False, overwrite: bool = False,
             resume: bool = False, device=None, torch_dtype=None, device_map=None,
             revision: str | None = None, trust_remote_code: bool = False,
-            progress: bool = True) -> Run:
+            progress: bool = True, rank: int | None = None, world_size: int | None = None,
+            data_config: str | None = None, data_revision: str | None = None,
+            data_files=None) -> Run:
     """Run `model` over `data` and store the outputs of `modules` under `out`.
 
     One forward pass per batch captures every module and stops after the deepest.
@@ -70,6 +70,13 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     `batch_size` documents; `max_inflight_bytes` bounds the bytes between the forward and
     the disk (default min(2 GiB, 10% of RAM)); `revision` picks a hub model's revision.
     `resume=True` continues an interrupted run in `out`; `overwrite=True` replaces one.
+    `data_config`, `data_revision` and `data_files` pick a config (e.g.
+    "wikitext-2-raw-v1"), revision and files of a dataset repository (hub id or local
+    directory), as `datasets.load_dataset` takes them; hub corpora are streamed.
+    `rank`/`world_size` (default: the environment's RANK/WORLD_SIZE, as torchrun sets
+    them) make this process one of several writing one run: it captures shards k with
+    k mod world_size == rank; ranks started with the same call join one run, and the
+    last to finish (or `crowstream.finalize`) consolidates it. See "Scaling out".
 
     Returns a `Run`. Raises a `CrowstreamError` subclass with a one-line explanation on
     bad input; committed data in `out` is never damaged.
@@ -78,26 +85,62 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     state, OUT's lock (then OUT's state and, to resume, its manifest, under the lock), the
     data source and its first documents; only then is the model loaded.
     """
+    from . import ranks
+
     _validate(overflow=overflow, dtype=dtype, batch_size=batch_size,
               max_batch_tokens=max_batch_tokens, max_docs=max_docs, max_tokens=max_tokens,
               sample=sample, shard_size=shard_size, seed=seed, exclude_token_ids=exclude_token_ids,
               context_size=context_size, text_field=text_field,
               float16_overflow=float16_overflow, max_inflight_bytes=max_inflight_bytes)
-    out, model, data = os.fspath(out), _path_to_str(model), _path_to_str(data)
+    options = {k: v for k, v in locals().items()
+               if k not in ("model", "data", "modules", "out", "ranks")}
+    created = ranks.init_process_group()
+    grouped = ranks.in_process_group()
+    try:
+        return _capture(model, data, modules, out, grouped=grouped, **options)
+    except BaseException as error:
+        if grouped and not getattr(error, "crowstream_flagged", False):
+            ranks.all_ok(False, quiet=True)  # the other ranks stop instead of waiting for us
+        raise
+    finally:
+        if created:
+            ranks.destroy_process_group()
+
+
+def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field, split,
+             context_size, overflow, batch_size, max_batch_tokens, max_docs, max_tokens, sample,
+             seed, dtype, float16_overflow, max_inflight_bytes, shard_size,
+             exclude_special_tokens, exclude_token_ids, store_text, overwrite, resume, device,
+             torch_dtype, device_map, revision, trust_remote_code, progress, rank,
+             world_size, data_config, data_revision, data_files) -> Run:
+    """`capture` once its options are valid (and, under torchrun, the process group is up)."""
+    from . import ranks
+
+    rank, world = ranks.resolve(rank, world_size)
+    ranks.check_options(world, max_tokens=max_tokens, overwrite=overwrite, device_map=device_map)
+    if grouped and device is None:
+        device = ranks.local_device()
+    out, model, data = _local_out(os.fspath(out)), _path_to_str(model), _path_to_str(data)
     _check_out_placement(out, model, data)
-    mf.inspect_out(out, overwrite=overwrite, resume=resume)
+    mf.inspect_out(out, overwrite=overwrite, resume=resume or world > 1)
 
     from . import models, sources
     from .tracing import ModelTracer, resolve_modules
 
     with contextlib.ExitStack() as held:
-        mode = held.enter_context(_locked_out(out, overwrite=overwrite, resume=resume))
-        recorded = mf.read_manifest(out) if mode == "resume" else None
-        source = sources.open_source(data, text_field=text_field, split=split, sample=sample,
-                                     seed=seed, max_docs=max_docs)
-        if mode != "resume":  # a resume peeks after its skip is known, below
-            rows = source.rows(0)
-            peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
+        if world > 1:  # the run is created or joined under the directory lock, below
+            lock = held.enter_context(_rank_locked(out, rank))
+            mode, recorded = "join", None
+        else:
+            mode = held.enter_context(_locked_out(out, overwrite=overwrite, resume=resume))
+            recorded = mf.read_manifest(out) if mode == "resume" else None
+        source = sources.open_source(
+            data, text_field=text_field, split=split, sample=sample, seed=seed,
+            max_docs=max_docs, repository=sources.Repository(data_config, data_revision,
+                                                             data_files))
+        peek = []
+        if mode != "resume":  # the first documents size the shards of a new run
+            peek = list(itertools.islice(source.rows(0), SORT_WINDOW_DOCS))
             if not peek:
                 raise DataError("the corpus has no documents; check data, split and max_docs.")
         model, tokenizer = models.load_model(model, tokenizer, device=device,
@@ -118,16 +161,72 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
             shard_size=shard_size, exclude_special_tokens=exclude_special_tokens,
             exclude_token_ids=tuple(int(t) for t in exclude_token_ids), store_text=store_text,
             text_field=text_field, split=split)
-        session = _Session(out, config, tracer, tokenizer, progress)
-        if mode == "resume":
+        session = _Session(out, config, tracer, tokenizer, progress and rank == 0, rank, world)
+        if world > 1:
+            with mf.exclusive(out, wait=ranks.JOIN_WAIT_S):
+                if os.path.isfile(mf.manifest_path(out)):
+                    session.load(mf.read_manifest(out))
+                else:
+                    with _write_errors(out):
+                        mf.create_out(out, mf.inspect_out(out, overwrite=False, resume=True))
+                        session.start(peek, _provenance(model, tokenizer))
+        elif mode == "resume":
             session.load(recorded)
-            rows = source.rows(session.source_done)
-            peek = list(itertools.islice(rows, SORT_WINDOW_DOCS))
         else:
             with _write_errors(out):
                 mf.create_out(out, mode)
                 session.start(peek, _provenance(model, tokenizer))
-        return session.run(itertools.chain(peek, rows), source.n_docs)
+        if not grouped:
+            run = session.run(source)
+            return session.end_rank(lock) if world > 1 else run
+        return _run_grouped(session, source, lock if world > 1 else None)
+
+
+def _run_grouped(session, source, lock) -> Run:
+    """Under torch.distributed: run this rank's share, then meet every rank at the end
+    barrier, an all-reduce of a failure flag (a failing rank reaches it from its error
+    path); rank 0 finalizes once all succeeded. Errors raised here are already flagged."""
+    from . import ranks
+
+    try:
+        session.run(source)
+    except BaseException as error:
+        if lock is not None:
+            lock.release()
+        ranks.all_ok(False, quiet=True)
+        error.crowstream_flagged = True
+        raise
+    if lock is not None:
+        lock.release()
+    if not ranks.all_ok(True):
+        failure = CrowstreamError(
+            f"another rank failed; this rank's shards are committed in {session.out!r}. Fix the "
+            "failure, then rerun the same command (committed shards are skipped).")
+        failure.crowstream_flagged = True
+        raise failure
+    try:
+        if session.rank == 0 and session.world > 1:
+            session.manifest = ranks.finalize(session.out)
+    finally:
+        ranks.barrier()  # the others return once rank 0 has finalized (or failed to)
+    if session.rank != 0:
+        session.manifest = mf.read_manifest(session.out)
+    return session._result()
+
+
+@contextlib.contextmanager
+def _rank_locked(out: str, rank: int):
+    """Hold this rank's own lock (OUT/.locks/rank-<rank>.lock) for its whole run."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create OUT {out!r}: {error}. Choose a writable path.") \
+            from error
+    lock = mf.RankLock(out, rank)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -144,11 +243,31 @@ def _locked_out(out: str, *, overwrite: bool, resume: bool):
                 from error
     try:
         with mf.exclusive(out):
-            yield mf.inspect_out(out, overwrite=overwrite, resume=resume)
+            mode = mf.inspect_out(out, overwrite=overwrite, resume=resume)
+            busy = mf.busy_ranks(out)
+            if busy:
+                raise OutputError(f"rank(s) {', '.join(map(str, busy))} of a multi-rank run are "
+                                  f"writing to {out!r}; let them finish (or stop them) first.")
+            yield mode
     except BaseException:
         if created and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
         raise
+
+
+def _local_out(out: str) -> str:
+    """OUT as a local path: `file://` URLs become paths; other URLs (s3://, gs://, ...) are
+    refused rather than taken as a local directory named `s3:`."""
+    import re
+    import urllib.parse
+
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out):
+        return out
+    if out.startswith("file://"):
+        return urllib.parse.unquote(urllib.parse.urlparse(out).path)
+    raise OutputError(f"OUT {out.split('?')[0]!r} is a URL: writing to object storage is not "
+                      "supported yet. Capture into a local (or shared file system) path and "
+                      "upload the finished folder; it holds no absolute paths.")
 
 
 def _path_to_str(value):
@@ -204,11 +323,11 @@ def _provenance(model, tokenizer) -> dict:
 class _Session:
     """One capture into one OUT: owns the manifest, the writer threads and the commits."""
 
-    def __init__(self, out, config: CaptureConfig, tracer, tokenizer, progress: bool):
+    def __init__(self, out, config: CaptureConfig, tracer, tokenizer, progress: bool,
+                 rank: int = 0, world: int = 1):
         self.out, self.config, self.tracer, self.tokenizer = out, config, tracer, tokenizer
-        self.progress = progress
+        self.progress, self.rank, self.world = progress, rank, world
         self.manifest: mf.Manifest | None = None
-        self.source_done = 0
         self.stop_requested = threading.Event()
         self.oom_cap: int | None = None
 
@@ -222,6 +341,11 @@ class _Session:
                 "this version reads but does not continue. Capture into a new OUT (or pass "
                 "overwrite=True / --overwrite to replace it).")
         differences = self.config.differences(manifest.config)
+        if differences and self.world > 1:
+            raise ResumeMismatchError(
+                f"rank {self.rank} cannot join the run in {self.out!r}: this call differs from "
+                f"the run recorded there ({'; '.join(differences)}). Start every rank with the "
+                "same call, or choose a new OUT.")
         if differences:
             raise ResumeMismatchError(
                 f"cannot resume {self.out!r}: this call differs from the run recorded there "
@@ -230,7 +354,10 @@ class _Session:
         if self.config.source.get("kind") == "iterable":
             log.warning("resuming over a generator: crowstream cannot check that it yields the "
                         "same documents as the interrupted run did")
-        manifest, rolled, removed = mf.recover(self.out, manifest)
+        from .ranks import owner
+
+        owned = owner(self.rank, self.world) if self.world > 1 else None
+        manifest, rolled, removed = mf.recover(self.out, manifest, owned)
         if rolled:
             log.info("resume: moved %d committed part file(s) into place: %s", len(rolled),
                      ", ".join(rolled))
@@ -238,7 +365,8 @@ class _Session:
             log.info("resume: removed %d uncommitted file(s): %s", len(removed), ", ".join(removed))
         manifest.config["float16_overflow"] = self.config.float16_overflow  # may turn on
         self.manifest = manifest
-        self.source_done = manifest.source_done
+        if self.world > 1 and manifest.status not in ("running", "complete"):
+            self._write_running()  # under the directory lock: the ranks' shared manifest
 
     def start(self, peek, provenance: dict) -> None:
         from .batching import Tokenizing, estimate_shard_size
@@ -249,7 +377,9 @@ class _Session:
         modules = {name: mf.ModuleInfo(self.tracer.dims[name], config.dtype, mf.module_dir(name),
                                        self.tracer.types[name])
                    for name in config.modules}
-        self.manifest = mf.Manifest(run_id=uuid.uuid4().hex[:16], status="running",
+        from .ranks import run_id
+
+        self.manifest = mf.Manifest(run_id=run_id(config.to_json()), status="running",
                                     config=config.to_json(), shard_size=shard_size,
                                     provenance=provenance, modules=modules,
                                     counts=mf.Counts.of([], modules))
@@ -259,22 +389,33 @@ class _Session:
         mf.write_manifest(self.out, self.manifest)
 
     # -- the loop ---------------------------------------------------------------------
-    def run(self, rows, n_docs: int | None) -> Run:
+    def _write_running(self) -> None:
+        """crowstream.json while running lists nothing: the records in commits/ are the truth."""
+        with _write_errors(self.out):
+            mf.write_manifest(self.out, dataclasses.replace(
+                self.manifest, status="running", error=None, shards=[], stats={},
+                counts=mf.Counts.of([], self.manifest.modules)))
+
+    def run(self, source) -> Run:
+        """Capture this process's share of `source` (every shard not yet committed, or under
+        several ranks those of them it owns), committing shard by shard."""
         from ._threads import prefetch
         from .batching import Batch
 
         if self.manifest.status == "complete":
             return self._result()
         committed = self.manifest
-        # while running, crowstream.json lists nothing: the records in commits/ are the truth
-        with _write_errors(self.out):
-            mf.write_manifest(self.out, dataclasses.replace(
-                committed, status="running", error=None, shards=[], stats={},
-                counts=mf.Counts.of([], committed.modules)))
-        writers = _Writers(self.out, self.config, self.tracer.dims, committed)
-        stream = prefetch(self._batches(rows))
+        if self.world == 1:
+            self._write_running()
+        writers = _Writers(self.out, self.config, self.tracer.dims, committed, self.rank,
+                           self.world)
+        stream = prefetch(self._batches(source))
+        total = source.n_docs if source.n_docs is None or self.world == 1 else \
+            -(-source.n_docs // self.world)  # about this rank's share
+        initial = committed.source_done if self.world == 1 else sum(
+            s.source_end - s.source_start for s in committed.shards if s.index % self.world == self.rank)
         try:
-            with _signals(self.stop_requested), self.tracer, _Progress(n_docs, self.source_done, enabled=self.progress) as bar:
+            with _signals(self.stop_requested), self.tracer, _Progress(total, initial, enabled=self.progress) as bar:
                 finished = False
                 for item in stream:
                     # after a signal no new batch is taken, but a shard whose batches are
@@ -309,19 +450,61 @@ class _Session:
             raise failure from error
         if not finished:
             self._record_failure(Interrupted("interrupted"), writers)
-            raise Interrupted(f"interrupted: committed {len(self.manifest.shards)} shard(s) to "
+            raise Interrupted(f"interrupted: committed {len(writers.shards)} shard(s) to "
                               f"{self.out!r}. Rerun the same call with resume=True (--resume) "
                               "to continue.")
+        if self.world > 1:
+            shards = sorted(writers.shards, key=lambda s: s.index)
+            self.manifest = dataclasses.replace(self.manifest, shards=shards,
+                                                counts=mf.Counts.of(shards, self.manifest.modules))
+            return self._result()
         self._consolidate(writers, "complete")
         return self._result()
 
-    def _batches(self, rows):
-        from .batching import Tokenizing, shard_stream
+    def end_rank(self, lock) -> Run:
+        """A rank without torch.distributed has finished its share: under the directory
+        lock, finalize the run if every other rank has finished too, then release this
+        rank's lock (both under the one lock, so exactly the last rank to finish sees
+        the others done)."""
+        from .ranks import JOIN_WAIT_S, finalize_locked
 
-        stream = shard_stream(rows, Tokenizing(self.tokenizer, self.config),
-                              shard_size=self.manifest.shard_size,
-                              first_shard=len(self.manifest.shards), source_start=self.source_done,
-                              tokens_before=self.manifest.counts.tokens_fed)
+        with mf.exclusive(self.out, wait=JOIN_WAIT_S):
+            try:
+                self.manifest = finalize_locked(self.out, besides=self.rank)
+                log.info("rank %d: every shard is committed; wrote the consolidated manifest",
+                         self.rank)
+            except (IncompleteRunError, OutputError) as waiting:
+                log.info("rank %d finished its share (%s); the last rank to finish, or "
+                         "`crowstream finalize OUT`, consolidates the run", self.rank, waiting)
+            lock.release()
+        return self._result()
+
+    def _batches(self, source):
+        from .batching import Tokenizing, shard_stream
+        from .ranks import owner
+
+        manifest = self.manifest
+        done = {s.index for s in manifest.shards}
+        owns = owner(self.rank, self.world)
+        if self.config.max_tokens is not None and done != set(range(len(done))):
+            raise ManifestError(f"cannot resume {self.out!r} with max_tokens: its committed shards "
+                                "are not a prefix of the corpus.")
+        end = mf.read_end(self.out, manifest.run_id)
+        first = next(k for k in itertools.count(self.rank, self.world) if k not in done)
+        stop = None
+        if end is not None:
+            stop = max((k for k in range(first, end) if owns(k) and k not in done),
+                       default=first - 1) + 1
+
+        def record_end(shards: int, rows: int) -> None:
+            with _write_errors(self.out):
+                mf.write_end(self.out, manifest.run_id, shards, rows)
+
+        shards = source.shards(manifest.shard_size, lambda k: owns(k) and k not in done,
+                               first=first, stop=stop, on_end=record_end)
+        stream = shard_stream(shards, Tokenizing(self.tokenizer, self.config),
+                              shard_size=manifest.shard_size,
+                              tokens_before=manifest.counts.tokens_fed)
         if self.tracer.device.type != "cuda":
             return stream
         # pinned on the prefetch thread, so the forward loop's copies to the GPU are async
@@ -351,6 +534,8 @@ class _Session:
         return self._forward(batch)
 
     def _record_failure(self, error: BaseException, writers) -> None:
+        if self.world > 1:  # crowstream.json is the ranks' shared file: the records tell
+            return
         interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
         with contextlib.suppress(OSError):  # the original error matters more than this one
             self._consolidate(writers, "interrupted" if interrupted else "failed",
@@ -358,11 +543,14 @@ class _Session:
 
     def _consolidate(self, writers, status: str, error: str | None = None) -> None:
         """Write crowstream.json with every committed shard, their counts and merged stats."""
-        shards = list(writers.shards)
+        shards = sorted(writers.shards, key=lambda s: s.index)
+        stats = writers.stats
+        if shards != writers.shards:  # filled gaps other ranks left: merge in index order
+            stats = mf.merged_stats(self.out, shards, self.manifest.modules)
         self.manifest = dataclasses.replace(
             self.manifest, status=status, error=error, shards=shards,
             counts=mf.Counts.of(shards, self.manifest.modules),
-            stats={name: stats.summary() for name, stats in writers.stats.items()})
+            stats={name: s.summary() for name, s in stats.items()})
         mf.write_manifest(self.out, self.manifest)
 
     def _result(self) -> Run:
@@ -377,11 +565,13 @@ class _Writers:
     `ByteBudget` bounds every byte between the forward and the disk: a batch's kept rows
     on the host, the writers' queues and their row-group buffers."""
 
-    def __init__(self, out, config: CaptureConfig, dims: dict, committed: mf.Manifest):
+    def __init__(self, out, config: CaptureConfig, dims: dict, committed: mf.Manifest,
+                 rank: int = 0, world: int = 1):
         from ._threads import ByteBudget, Worker
         from .writer import ENCODER_BYTES, encoder_slots
 
         self.out, self.config, self.dims, self.run_id = out, config, dims, committed.run_id
+        self.rank, self.world = rank, world
         self.workers = {name: Worker(f"crowstream-writer[{name}]") for name in dims}
         self.committer = Worker("crowstream-committer", 2)
         limit = config.max_inflight_bytes or default_inflight_bytes()
@@ -397,7 +587,6 @@ class _Writers:
         # in shard order, so a resumed run's totals equal an uninterrupted run's exactly
         self.shards = list(committed.shards)
         self.stats = mf.merged_stats(out, self.shards, committed.modules)
-        self.shard = len(self.shards)  # index of the open shard (main thread only)
         self.bytes_written = 0  # by this run (a resume starts again from zero)
 
     def admit(self, batch) -> None:
@@ -412,7 +601,7 @@ class _Writers:
     def write(self, batch, captured) -> None:
         rows = len(batch.keep_index)
         for name, worker in self.workers.items():
-            worker.submit(self._write_rows, name, self.shard, batch, captured,
+            worker.submit(self._write_rows, name, batch.shard, batch, captured,
                           rows * self.row_cost[name])
         self.committer.check()
 
@@ -441,7 +630,7 @@ class _Writers:
 
         if name not in self.parts:
             def path_of(seq):
-                rel = f"{mf.module_dir(name)}/{mf.part_name(RANK, shard, seq)}"
+                rel = f"{mf.module_dir(name)}/{mf.part_name(self.rank, shard, seq)}"
                 return mf.staging_path(self.out, rel)
             schema = part_schema(name, self.dims[name], self.config.dtype,
                                  model_id(self.config.model), FORMAT_VERSION)
@@ -459,10 +648,9 @@ class _Writers:
 
     def commit(self, end) -> None:
         """Queue shard `end` for commit once every module has closed its part."""
-        futures = {name: w.submit(self._close_part, name, self.shard)
+        futures = {name: w.submit(self._close_part, name, end.index)
                    for name, w in self.workers.items()}
         self.committer.submit(self._commit, end, futures)
-        self.shard += 1
 
     def _commit(self, end, futures) -> None:
         """Commit one shard: wait until every module's part is closed and fsynced in .tmp/,
@@ -472,19 +660,19 @@ class _Writers:
         from .writer import write_table
 
         results = {name: future.result() for name, future in futures.items()}
-        name = mf.part_name(RANK, end.index)
+        name = mf.part_name(self.rank, end.index)
         docs_rel = f"{DOCS_DIR}/{name}"
         docs_info = write_table(mf.staging_path(self.out, docs_rel), _docs_table(end))
         parts = [mf.Part(path=docs_rel, bytes=docs_info.bytes, sha256=docs_info.sha256,
                          kind="docs", rows=docs_info.rows)]
-        parts += [mf.Part(path=f"{mf.module_dir(m)}/{mf.part_name(RANK, end.index, info.seq)}",
+        parts += [mf.Part(path=f"{mf.module_dir(m)}/{mf.part_name(self.rank, end.index, info.seq)}",
                           bytes=info.bytes, sha256=info.sha256, kind="module", module=m,
                           rows=info.rows)
                   for m, (infos, _) in results.items() for info in infos]
-        record = mf.ShardRecord(index=end.index, rank=RANK, source_start=end.source_start,
+        record = mf.ShardRecord(index=end.index, rank=self.rank, source_start=end.source_start,
                                 source_end=end.source_end, docs=len(end.doc_ids),
                                 skipped=end.skipped, tokens=int(end.n_tokens.sum()),
-                                parts=tuple(parts))
+                                parts=tuple(parts), world_size=self.world)
         stats = {m: shard_stats for m, (_, shard_stats) in results.items()}
         record = mf.write_record(self.out, self.run_id, record, stats)
         self.shards.append(record)  # counted from here on, as on disk
@@ -631,6 +819,7 @@ class _Progress:
 
         self.bar = tqdm(total=total, initial=initial, unit="doc", disable=not enabled,
                         dynamic_ncols=True, desc="crowstream")
+        self.covered = initial  # source rows of the shards committed, this rank's own
         self.tokens = 0
         self.started = time.perf_counter()
 
@@ -641,7 +830,8 @@ class _Progress:
         self.bar.set_postfix_str(f"{self.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
 
     def shard(self, end, bytes_written: int) -> None:
-        self.bar.n = end.source_end
+        self.covered += end.source_end - end.source_start
+        self.bar.n = self.covered
         self.written(bytes_written)
 
     def written(self, bytes_written: int) -> None:

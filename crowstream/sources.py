@@ -29,6 +29,7 @@ from .errors import DataError
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # compressed text files that datasets (fsspec) decompresses by their extension
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_REPLAY_ROWS = 1024  # rows of a one-shot iterable kept to read again (>= SORT_WINDOW_DOCS)
 
 
 @dataclasses.dataclass
@@ -53,12 +54,51 @@ class Source:
         for index, item in stream:
             yield index, _text_of(item, self.text_field, index)
 
+    def shards(self, shard_size: int, wanted, *, first: int = 0, stop: int | None = None,
+               on_end=None) -> Iterator[tuple[int, list]]:
+        """`(index, rows)` of every shard from `first` (up to `stop`) that `wanted(index)`
+        accepts; shard k is rows [k * shard_size, (k + 1) * shard_size) of `rows()`. The
+        rows of other shards are read past, never tokenized, so `doc_id` stays the global
+        row index under several ranks. `on_end(shards, rows)` is called once the corpus
+        is seen to end."""
+        rows = self.rows(first * shard_size)
+        index = first
+        while stop is None or index < stop:
+            if wanted(index):
+                block = list(itertools.islice(rows, shard_size))
+                size = len(block)
+                if block:
+                    yield index, block
+            else:
+                size = sum(1 for _ in itertools.islice(rows, shard_size))
+            if size < shard_size:
+                if on_end is not None:
+                    on_end(index + (size > 0), index * shard_size + size)
+                return
+            index += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Repository:
+    """Which part of a dataset repository (hub id or local directory) to read: `config`
+    (e.g. "wikitext-2-raw-v1"), `revision` (branch, tag or commit; hub only), `data_files`
+    (a path, list or split -> paths mapping, as `datasets.load_dataset` takes them)."""
+
+    config: str | None = None
+    revision: str | None = None
+    data_files: Any = None
+
+    def fingerprint(self) -> dict:
+        found = {"config": self.config, "revision": self.revision, "data_files": self.data_files}
+        return {k: v for k, v in found.items() if v is not None}
+
 
 def open_source(data, *, text_field: str = "text", split: str = "train",
-                sample: int | None = None, seed: int = 0,
-                max_docs: int | None = None) -> Source:
-    """Wrap `data` as a `Source`. See the module docstring for what `data` may be."""
-    rows, n_total, fingerprint = _open(data, text_field, split)
+                sample: int | None = None, seed: int = 0, max_docs: int | None = None,
+                repository: Repository | None = None) -> Source:
+    """Wrap `data` as a `Source`. See the module docstring for what `data` may be;
+    `repository` picks a config, revision or data files of a dataset repository."""
+    rows, n_total, fingerprint = _open(data, text_field, split, repository or Repository())
     indices = None
     if sample is not None:
         if fingerprint["kind"] == "iterable":
@@ -81,14 +121,18 @@ def open_source(data, *, text_field: str = "text", split: str = "train",
     return Source(fingerprint, rows, text_field, n_docs, indices, max_docs)
 
 
-def _open(data, text_field: str, split: str):
+def _open(data, text_field: str, split: str, repository: Repository):
     """-> (rows(skip) -> iterator of (index, item), total count or None, fingerprint)."""
     import datasets
 
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
+    if repository.fingerprint() and not (isinstance(data, str) and not os.path.isfile(data)):
+        raise DataError(f"data_config, data_revision and data_files select from a dataset "
+                        f"repository (a hub id or a local directory), not from {_kind(data)}; "
+                        "drop them or pass the repository.")
     if isinstance(data, str):
-        return _open_path_or_hub(data, split)
+        return _open_path_or_hub(data, split, repository)
     if _is_pandas_frame(data):
         return _open_pandas(data, text_field)
     if isinstance(data, datasets.Dataset):
@@ -105,9 +149,16 @@ def _open(data, text_field: str, split: str):
         return (lambda skip: enumerate(data[skip:], start=skip)), len(data), {
             "kind": "list", "n": len(data), "sha256": digest.hexdigest()}
     if isinstance(data, Iterable) and not isinstance(data, (bytes, dict)):
-        iterator = iter(data)
-        def rows(skip):
-            return itertools.islice(enumerate(iterator), skip, None)
+        numbered, head = enumerate(iter(data)), []
+
+        def rows(skip):  # one pass: the first rows read (the peek) are replayed once more
+            def replayed():
+                yield from list(head)
+                for pair in numbered:
+                    if len(head) < _REPLAY_ROWS:
+                        head.append(pair)
+                    yield pair
+            return itertools.islice(replayed(), skip, None)
         return rows, None, {"kind": "iterable", "type": type(data).__name__}
     raise DataError(
         f"data of type {type(data).__name__} is not supported; pass a list of strings or dicts, "
@@ -151,7 +202,11 @@ def _open_pandas(frame, text_field: str):
                               "sha256": digest.hexdigest()}
 
 
-def _open_path_or_hub(path: str, split: str):
+def _kind(data) -> str:
+    return f"a file ({data!r})" if isinstance(data, str) else f"a {type(data).__name__}"
+
+
+def _open_path_or_hub(path: str, split: str, repository: Repository):
     import datasets
 
     if os.path.isfile(path):
@@ -159,7 +214,8 @@ def _open_path_or_hub(path: str, split: str):
         compression = suffix if suffix in _COMPRESSIONS else None
         if compression:
             suffix = os.path.splitext(stem)[1]
-        fingerprint = {"kind": "file", "path": os.path.abspath(path), **_file_digest(path)}
+        # a name and a content digest, no absolute path: a moved or uploaded OUT resumes
+        fingerprint = {"kind": "file", "name": os.path.basename(path), **_file_digest(path)}
         if suffix == ".txt" and not compression:
             _check_not_empty(path)
             return (lambda skip: _text_lines(path, skip)), None, fingerprint
@@ -183,17 +239,38 @@ def _open_path_or_hub(path: str, split: str):
             raise DataError(f"directory {path!r} holds no files; point data at a corpus.")
         if all(os.path.getsize(os.path.join(path, f)) == 0 for f in files):
             raise DataError(f"directory {path!r} holds only empty files: the corpus has no documents.")
-        fingerprint = {"kind": "directory", "path": os.path.abspath(path),
-                       "files": [[f, os.path.getsize(os.path.join(path, f))] for f in files]}
+        fingerprint = {"kind": "directory",
+                       "name": os.path.basename(os.path.normpath(os.path.abspath(path))),
+                       "files": [[f, os.path.getsize(os.path.join(path, f))] for f in files],
+                       "sha256": _directory_digest(path, files), **repository.fingerprint()}
         described = f"the files in directory {path!r}"
         with _unreadable(described):
-            ds = _load_split(path, split, streaming=True)
+            ds = _load_split(path, split, repository, streaming=True)
         return _streaming_rows(ds, described), None, fingerprint
     if looks_like_path(path) or os.path.splitext(path)[1].lower() in {".txt", *_FILE_BUILDERS}:
         raise DataError(f"data path {path!r} does not exist; pass an existing file or directory.")
-    ds = _load_split(path, split, streaming=True)
+    ds = _load_split(path, split, repository, streaming=True)
     return _streaming_rows(ds, f"hub dataset {path!r}"), None, {
-        "kind": "hub", "id": path, "split": split}
+        "kind": "hub", "id": path, "split": split, **repository.fingerprint(),
+        **_resolved_revision(ds)}
+
+
+def _resolved_revision(ds) -> dict:
+    """The commit the hub resolved the dataset to, where `datasets` reports one."""
+    for holder in (ds, getattr(ds, "info", None)):
+        commit = getattr(holder, "_commit_hash", None) or getattr(holder, "commit_hash", None)
+        if isinstance(commit, str) and commit:
+            return {"commit": commit}
+    return {}
+
+
+def _directory_digest(path: str, files: list[str]) -> str:
+    """sha256 over each file's relative name, size and first MiB: cheap, and enough to
+    tell two corpora apart without reading terabytes."""
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(json.dumps([rel, _file_digest(os.path.join(path, rel))]).encode())
+    return digest.hexdigest()
 
 
 def _check_not_empty(path: str) -> None:
@@ -250,11 +327,13 @@ def _unreadable(described: str):
             logger.removeFilter(quiet)
 
 
-def _load_split(path: str, split: str, *, streaming: bool):
+def _load_split(path: str, split: str, repository: Repository, *, streaming: bool):
     import datasets
 
     try:
-        return datasets.load_dataset(path, split=split, streaming=streaming)
+        return datasets.load_dataset(path, repository.config, split=split, streaming=streaming,
+                                     revision=repository.revision,
+                                     data_files=repository.data_files)
     except (ConnectionError, OSError) as error:
         raise DataError(
             f"could not load dataset {path!r} (split {split!r}): {error}. With no network, pass "

@@ -80,6 +80,9 @@ def shard_problems(shard, where: str = "") -> list[str]:
         return [f"{where or '(top)'}: {shard!r} is not of type 'object'"]
     problems = [p for key in ("index", "rank", "source_start", "source_end", "docs", "skipped",
                               "tokens") for p in _count(shard, key, at)]
+    world = shard.get("world_size", 2)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 2:
+        problems.append(f"{at('world_size')}: {world!r} is not an integer >= 2")
     parts = shard.get("parts")
     if not isinstance(parts, list) or not parts:
         problems.append(f"{at('parts')}: {parts!r} is not a non-empty array")

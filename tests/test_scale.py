@@ -311,8 +311,8 @@ def test_bf16_rows_travel_in_bf16_and_are_upcast_on_the_host(fresh_gpt2, corpus,
     model.eval().to(torch.bfloat16)
     tracer = ModelTracer(model, tokenizer, MODULES, "float32")
     config = CaptureConfig(model={}, tokenizer={}, source={}, modules=tuple(MODULES), context_size=64)
-    stream = shard_stream(iter(enumerate(corpus[:4])), Tokenizing(tokenizer, config), shard_size=4,
-                          first_shard=0, source_start=0, tokens_before=0)
+    stream = shard_stream([(0, list(enumerate(corpus[:4])))], Tokenizing(tokenizer, config),
+                          shard_size=4, tokens_before=0)
     with tracer:
         captured = tracer.run(next(stream))
     assert {v.dtype for v in captured.vectors.values()} == {torch.bfloat16}
@@ -465,8 +465,8 @@ def test_batches_reach_batch_size_when_the_token_budget_allows(gpt2, corpus):
     tokenizing = Tokenizing(tokenizer, config)
     shard_size = estimate_shard_size(corpus[:100], tokenizing)
     assert shard_size > 100  # a shard holds many batches, so sorting windows fill batches
-    items = list(shard_stream(iter(enumerate(corpus[:100])), tokenizing, shard_size=shard_size,
-                              first_shard=0, source_start=0, tokens_before=0))
+    items = list(shard_stream([(0, list(enumerate(corpus[:100])))], tokenizing,
+                              shard_size=shard_size, tokens_before=0))
     sizes = [item.n_docs for item in items if isinstance(item, Batch)]
     assert sizes[:-1] == [32] * (len(sizes) - 1) and sum(sizes) == 100
 
