@@ -320,7 +320,9 @@ def patch_disk_full(monkeypatch, site: str, after: int) -> DiskFull:
 
 DISK_SITES = {
     "PartWriter.write": 9,      # 2 writes per shard: shards 0-3 commit
-    "fsync_and_hash": 7,        # the vocab, then 3 per shard: shards 0-1 commit
+    # the vocab, then 4 per shard (2 parts, docs, stats); writer threads may close the parts
+    # of up to 3 later shards before the committer reaches shard 0's docs: >= 1 shard commits
+    "fsync_and_hash": 13,
     "manifest": 4,              # start, "running", records 0 and 1; shard 2's record fails
     # a full disk stays full: the aborted part's close fails too (it must not mask the error)
     "every Parquet write": 14,  # writes and closes (docs, stats, vocab too): shard 0 commits
