@@ -83,3 +83,20 @@ def test_repository_options_on_a_file_are_refused(gpt2, tmp_path):
         cs.capture(model, str(corpus), ["transformer.h.0"], tmp_path / "out",
                    tokenizer=tokenizer, data_config="x", **KW)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_no_local_path_of_the_model_or_data_reaches_out(gpt2_dir, corpus, tmp_path):
+    """The manifest, records and card name a local model by its directory's name only, so
+    OUT can be uploaded as it is (and resumed after the model moves)."""
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(corpus[:6]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    cs.capture(gpt2_dir, str(data), ["transformer.h.0"], out, **KW)
+    model_parent = os.path.dirname(os.path.abspath(gpt2_dir))
+    for root, _, files in os.walk(out):
+        for name in files:
+            if name.endswith((".json", ".md")):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    text = f.read()
+                assert model_parent not in text and str(tmp_path) not in text, name
+    assert cs.info(out)["model"] == os.path.basename(os.path.normpath(gpt2_dir))
