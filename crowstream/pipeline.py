@@ -193,15 +193,20 @@ def _capture_to_url(model, data, modules, url, *, grouped, storage_options, **op
     from . import ranks
 
     if grouped or ranks.resolve(options["rank"], options["world_size"])[1] > 1:
-        raise OutputError(f"OUT {storage.public(url)} is a URL: several ranks cannot write to "
+        raise OutputError(f"OUT {storage.public(url)!r} is a URL: several ranks cannot write to "
                           "object storage yet. Capture with one process, or into a shared file "
                           "system path.")
     with storage.Mirror(url, storage_options) as mirror:
         options["resume"] = mirror.prepare(overwrite=options["overwrite"],
                                            resume=options["resume"])
         options["overwrite"] = False
-        run = _capture(model, data, modules, mirror.spool, grouped=False, mirror=mirror,
-                       **options)
+        try:
+            run = _capture(model, data, modules, mirror.spool, grouped=False, mirror=mirror,
+                           **options)
+        except CrowstreamError as error:  # name the URL, not the temporary spool
+            error.args = tuple(arg.replace(mirror.spool, mirror.url) if isinstance(arg, str)
+                               else arg for arg in error.args)
+            raise
     return dataclasses.replace(run, path=mirror.url)
 
 

@@ -28,7 +28,7 @@ import tempfile
 from . import manifest as mf
 from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, MANIFEST_NAME, TMP_DIR, TOKENIZER_DIR,
                      VOCAB_NAME)
-from .errors import ManifestError, OutputExistsError
+from .errors import ManifestError, OutputError, OutputExistsError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -134,7 +134,12 @@ class Mirror:
         """Check the bucket OUT as `manifest.inspect_out` does locally; for a resume download
         its committed state into the spool and delete every object no record lists.
         -> whether this is a resume."""
-        objects = _objects(self.fs, self.root)
+        try:
+            objects = _objects(self.fs, self.root)
+        except Exception as error:  # botocore's own exceptions: one clear error instead
+            raise OutputError(f"cannot list OUT {public(self.url)}: {type(error).__name__}: "
+                              f"{error}. Check the URL and the credentials and endpoint in "
+                              "storage_options (or AWS_* in the environment).") from error
         if not objects:
             return False
         ours = MANIFEST_NAME in objects

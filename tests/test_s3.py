@@ -193,3 +193,27 @@ def test_sigkill_mid_commit_then_resume_equals_local(gpt2_dir, docs, local, serv
     assert {o for o in objects if o.startswith(("data/", "docs/"))} == {p.path for p in final.parts}
     assert not uncommitted & objects
     cs.verify(url, storage_options=server)
+
+
+def test_interrupt_names_the_url_and_a_second_capture_is_refused(gpt2, docs, server, monkeypatch):
+    from crowstream.errors import Interrupted, OutputExistsError
+    from crowstream.tracing import ModelTracer
+
+    url = "s3://bucket/interrupted"
+    original, calls = ModelTracer.run, []
+
+    def run(tracer, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(tracer, batch)
+
+    monkeypatch.setattr(ModelTracer, "run", run)
+    with pytest.raises(Interrupted, match=r"s3://bucket/interrupted") as info:
+        capture(gpt2, docs, url, storage_options=server)
+    assert "crowstream-spool-" not in str(info.value)
+    monkeypatch.undo()
+    assert storage.committed(url, server).status == "interrupted"
+    with pytest.raises(OutputExistsError, match="resume=True"):
+        capture(gpt2, docs, url, storage_options=server)
+    assert capture(gpt2, docs, url, storage_options=server, resume=True).manifest.status == "complete"
