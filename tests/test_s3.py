@@ -14,7 +14,7 @@ import pytest
 import crowstream as cs
 from crowstream import manifest as mf
 from crowstream import storage
-from crowstream.errors import VerifyError
+from crowstream.errors import OutputExistsError, VerifyError
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -140,8 +140,6 @@ KILL_DRIVER = """
 import sys, time
 import crowstream as cs
 from crowstream import manifest as mf
-from crowstream import storage
-from crowstream.errors import VerifyError
 from crowstream.demo import python_doc_paragraphs
 
 original, calls = mf.write_record_json, []
@@ -196,7 +194,7 @@ def test_sigkill_mid_commit_then_resume_equals_local(gpt2_dir, docs, local, serv
 
 
 def test_interrupt_names_the_url_and_a_second_capture_is_refused(gpt2, docs, server, monkeypatch):
-    from crowstream.errors import Interrupted, OutputExistsError
+    from crowstream.errors import Interrupted
     from crowstream.tracing import ModelTracer
 
     url = "s3://bucket/interrupted"
@@ -217,3 +215,27 @@ def test_interrupt_names_the_url_and_a_second_capture_is_refused(gpt2, docs, ser
     with pytest.raises(OutputExistsError, match="resume=True"):
         capture(gpt2, docs, url, storage_options=server)
     assert capture(gpt2, docs, url, storage_options=server, resume=True).manifest.status == "complete"
+
+
+def test_overwrite_replaces_the_bucket_output_and_stats_and_cli_read_it(gpt2, docs, local, server):
+    url = "s3://bucket/run"  # written by the bucket_out fixture's capture
+    fs = s3fs.S3FileSystem(**server)
+    fs.pipe("bucket/overwrite/data/stray.parquet", b"not ours")
+    with pytest.raises(OutputExistsError, match="holds no crowstream.json"):
+        capture(gpt2, docs[:8], "s3://bucket/overwrite", storage_options=server)
+    run = capture(gpt2, docs[:8], "s3://bucket/other", storage_options=server)
+    again = capture(gpt2, docs[:8], "s3://bucket/other", storage_options=server, overwrite=True)
+    assert again.manifest.counts == run.manifest.counts
+    objects = {k[len("bucket/other/"):] for k in fs.find("bucket/other", refresh=True)}
+    assert {o for o in objects if o.startswith(("data/", "docs/"))} == \
+        {p.path for p in storage.committed("s3://bucket/other", server).parts}
+    remote = cs.stats(url, MODULES[0], storage_options=server)
+    assert remote["count"] == cs.stats(local, MODULES[0])["count"]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": server["key"], "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_ENDPOINT_URL": server["client_kwargs"]["endpoint_url"],
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for command in ("info", "verify"):
+        done = subprocess.run([sys.executable, "-m", "crowstream", command, url], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert SECRET not in done.stdout + done.stderr
