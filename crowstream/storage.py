@@ -39,8 +39,8 @@ def is_url(out) -> bool:
 
 
 def public(url: str) -> str:
-    """`url` without a query string (which may hold credentials), for messages."""
-    return url.split("?")[0]
+    """`url` without a query string or user info (either may hold credentials), for messages."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url.split("?")[0])
 
 
 def filesystem(url: str, storage_options: dict | None):
@@ -100,10 +100,23 @@ def local_copy(url: str, storage_options: dict | None, local: str, *, parts: boo
 
 
 def committed(url: str, storage_options: dict | None, *, stats: bool = False) -> mf.Manifest:
-    """The committed manifest of a bucket OUT (records are PUT after their parts, so every
-    shard listed is readable)."""
+    """The committed manifest of a bucket OUT, as `manifest.committed` gives it locally
+    (records are PUT after their parts, so every shard it lists is readable). Reads
+    `crowstream.json`, and while the run is not consolidated its records (and, with
+    `stats`, their statistics files)."""
+    fs, root = filesystem(url, storage_options)
     with tempfile.TemporaryDirectory(prefix="crowstream-") as local:
-        local_copy(url, storage_options, local, parts=False)
+        try:
+            _download(fs, root, [MANIFEST_NAME], local)
+        except FileNotFoundError as error:
+            raise ManifestError(f"{public(url)} has no {MANIFEST_NAME}: it is not a crowstream "
+                                "output (or not one yet). Check the URL and storage_options.") \
+                from error
+        manifest = mf.read_manifest(local)
+        if manifest.format_version == 1 or manifest.status != "running":
+            return manifest
+        names = [n for n in _objects(fs, f"{root}/{COMMITS_DIR}") if stats or n.endswith(".json")]
+        _download(fs, root, [f"{COMMITS_DIR}/{n}" for n in names], local)
         return mf.committed(local, stats=stats)
 
 
@@ -169,8 +182,8 @@ class Mirror:
                                 "Capture again with overwrite=True or into a new prefix.")
         listed = {f.path for f in files} | {mf.record_path(s.index) for s in state.shards}
         listed |= {mf.END_PATH}
-        unlisted = [r for r in objects if r not in listed and not _metadata(r)
-                    or r.startswith(f"{COMMITS_DIR}/") and r not in listed]
+        unlisted = [r for r in objects if r not in listed
+                    and (not _metadata(r) or r.startswith(f"{COMMITS_DIR}/"))]
         if unlisted:
             self.fs.rm([self._key(r) for r in unlisted])
             for rel in unlisted:
