@@ -137,7 +137,7 @@ def test_verify_over_s3_catches_a_deleted_and_a_truncated_object(gpt2, docs, ser
 
 
 KILL_DRIVER = """
-import sys, time
+import os, sys, time
 import crowstream as cs
 from crowstream import manifest as mf
 from crowstream.demo import python_doc_paragraphs
@@ -145,8 +145,10 @@ from crowstream.demo import python_doc_paragraphs
 original, calls = mf.write_record_json, []
 def stall(out, run_id, record):  # the 2nd call for shard 2 is the bucket's: parts are up
     calls.append(record.index)
-    if calls.count(2) == 2:
-        print("READY", flush=True)
+    if calls.count(2) == 2:  # the spool holds no part of a published shard
+        spool = [n for top in (".tmp", "data", "docs") for _, _, names in os.walk(os.path.join(out, top))
+                 for n in names if n.endswith(".parquet")]
+        print("READY", sum("-000000-" in n or "-000001-" in n for n in spool), flush=True)
         time.sleep(600)
     original(out, run_id, record)
 mf.write_record_json = stall
@@ -164,7 +166,7 @@ def test_sigkill_mid_commit_then_resume_equals_local(gpt2_dir, docs, local, serv
     proc = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, url, gpt2_dir, str(N)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     try:
-        assert proc.stdout.readline().strip() == b"READY"
+        assert proc.stdout.readline().split() == [b"READY", b"0"]
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
@@ -218,7 +220,11 @@ def test_interrupt_names_the_url_and_a_second_capture_is_refused(gpt2, docs, ser
 
 
 def test_overwrite_replaces_the_bucket_output_and_stats_and_cli_read_it(gpt2, docs, local, server):
+    import glob
+    import tempfile
+
     url = "s3://bucket/run"  # written by the bucket_out fixture's capture
+    spools = set(glob.glob(os.path.join(tempfile.gettempdir(), "crowstream-spool-*")))
     fs = s3fs.S3FileSystem(**server)
     fs.pipe("bucket/overwrite/data/stray.parquet", b"not ours")
     with pytest.raises(OutputExistsError, match="holds no crowstream.json"):
@@ -226,6 +232,7 @@ def test_overwrite_replaces_the_bucket_output_and_stats_and_cli_read_it(gpt2, do
     run = capture(gpt2, docs[:8], "s3://bucket/other", storage_options=server)
     again = capture(gpt2, docs[:8], "s3://bucket/other", storage_options=server, overwrite=True)
     assert again.manifest.counts == run.manifest.counts
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "crowstream-spool-*"))) == spools
     objects = {k[len("bucket/other/"):] for k in fs.find("bucket/other", refresh=True)}
     assert {o for o in objects if o.startswith(("data/", "docs/"))} == \
         {p.path for p in storage.committed("s3://bucket/other", server).parts}
