@@ -170,15 +170,17 @@ class Mirror:
                                 "it, or choose another prefix.")
 
     def _recover(self, objects: dict[str, int]) -> None:
+        """Download the run's state into the spool; delete every object no record lists."""
         _download(self.fs, self.root, [r for r in objects if _metadata(r)], self.spool)
         for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
             os.makedirs(os.path.join(self.spool, sub), exist_ok=True)
-        state = mf.committed(self.spool, stats=False)
+        state = mf.consolidated(self.spool, mf.read_manifest(self.spool), stats=False)
         files = state.parts + [s.stats for s in state.shards]
         damaged = [f.path for f in files if objects.get(f.path) != f.bytes]
         if damaged:
             raise ManifestError(f"cannot resume {public(self.url)}: {len(damaged)} committed "
-                                f"object(s) are missing or changed in size ({', '.join(damaged[:3])}). "
+                                "object(s) are missing or changed in size "
+                                f"({', '.join(damaged[:3])}). "
                                 "Capture again with overwrite=True or into a new prefix.")
         listed = {f.path for f in files} | {mf.record_path(s.index) for s in state.shards}
         listed |= {mf.END_PATH}
@@ -196,7 +198,8 @@ class Mirror:
         rels = [mf.CARD_NAME, mf.END_PATH, MANIFEST_NAME]  # the manifest last
         tokenizer = os.path.join(self.spool, TOKENIZER_DIR)
         if everything:
-            rels = [VOCAB_NAME, *(f"{TOKENIZER_DIR}/{n}" for n in sorted(os.listdir(tokenizer)))] + rels
+            names = sorted(os.listdir(tokenizer))
+            rels = [VOCAB_NAME, *(f"{TOKENIZER_DIR}/{n}" for n in names)] + rels
         for rel in rels:
             if os.path.isfile(os.path.join(self.spool, rel)):
                 self.fs.put_file(os.path.join(self.spool, rel), self._key(rel))
