@@ -65,6 +65,12 @@ def bucket_out(gpt2, docs, server):
     return url
 
 
+def json_strings(text: str) -> list[str]:
+    import re
+
+    return re.findall(r'"((?:/|[A-Za-z]:\\\\)[^"]*)"', text)
+
+
 def rows(frame):
     return frame.sort("module", "doc_id", "position").to_dicts()
 
@@ -80,6 +86,8 @@ def test_capture_to_s3_equals_local_capture(bucket_out, local, server):
     card = fs.cat("bucket/run/README.md").decode()
     for text in (manifest_text, card):
         assert SECRET not in text and "testing-key" not in text and "127.0.0.1" not in text
+        assert os.path.dirname(local) not in text and "crowstream-spool-" not in text
+        assert not any(os.path.isabs(v) for v in json_strings(text)), "an absolute local path"
     # every object in the bucket is listed (nothing left over), parts carry an attempt id
     listed = {p.path for p in mf.Manifest.from_json(__import__("json").loads(manifest_text)).parts}
     objects = {k[len("bucket/run/"):] for k in fs.find("bucket/run")}
