@@ -23,13 +23,22 @@ from .config import TOKENIZER_DIR, VOCAB_NAME
 from .errors import VerifyError
 
 
-def verify(out) -> dict:
+def verify(out, *, storage_options: dict | None = None) -> dict:
     """Check OUT end to end; -> {"parts": n, "rows": n, "bytes": n} when intact.
+
+    `out` may be a URL (`s3://bucket/run`, with fsspec `storage_options`): its listed
+    objects are downloaded to a temporary directory and checked there (so it needs local
+    disk for one copy of the output), and any object under `data/` or `docs/` that no
+    record lists is reported as extra.
 
     Raises `VerifyError` (its `.problems` lists every finding) on any damage, and
     `ManifestError` when the manifest itself (or a commit record) is missing or damaged.
     """
     out = os.fspath(out)
+    from . import storage
+
+    if storage.is_url(out):
+        return _verify_remote(out, storage_options)
     manifest = mf.read_manifest(out)
     problems: list[str] = []
     truth = manifest
@@ -57,6 +66,29 @@ def verify(out) -> dict:
     return {"parts": len(truth.parts), "bytes": sum(p.bytes for p in truth.parts),
             "rows": sum(p.rows for p in truth.parts if p.kind == "module"),
             "notes": reader_notes(out, truth)}
+
+
+def _verify_remote(url: str, storage_options: dict | None) -> dict:
+    import tempfile
+
+    from . import storage
+
+    with tempfile.TemporaryDirectory(prefix="crowstream-verify-") as local:
+        objects = storage.local_copy(url, storage_options, local, parts=True)
+        listed = {p.path for p in mf.committed(local, stats=False).parts}
+        extra = [f"extra: {rel} is not listed in the manifest (uploaded by a run that did not "
+                 "commit it? `--resume` removes it)" for rel in sorted(objects)
+                 if rel.startswith(("data/", "docs/")) and rel not in listed]
+        try:
+            found = verify(local)
+            problems = []
+        except VerifyError as error:
+            found, problems = None, list(error.problems)
+        problems = [p.replace(local, storage.public(url)) for p in problems + extra]
+    if problems:
+        raise VerifyError(f"{storage.public(url)!r} is damaged: {len(problems)} problem(s): "
+                          + "; ".join(problems), problems)
+    return found
 
 
 def reader_notes(out: str, manifest: mf.Manifest) -> list[str]:

@@ -39,6 +39,7 @@ import re
 import numpy as np
 
 from . import manifest as mf
+from . import storage
 from .config import check_positive
 from .errors import ConfigError, DataError
 
@@ -59,21 +60,27 @@ class ModuleParts:
     dtype: str
 
 
-def _catalog(out: str) -> dict[str, ModuleParts]:
-    """{module: ModuleParts} for every module of OUT: the loader's one view of the manifest."""
-    manifest = mf.readable(out)
-    return {name: ModuleParts(tuple(os.path.join(out, p.path) for p in manifest.module_parts(name)),
-                              spec.d, spec.dtype)
+def _catalog(out: str, storage_options: dict | None = None) -> dict[str, ModuleParts]:
+    """{module: ModuleParts} for every module of OUT: the loader's one view of the manifest.
+    For a URL `out` the paths are keys in `storage.filesystem(out)`."""
+    if storage.is_url(out):
+        manifest = storage.committed(out, storage_options)
+        root = storage.filesystem(out, storage_options)[1]
+    else:
+        manifest, root = mf.readable(out), out
+    return {name: ModuleParts(tuple(f"{root}/{p.path}" if root != out else os.path.join(out, p.path)
+                                    for p in manifest.module_parts(name)), spec.d, spec.dtype)
             for name, spec in manifest.modules.items()}
 
 
-def _recorded_stats(out: str, module: str) -> dict | None:
+def _recorded_stats(out: str, module: str, storage_options: dict | None = None) -> dict | None:
     """The manifest's stats of `module`: {count, mean, var, mean_norm}, or None if none yet."""
-    recorded = mf.committed(out).stats.get(module)
+    recorded = (storage.committed(out, storage_options, stats=True) if storage.is_url(out)
+                else mf.committed(out)).stats.get(module)
     return recorded.to_json() if recorded is not None else None
 
 
-def stats(out, module: str) -> dict:
+def stats(out, module: str, *, storage_options: dict | None = None) -> dict:
     """The stored statistics of `module` over all its committed rows, as torch values.
 
     -> {"mean": [d] float64 tensor, "var": [d] float64 tensor (population variance),
@@ -86,8 +93,8 @@ def stats(out, module: str) -> dict:
     out = os.fspath(out)
     if not isinstance(module, str) or set("*?[") & set(module):
         raise ConfigError(f"stats takes one module name, got {module!r}.")
-    parts = _resolve(out, _catalog(out), module)[1][module]
-    recorded = _recorded_stats(out, module)
+    parts = _resolve(out, _catalog(out, storage_options), module)[1][module]
+    recorded = _recorded_stats(out, module, storage_options)
     if not recorded or not recorded.get("count"):
         raise ConfigError(f"module {module!r} in {out!r} has no statistics yet: no rows are "
                           "committed. Let the capture commit a shard first.")
@@ -101,7 +108,7 @@ def stats(out, module: str) -> dict:
 def stream(out, modules, *, batch_size: int = 4096, shuffle_buffer: int = 0, seed: int = 0,
            epochs: int | None = 1, rank: int | None = None, world_size: int | None = None,
            dtype=None, device=None, normalize: str | None = None, columns=("vector",),
-           read_threads: int = 4) -> Stream:
+           read_threads: int = 4, storage_options: dict | None = None) -> Stream:
     """Training batches of one or several modules, read from the part files with pyarrow.
 
     -> a `Stream` (a `torch.utils.data.IterableDataset`). Iterate it directly (it reads on
@@ -124,10 +131,12 @@ def stream(out, modules, *, batch_size: int = 4096, shuffle_buffer: int = 0, see
     memory and non-blocking copies on CUDA; leave it None inside DataLoader workers).
     `normalize`: "mean_norm" multiplies by `stats(...)["scaling_factor"]`, "standardize"
     computes `(x - mean) / sqrt(var + 1e-6)`.
+    `out` may be a URL (`s3://bucket/run`) with fsspec `storage_options`.
     """
     return Stream(out, modules, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
                   epochs=epochs, rank=rank, world_size=world_size, dtype=dtype, device=device,
-                  normalize=normalize, columns=columns, read_threads=read_threads)
+                  normalize=normalize, columns=columns, read_threads=read_threads,
+                  storage_options=storage_options)
 
 
 def _iterable_dataset():
@@ -143,19 +152,23 @@ class Stream(_iterable_dataset()):
     epoch e (a new shuffle), as `DistributedSampler.set_epoch` does."""
 
     def __init__(self, out, modules, *, batch_size, shuffle_buffer, seed, epochs, rank,
-                 world_size, dtype, device, normalize, columns, read_threads):
+                 world_size, dtype, device, normalize, columns, read_threads,
+                 storage_options=None):
         out = os.fspath(out)
         _check_arguments(batch_size, shuffle_buffer, seed, epochs, normalize, read_threads)
         self.out = out
-        self.keyed, parts = _resolve(out, _catalog(out), modules)
+        self.keyed, parts = _resolve(out, _catalog(out, storage_options), modules)
         self.modules = list(parts)
         self.columns = _check_columns(columns)
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.epochs, self.read_threads = seed, epochs, read_threads
         self.rank, self.world_size = _ddp(rank, world_size)
         self.dtype, self.device, self.normalize = _torch_dtype(dtype), device, normalize
-        self._plan = _Plan(parts)
-        self._norm = {m: _norm_arrays(out, m, normalize, device) for m in self.modules} \
+        filesystem = storage.arrow_filesystem(storage.filesystem(out, storage_options)[0]) \
+            if storage.is_url(out) else None
+        self._plan = _Plan(parts, filesystem)
+        self._norm = {m: _norm_arrays(out, m, normalize, device, storage_options)
+                      for m in self.modules} \
             if normalize else {}
         self._epoch = 0
         self._resume_batches = 0   # batches of the interrupted iteration to drop on resume
@@ -347,11 +360,11 @@ class Stream(_iterable_dataset()):
         return x if self.dtype is None else x.to(self.dtype)
 
 
-def _norm_arrays(out: str, module: str, normalize: str, device):
+def _norm_arrays(out: str, module: str, normalize: str, device, storage_options=None):
     """-> (scale, shift) float32 tensors on `device`, x_normalised = (x - shift) * scale."""
     import torch
 
-    recorded = stats(out, module)
+    recorded = stats(out, module, storage_options=storage_options)
     if normalize == "mean_norm":
         scale = torch.tensor(recorded["scaling_factor"], dtype=torch.float32)
         shift = torch.zeros((), dtype=torch.float32)
@@ -364,10 +377,10 @@ def _norm_arrays(out: str, module: str, normalize: str, device):
 class _Plan:
     """Which rows of which files make up each unit of work, from the Parquet footers."""
 
-    def __init__(self, parts: dict[str, ModuleParts]):
+    def __init__(self, parts: dict[str, ModuleParts], filesystem=None):
         import pyarrow.parquet as pq
 
-        self.parts = parts
+        self.parts, self.filesystem = parts, filesystem  # a pyarrow filesystem for URLs
         names = list(parts)
         by_shard = {m: {os.path.basename(p): p for p in parts[m].paths} for m in names}
         shards = sorted(by_shard[names[0]])
@@ -381,7 +394,7 @@ class _Plan:
         units = []
         for i, shard in enumerate(shards):
             for m in names:
-                meta = pq.read_metadata(self.files[m][i])
+                meta = pq.read_metadata(self.files[m][i], filesystem=filesystem)
                 counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
                 self.offsets[m].append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
             totals = {m: int(self.offsets[m][i][-1]) for m in names}
@@ -423,7 +436,8 @@ class _Plan:
         offsets = self.offsets[module][file]
         first = int(np.searchsorted(offsets, start, side="right")) - 1
         last = int(np.searchsorted(offsets, stop, side="left"))
-        parquet = pq.ParquetFile(self.files[module][file], page_checksum_verification=True)
+        parquet = pq.ParquetFile(self.files[module][file], page_checksum_verification=True,
+                                 filesystem=self.filesystem)
         table = parquet.read_row_groups(list(range(first, last)), columns=columns)
         return table.slice(start - int(offsets[first]), stop - start)
 

@@ -409,10 +409,15 @@ def write_record(out: str, run_id: str, record: ShardRecord, stats: dict) -> Sha
     os.replace(tmp, os.path.join(out, rel))
     fsync_dir(os.path.join(out, COMMITS_DIR))
     record = dataclasses.replace(record, stats=stats_ref)
+    write_record_json(out, run_id, record)
+    return record
+
+
+def write_record_json(out: str, run_id: str, record: ShardRecord) -> None:
+    """Write `record` as `commits/shard-<index>.json`, atomically."""
     value = {"format": "crowstream-commit", "format_version": FORMAT_VERSION, "run_id": run_id,
              **record.to_json()}
     _write_atomic(out, record_path(record.index), _dumps(value).encode())
-    return record
 
 
 def move_into_place(out: str, parts) -> list[str]:

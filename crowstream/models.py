@@ -138,12 +138,12 @@ def _check_exists(name: str) -> None:
 
 
 def model_fingerprint(model, revision: str | None = None) -> dict:
-    """Identifies a model in the manifest: name (its hub id, or only its directory's name,
-    so OUT holds no local path and resumes after the model moves), class, revision (the
-    commit the hub resolved, else the `revision` asked for) and a hash of its config."""
+    """Identifies a model in the manifest: name (its hub id, or its local directory's name:
+    no absolute path reaches the manifest or the card), class, revision (the commit the hub
+    resolved, else the `revision` asked for) and a hash of its config."""
     config = model.config.to_json_string(use_diff=False)
     return {
-        "name_or_path": model_id({"name_or_path": str(getattr(model, "name_or_path", "") or "")}),
+        "name_or_path": _path_free(str(getattr(model, "name_or_path", "") or "")),
         "class": type(model).__name__,
         "revision": str(getattr(model.config, "_commit_hash", None) or revision or ""),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
@@ -159,11 +159,16 @@ def model_id(fingerprint: dict) -> str:
     return name
 
 
+def _path_free(name: str) -> str:
+    """A hub id as it is; a local path -> its directory's name."""
+    return model_id({"name_or_path": name}) if name else ""
+
+
 def tokenizer_fingerprint(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return {
-        "name_or_path": model_id({"name_or_path": str(getattr(tokenizer, "name_or_path", "") or "")}),
+        "name_or_path": _path_free(str(getattr(tokenizer, "name_or_path", "") or "")),
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "sha256": hashlib.sha256(body.encode()).hexdigest(),

@@ -21,6 +21,7 @@ import pyarrow as pa
 from crowstream.schemas import docs_schema, part_schema, vocab_schema
 
 from . import manifest as mf
+from . import storage
 from .config import (DATA_DIR, DEFAULT_MAX_BATCH_TOKENS, DOCS_DIR, FORMAT_VERSION,
                      SORT_WINDOW_DOCS, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME, CaptureConfig,
                      check_choice, check_positive, default_inflight_bytes)
@@ -55,7 +56,7 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
             revision: str | None = None, trust_remote_code: bool = False,
             progress: bool = True, rank: int | None = None, world_size: int | None = None,
             data_config: str | None = None, data_revision: str | None = None,
-            data_files=None) -> Run:
+            data_files=None, storage_options: dict | None = None) -> Run:
     """Run `model` over `data` and store the outputs of `modules` under `out`.
 
     One forward pass per batch captures every module and stops after the deepest.
@@ -97,6 +98,8 @@ def capture(model, data, modules, out, *, tokenizer=None, text_field: str = "tex
     created = ranks.init_process_group()
     grouped = ranks.in_process_group()
     try:
+        if storage.is_url(_path_to_str(out)):
+            return _capture_to_url(model, data, modules, out, grouped=grouped, **options)
         return _capture(model, data, modules, out, grouped=grouped, **options)
     except BaseException as error:
         if grouped and not getattr(error, "crowstream_flagged", False):
@@ -112,7 +115,8 @@ def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field,
              seed, dtype, float16_overflow, max_inflight_bytes, shard_size,
              exclude_special_tokens, exclude_token_ids, store_text, overwrite, resume, device,
              torch_dtype, device_map, revision, trust_remote_code, progress, rank,
-             world_size, data_config, data_revision, data_files) -> Run:
+             world_size, data_config, data_revision, data_files, storage_options=None,
+             mirror=None) -> Run:
     """`capture` once its options are valid (and, under torchrun, the process group is up)."""
     from . import ranks
 
@@ -162,6 +166,7 @@ def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field,
             exclude_token_ids=tuple(int(t) for t in exclude_token_ids), store_text=store_text,
             text_field=text_field, split=split)
         session = _Session(out, config, tracer, tokenizer, progress and rank == 0, rank, world)
+        session.mirror = mirror
         if world > 1:
             with mf.exclusive(out, wait=ranks.JOIN_WAIT_S):
                 if os.path.isfile(mf.manifest_path(out)):
@@ -180,6 +185,29 @@ def _capture(model, data, modules, out, *, grouped: bool, tokenizer, text_field,
             run = session.run(source)
             return session.end_rank(lock) if world > 1 else run
         return _run_grouped(session, source, lock if world > 1 else None)
+
+
+def _capture_to_url(model, data, modules, url, *, grouped, storage_options, **options) -> Run:
+    """`capture` into object storage: the local pipeline writes a temporary spool that a
+    `storage.Mirror` publishes shard by shard (see crowstream/storage.py)."""
+    from . import ranks
+
+    if grouped or ranks.resolve(options["rank"], options["world_size"])[1] > 1:
+        raise OutputError(f"OUT {storage.public(url)!r} is a URL: several ranks cannot write to "
+                          "object storage yet. Capture with one process, or into a shared file "
+                          "system path.")
+    with storage.Mirror(url, storage_options) as mirror:
+        options["resume"] = mirror.prepare(overwrite=options["overwrite"],
+                                           resume=options["resume"])
+        options["overwrite"] = False
+        try:
+            run = _capture(model, data, modules, mirror.spool, grouped=False, mirror=mirror,
+                           **options)
+        except CrowstreamError as error:  # name the URL, not the temporary spool
+            error.args = tuple(arg.replace(mirror.spool, mirror.url) if isinstance(arg, str)
+                               else arg for arg in error.args)
+            raise
+    return dataclasses.replace(run, path=mirror.url)
 
 
 def _run_grouped(session, source, lock) -> Run:
@@ -323,6 +351,8 @@ def _provenance(model, tokenizer) -> dict:
 class _Session:
     """One capture into one OUT: owns the manifest, the writer threads and the commits."""
 
+    mirror = None  # a `storage.Mirror` when OUT is a URL
+
     def __init__(self, out, config: CaptureConfig, tracer, tokenizer, progress: bool,
                  rank: int = 0, world: int = 1):
         self.out, self.config, self.tracer, self.tokenizer = out, config, tracer, tokenizer
@@ -357,7 +387,10 @@ class _Session:
         from .ranks import owner
 
         owned = owner(self.rank, self.world) if self.world > 1 else None
-        manifest, rolled, removed = mf.recover(self.out, manifest, owned)
+        if self.mirror is not None:  # the bucket was recovered (`Mirror.prepare`)
+            manifest, rolled, removed = mf.consolidated(self.out, manifest, stats=False), [], []
+        else:
+            manifest, rolled, removed = mf.recover(self.out, manifest, owned)
         if rolled:
             log.info("resume: moved %d committed part file(s) into place: %s", len(rolled),
                      ", ".join(rolled))
@@ -387,6 +420,8 @@ class _Session:
         _write_tokenizer(self.out, self.tokenizer)
         mf.write_card(self.out, self.manifest)
         mf.write_manifest(self.out, self.manifest)
+        if self.mirror is not None:
+            self.mirror.publish(everything=True)
 
     # -- the loop ---------------------------------------------------------------------
     def _write_running(self) -> None:
@@ -395,6 +430,8 @@ class _Session:
             mf.write_manifest(self.out, dataclasses.replace(
                 self.manifest, status="running", error=None, shards=[], stats={},
                 counts=mf.Counts.of([], self.manifest.modules)))
+            if self.mirror is not None:
+                self.mirror.publish()
 
     def run(self, source) -> Run:
         """Capture this process's share of `source` (every shard not yet committed, or under
@@ -409,6 +446,7 @@ class _Session:
             self._write_running()
         writers = _Writers(self.out, self.config, self.tracer.dims, committed, self.rank,
                            self.world)
+        writers.mirror = self.mirror
         stream = prefetch(self._batches(source))
         total = source.n_docs if source.n_docs is None or self.world == 1 else \
             -(-source.n_docs // self.world)  # about this rank's share
@@ -552,6 +590,8 @@ class _Session:
             counts=mf.Counts.of(shards, self.manifest.modules),
             stats={name: s.summary() for name, s in stats.items()})
         mf.write_manifest(self.out, self.manifest)
+        if self.mirror is not None:
+            self.mirror.publish()
 
     def _result(self) -> Run:
         m = self.manifest
@@ -564,6 +604,8 @@ class _Writers:
     order. Part files are written in `.tmp/` and only appear in `data/` at commit. One
     `ByteBudget` bounds every byte between the forward and the disk: a batch's kept rows
     on the host, the writers' queues and their row-group buffers."""
+
+    mirror = None  # a `storage.Mirror` when OUT is a URL
 
     def __init__(self, out, config: CaptureConfig, dims: dict, committed: mf.Manifest,
                  rank: int = 0, world: int = 1):
@@ -675,11 +717,14 @@ class _Writers:
                                 parts=tuple(parts), world_size=self.world)
         stats = {m: shard_stats for m, (_, shard_stats) in results.items()}
         record = mf.write_record(self.out, self.run_id, record, stats)
+        if self.mirror is not None:  # the bucket's record is PUT last, after the parts
+            record = self.mirror.commit(self.run_id, record)
         self.shards.append(record)  # counted from here on, as on disk
         for module, shard_stats in stats.items():
             self.stats[module].merge(shard_stats)
         self.bytes_written += sum(part.bytes for part in parts)
-        mf.move_into_place(self.out, record.parts)
+        if self.mirror is None:
+            mf.move_into_place(self.out, record.parts)
 
     def finish(self) -> None:
         """Wait for every queued commit; re-raise the first background failure."""

@@ -132,7 +132,7 @@ def restamp_part(out, rel) -> None:
     size, sha = os.path.getsize(os.path.join(out, rel)), _sha256(os.path.join(out, rel))
     commits = os.path.join(out, "commits")
     for name in sorted(os.listdir(commits)):
-        if name.startswith("shard-") and name.endswith(".json"):
+        if name.startswith("shard-") and name.endswith(".json"):  # not end.json
             with open(os.path.join(commits, name)) as f:
                 record = json.load(f)
             if _restamp(record["parts"], rel, size, sha):
