@@ -391,12 +391,18 @@ def part_dir(path) -> bool:
 
 
 def record(src, dst, *rest) -> bool:
-    return os.fspath(dst).endswith(".json") and os.path.dirname(os.fspath(dst)).endswith("commits")
+    """A shard's commit record (not `end.json`, which another thread may write)."""
+    name = os.path.basename(os.fspath(dst))
+    return name.startswith("shard-") and name.endswith(".json")
+
+
+def stats_file(src, dst, *rest) -> bool:
+    return os.fspath(dst).endswith(".stats.parquet")
 
 
 CRASH_POINTS = {
     # shard 2's parts are in .tmp/, its statistics file about to be renamed into commits/
-    "before-stats": ("os", "replace", 2 * 2 + 1, into("commits")),
+    "before-stats": ("os", "replace", 3, stats_file),
     # shard 2's statistics are in commits/, its record about to be renamed into place
     "stats-without-record": ("os", "replace", 3, record),
     # shard 2's record is written; its first rename (docs/) has not happened yet: roll forward
