@@ -7,7 +7,6 @@ their new sizes and checksums in the manifest. Rows and values do not change.
 
 from __future__ import annotations
 
-import json
 import os
 
 from . import manifest as mf
@@ -27,24 +26,22 @@ def rewrite(out) -> list[str]:
 
     from crowstream.schemas import part_schema
 
-    from .integrity import _sha256
     from .models import model_id
-    from .writer import PartWriter
+    from .writer import PartWriter, sha256_file
 
     out = os.fspath(out)
     done = []
     with mf.exclusive(out):
         if mf.read_manifest(out).format_version != 1:
             return done  # format 2 never stores float16 with BYTE_STREAM_SPLIT
-        with open(mf.manifest_path(out), encoding="utf-8") as f:
-            manifest = json.load(f)  # format 1 is rewritten in its own shape
+        manifest = mf.read_json(mf.manifest_path(out))  # format 1 is rewritten in its own shape
         os.makedirs(os.path.join(out, TMP_DIR), exist_ok=True)
         for part in manifest["parts"]:
             spec = manifest["modules"].get(part.get("module"), {})
             path = os.path.join(out, part["path"])
             if spec.get("dtype") != "float16" or not _byte_stream_split(path):
                 continue
-            if _sha256(path) != part["sha256"]:
+            if sha256_file(path) != part["sha256"]:
                 raise VerifyError(f"{part['path']} does not match its recorded sha256; run "
                                   f"`crowstream verify {out}` before rewriting.", [part["path"]])
             schema = part_schema(part["module"], spec["d"], "float16",

@@ -214,11 +214,17 @@ def write_table(path: str, table: pa.Table) -> PartInfo:
 
 
 def fsync_and_hash(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+    return sha256_file(path)
+
+
+def sha256_file(path: str) -> str:
+    """The file's sha256, read in 8 MiB chunks (hashlib releases the GIL on large ones)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
-            digest.update(chunk)  # hashlib releases the GIL on large chunks
+            digest.update(chunk)
     return digest.hexdigest()
 
 

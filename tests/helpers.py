@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from crowstream import manifest as mf
+from crowstream.writer import sha256_file
 
 
 def manifest_of(out) -> mf.Manifest:
@@ -114,7 +115,7 @@ def as_format_1(out, dest) -> None:
         if part["kind"] == "docs":  # 0.1's docs table had no tokens column
             path = os.path.join(dest, old)
             pq.write_table(pq.read_table(path).drop_columns(["tokens"]), path)
-            part["bytes"], part["sha256"] = os.path.getsize(path), _sha256(path)
+            part["bytes"], part["sha256"] = os.path.getsize(path), sha256_file(path)
     shutil.rmtree(os.path.join(dest, "tokenizer"), ignore_errors=True)  # nor a tokenizer/
     for s in m["shards"]:
         del s["rank"], s["stats"]
@@ -129,7 +130,7 @@ def restamp_part(out, rel) -> None:
     """Record part `rel`'s current size and sha256 where crowstream recorded them (its
     commit record, and crowstream.json with its digest), so that only content checks can
     notice a change made by a test."""
-    size, sha = os.path.getsize(os.path.join(out, rel)), _sha256(os.path.join(out, rel))
+    size, sha = os.path.getsize(os.path.join(out, rel)), sha256_file(os.path.join(out, rel))
     commits = os.path.join(out, "commits")
     for name in sorted(os.listdir(commits)):
         if name.startswith("shard-") and name.endswith(".json"):  # not end.json
@@ -149,10 +150,3 @@ def _restamp(parts, rel, size, sha) -> bool:
     for p in found:
         p["bytes"], p["sha256"] = size, sha
     return bool(found)
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
