@@ -13,7 +13,6 @@ that some Parquet readers cannot open.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 
 from crowstream.schemas import docs_schema, part_metadata, row_schema
@@ -21,6 +20,7 @@ from crowstream.schemas import docs_schema, part_metadata, row_schema
 from . import manifest as mf
 from .config import TOKENIZER_DIR, VOCAB_NAME
 from .errors import VerifyError
+from .writer import sha256_file
 
 
 def verify(out, *, storage_options: dict | None = None) -> dict:
@@ -46,10 +46,12 @@ def verify(out, *, storage_options: dict | None = None) -> dict:
         records = mf.read_records(out, manifest.run_id)
         truth = dataclasses.replace(manifest, shards=records,
                                     counts=mf.Counts.of(records, manifest.modules))
-        stats_problems = [p for shard in records for p in _check_stats(out, shard)]
-        problems += stats_problems
+        checked = [_check_stats(out, shard) for shard in records]  # (problems, partial)
+        problems += [p for found, _ in checked for p in found]
         if manifest.status != "running":
-            problems += _check_consolidation(out, manifest, truth, not stats_problems)
+            partials = [partial for _, partial in checked]
+            readable = all(partial is not None for partial in partials)
+            problems += _check_consolidation(manifest, truth, partials if readable else None)
     for part in truth.parts:
         problems += _check_part(out, part, truth)
     problems += [f"extra: {rel} is not listed in the manifest (left by a crash? `--resume` "
@@ -191,32 +193,30 @@ def _check_file(out: str, ref: mf.FileRef, recorded: str) -> list[str]:
         return [f"truncated: {rel} has {size:,} bytes, {recorded} {ref.bytes:,}"]
     if size > ref.bytes:
         return [f"modified: {rel} has {size:,} bytes, {recorded} {ref.bytes:,}"]
-    if _sha256(os.path.join(out, rel)) != ref.sha256:
+    if sha256_file(os.path.join(out, rel)) != ref.sha256:
         return [f"modified: {rel} does not match its recorded sha256"]
     return []
 
 
-def _check_stats(out: str, shard: mf.ShardRecord) -> list[str]:
-    """The shard's statistics file: intact, and counting exactly its parts' rows."""
+def _check_stats(out: str, shard: mf.ShardRecord) -> tuple[list[str], dict | None]:
+    """The shard's statistics file: intact, and counting exactly its parts' rows.
+    -> (problems, its partial statistics, or None when they cannot be read)."""
     ref = shard.stats
     if not os.path.isfile(os.path.join(out, ref.path)):
-        return [f"missing: {ref.path} is listed in its commit record but not on disk"]
+        return [f"missing: {ref.path} is listed in its commit record but not on disk"], None
     problems = _check_file(out, ref, "its commit record records")
     if problems:
-        return problems
+        return problems, None
     try:
         stats = mf.read_stats(out, ref)
     except Exception as error:  # any decode failure is damage to report, with its reason
-        return [f"unreadable: {ref.path} is not a valid statistics file ({error})"]
-    rows: dict[str, int] = {}
-    for part in shard.parts:
-        if part.kind == "module":
-            rows[part.module] = rows.get(part.module, 0) + part.rows
+        return [f"unreadable: {ref.path} is not a valid statistics file ({error})"], None
+    rows = mf.Counts.of([shard], {}).rows  # only the modules the shard has parts of
     counts = {name: s.count for name, s in stats.items()}
     if counts != rows:
         problems.append(f"stats mismatch: {ref.path} counts rows {counts}, the shard's parts "
                         f"hold {rows}")
-    return problems
+    return problems, stats
 
 
 def _check_footer(rel: str, parquet, module: str, manifest: mf.Manifest) -> list[str]:
@@ -248,10 +248,9 @@ def _check_card(out: str, manifest: mf.Manifest) -> list[str]:
     return []
 
 
-def _check_consolidation(out: str, manifest: mf.Manifest, truth: mf.Manifest,
-                         stats_readable: bool) -> list[str]:
+def _check_consolidation(manifest: mf.Manifest, truth: mf.Manifest, partials) -> list[str]:
     """A consolidated crowstream.json must say what the commit records say: the same
-    shards, and statistics equal to the records' partial statistics merged."""
+    shards, and statistics equal to the records' `partials` merged (None: unreadable)."""
     problems = []
     listed = [s.to_json() for s in manifest.shards]
     recorded = [s.to_json() for s in truth.shards]
@@ -260,8 +259,8 @@ def _check_consolidation(out: str, manifest: mf.Manifest, truth: mf.Manifest,
         problems.append(f"manifest mismatch: crowstream.json lists {len(listed)} shard(s), the "
                         f"commit records {len(recorded)}"
                         + (f"; shard(s) {differ[:5]} differ" if differ else ""))
-    if stats_readable:
-        merged = mf.merged_stats(out, truth.shards, truth.modules)
+    if partials is not None:
+        merged = mf.merge_partials(partials, truth.modules)
         differ = [name for name, stats in merged.items()
                   if name not in manifest.stats
                   or stats.summary().to_json() != manifest.stats[name].to_json()]
@@ -283,11 +282,3 @@ def _check_counts(manifest: mf.Manifest) -> list[str]:
         problems.append(f"manifest mismatch: {manifest.counts.docs:,} documents counted, "
                         f"docs parts hold {docs:,}")
     return problems
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

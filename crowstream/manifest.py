@@ -304,7 +304,7 @@ def read_manifest(out: str) -> Manifest:
     if not os.path.isfile(path):
         raise ManifestError(f"{out!r} has no {MANIFEST_NAME}: it is not a crowstream output "
                             "(or the run never started).")
-    value = _read_json(path)
+    value = read_json(path)
     version = value.get("format_version") if isinstance(value, dict) else None
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise ManifestError(f"{path} is format version {version}, written by a newer crowstream "
@@ -330,7 +330,7 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _read_json(path: str):
+def read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -358,8 +358,9 @@ def _dumps(value) -> str:
 
 
 def _write_atomic(out: str, rel: str, data: bytes) -> None:
-    """tmp in .tmp/, fsync, os.replace to `rel`, fsync its directory."""
-    tmp = os.path.join(out, TMP_DIR, os.path.basename(rel) + ".tmp")
+    """tmp in .tmp/, fsync, os.replace to `rel`, fsync its directory. The temp name holds
+    the pid: ranks may write the same file (`end.json`) at once."""
+    tmp = os.path.join(out, TMP_DIR, f"{os.path.basename(rel)}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -475,12 +476,17 @@ def read_stats(out: str, ref: FileRef) -> dict:
 
 def merged_stats(out: str, shards, modules) -> dict:
     """module -> `writer.ModuleStats` over `shards`, merged in index order (Chan et al.)."""
+    return merge_partials((read_stats(out, shard.stats) for shard in shards), modules)
+
+
+def merge_partials(partials, modules) -> dict:
+    """Shards' partial statistics (each module -> `writer.ModuleStats`), merged in order."""
     from .writer import ModuleStats
 
     total = {name: ModuleStats(info.d) for name, info in modules.items()}
-    for shard in shards:
-        for name, partial in read_stats(out, shard.stats).items():
-            total[name].merge(partial)
+    for partial in partials:
+        for name, stats in partial.items():
+            total[name].merge(stats)
     return total
 
 
@@ -495,7 +501,7 @@ def read_records(out: str, run_id: str) -> list[ShardRecord]:
     records = []
     for name in names:
         path = os.path.join(directory, name)
-        value = _read_json(path)
+        value = read_json(path)
         problems = validate_record(value) if isinstance(value, dict) else ["not a JSON object"]
         if problems:
             raise ManifestError(f"{path} does not match the commit record schema: {problems[0]}. "
@@ -522,13 +528,7 @@ def write_end(out: str, run_id: str, shards: int, source_rows: int) -> None:
     that reads that far writes the same content, atomically."""
     value = {"format": "crowstream-end", "format_version": FORMAT_VERSION, "run_id": run_id,
              "shards": shards, "source_rows": source_rows}
-    tmp = os.path.join(out, TMP_DIR, f"end.json.{os.getpid()}.tmp")  # ranks write it at once
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_dumps(value))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out, END_PATH))
-    fsync_dir(os.path.join(out, COMMITS_DIR))
+    _write_atomic(out, END_PATH, _dumps(value).encode())
 
 
 def read_end(out: str, run_id: str) -> int | None:
@@ -537,7 +537,7 @@ def read_end(out: str, run_id: str) -> int | None:
     path = os.path.join(out, END_PATH)
     if not os.path.isfile(path):
         return None
-    value = _read_json(path)
+    value = read_json(path)
     if not isinstance(value, dict) or value.get("run_id") != run_id \
             or not isinstance(value.get("shards"), int) or value["shards"] < 0:
         raise ManifestError(f"{path} is damaged or belongs to another run; it was left as it "

@@ -151,7 +151,9 @@ def finalize_locked(out: str, *, besides: int | None = None) -> mf.Manifest:
         raise IncompleteRunError(f"cannot finalize {out!r}: shard(s) {extra} lie beyond the end "
                                  f"of the corpus ({end} shards); it changed during the run. "
                                  "Capture again into a new OUT.", missing=[])
-    final = dataclasses.replace(mf.consolidated(out, state), status="complete", error=None)
+    merged = mf.merged_stats(out, state.shards, state.modules)  # `state` holds the records
+    final = dataclasses.replace(state, stats={n: s.summary() for n, s in merged.items()},
+                                status="complete", error=None)
     mf.write_card(out, final)
     mf.write_manifest(out, final)
     return final
