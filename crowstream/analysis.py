@@ -167,7 +167,8 @@ def scan_batches(files: list[str], d: int, batch_rows: int | None = None,
 
     columns = ["doc_id", "position", "token", "vector"]
     for path in files:
-        parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering held a whole file
+        # pre-buffering held a whole file; checksums: zstd decodes flipped bytes silently
+        parquet = pq.ParquetFile(path, pre_buffer=False, page_checksum_verification=True)
         groups = None if row_groups is None else row_groups.get(path, [])
         if groups == []:
             continue

@@ -246,10 +246,11 @@ def _rewrite(args) -> None:
 
 
 def _report(args) -> None:
-    from .reporting import REPORT_ROWS, report
+    from .reporting import report
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache chatter
-    done = report(args.out, args.output, max_rows=args.max_rows or REPORT_ROWS)
+    limit = {} if args.max_rows is None else {"max_rows": args.max_rows}  # 0 is refused there
+    done = report(args.out, args.output, **limit)
     read = sum(m["sampled_rows"] for m in done["modules"].values())
     total = sum(m["rows"] for m in done["modules"].values())
     print(f"wrote {done['path']} ({read:,} of {total:,} rows read)")

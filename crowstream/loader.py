@@ -391,10 +391,12 @@ class _Plan:
                                 "be aligned; read them separately.")
         self.files = {m: [by_shard[m][s] for s in shards] for m in names}
         self.offsets: dict[str, list[np.ndarray]] = {m: [] for m in names}
+        self.footers: dict[str, list] = {m: [] for m in names}  # read once, reused per unit
         units = []
         for i, shard in enumerate(shards):
             for m in names:
                 meta = pq.read_metadata(self.files[m][i], filesystem=filesystem)
+                self.footers[m].append(meta)
                 counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
                 self.offsets[m].append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
             totals = {m: int(self.offsets[m][i][-1]) for m in names}
@@ -436,8 +438,8 @@ class _Plan:
         offsets = self.offsets[module][file]
         first = int(np.searchsorted(offsets, start, side="right")) - 1
         last = int(np.searchsorted(offsets, stop, side="left"))
-        parquet = pq.ParquetFile(self.files[module][file], page_checksum_verification=True,
-                                 filesystem=self.filesystem)
+        parquet = pq.ParquetFile(self.files[module][file], metadata=self.footers[module][file],
+                                 page_checksum_verification=True, filesystem=self.filesystem)
         table = parquet.read_row_groups(list(range(first, last)), columns=columns)
         return table.slice(start - int(offsets[first]), stop - start)
 

@@ -243,7 +243,8 @@ def paired_cosines(groups_a: dict[str, list[int]], files_b: list[str], d: int):
         path_b = by_name.get(os.path.basename(path_a))
         if path_b is None:
             continue
-        file_a, file_b = pq.ParquetFile(path_a), pq.ParquetFile(path_b)
+        file_a, file_b = (pq.ParquetFile(p, page_checksum_verification=True)
+                          for p in (path_a, path_b))
         for index in indices:
             if index >= file_b.metadata.num_row_groups:
                 continue
