@@ -39,6 +39,8 @@ def load_model(model, tokenizer=None, *, device=None, torch_dtype=None, device_m
         if device_map is None:
             model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     elif isinstance(model, torch.nn.Module):
+        refuse_encoder_decoder(getattr(model, "config", None),
+                               str(getattr(model, "name_or_path", "") or type(model).__name__))
         if revision is not None:
             raise ConfigError(f"revision={revision!r} only applies to a model given by name; "
                               "this model is already loaded.")

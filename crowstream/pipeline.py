@@ -22,7 +22,7 @@ from crowstream.schemas import docs_schema, part_schema, vocab_schema
 
 from . import manifest as mf
 from . import storage
-from .config import (DATA_DIR, DEFAULT_MAX_BATCH_TOKENS, DOCS_DIR, FORMAT_VERSION,
+from .config import (DEFAULT_MAX_BATCH_TOKENS, DOCS_DIR, FORMAT_VERSION,
                      SORT_WINDOW_DOCS, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME, CaptureConfig,
                      check_choice, check_positive, default_inflight_bytes)
 from .errors import (ConfigError, CrowstreamError, DataError, IncompleteRunError, Interrupted,
@@ -610,19 +610,20 @@ class _Writers:
     def __init__(self, out, config: CaptureConfig, dims: dict, committed: mf.Manifest,
                  rank: int = 0, world: int = 1):
         from ._threads import ByteBudget, Worker
-        from .writer import ENCODER_BYTES, encoder_slots
+        from .models import model_id
+        from .writer import ENCODER_BYTES, encoder_slots, row_bytes
 
         self.out, self.config, self.dims, self.run_id = out, config, dims, committed.run_id
         self.rank, self.world = rank, world
         self.workers = {name: Worker(f"crowstream-writer[{name}]") for name in dims}
         self.committer = Worker("crowstream-committer", 2)
-        limit = config.max_inflight_bytes or default_inflight_bytes()
+        limit = config.max_inflight_bytes  # resolved by capture()
         slots = encoder_slots(limit)  # concurrent encodes come out of the same budget
         self.encoders = threading.BoundedSemaphore(slots)
         self.budget = ByteBudget(max(1, limit - slots * ENCODER_BYTES))
-        item = 4 if config.dtype == "float32" else 2
-        # bytes one kept row costs per module, as stored (16: doc_id, position, token)
-        self.row_cost = {name: 16 + d * item for name, d in dims.items()}
+        self.schemas = {name: part_schema(name, d, config.dtype, model_id(config.model),
+                                          FORMAT_VERSION) for name, d in dims.items()}
+        self.row_cost = {name: row_bytes(s) for name, s in self.schemas.items()}  # as stored
         self.parts: dict = {}            # module -> ShardParts of the open shard (writer threads)
         self.shard_stats: dict = {}      # module -> ModuleStats of the open shard
         # committed so far (committer thread only): records, and their statistics merged
@@ -667,16 +668,13 @@ class _Writers:
             self.budget.settle(charge, parts.buffered_bytes - buffered)
 
     def _part(self, name, shard):
-        from .models import model_id
         from .writer import ShardParts
 
         if name not in self.parts:
             def path_of(seq):
                 rel = f"{mf.module_dir(name)}/{mf.part_name(self.rank, shard, seq)}"
                 return mf.staging_path(self.out, rel)
-            schema = part_schema(name, self.dims[name], self.config.dtype,
-                                 model_id(self.config.model), FORMAT_VERSION)
-            self.parts[name] = ShardParts(path_of, schema, encoders=self.encoders)
+            self.parts[name] = ShardParts(path_of, self.schemas[name], encoders=self.encoders)
         return self.parts[name]
 
     def _close_part(self, name, shard):

@@ -91,7 +91,7 @@ class PinnedPool:
 
     def take(self, shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (a view of `shape` and `dtype`, the buffer to `give` back later)."""
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         with self._lock:
             fits = [b for b in self._free if nbytes <= b.numel() <= nbytes * 1.25 + (1 << 16)]
             buffer = min(fits, key=torch.Tensor.numel) if fits else None
@@ -188,10 +188,6 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     A module whose output holds no tensor maps to a string describing its type. Names in
     `only` ending in `:input` get their module's first input (as nnsight's `.input`: the
     first positional argument, else the first keyword), in the order it arrives."""
-    from .models import refuse_encoder_decoder
-
-    name = str(getattr(model, "name_or_path", "") or type(model).__name__)
-    refuse_encoder_decoder(getattr(model, "config", None), name)
     targets = {n: m for n, m in model.named_modules() if n and (only is None or n in only)}
     inputs = {n: model.get_submodule(n[:-len(INPUT_SUFFIX)]) for n in only or ()
               if n.endswith(INPUT_SUFFIX)}

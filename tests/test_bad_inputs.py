@@ -327,7 +327,7 @@ def test_the_dataset_card_is_fsynced_before_it_replaces_the_old_one(ctx, tmp_pat
     monkeypatch.setattr(mf.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
                         or fsync(fd))
     mf.write_card(str(out), manifest_of(out))
-    assert synced[0].endswith("/.tmp/README.md.tmp") and synced[-1] == str(out)
+    assert re.search(r"/\.tmp/README\.md\.\d+\.tmp$", synced[0]) and synced[-1] == str(out)
 
 
 # -- inputs that used to fail and now work ---------------------------------------------------
@@ -493,3 +493,15 @@ if __name__ == "__main__":  # the catalogue's messages, as a table for the closi
             except errors.CrowstreamError as error:
                 message, kind = str(error).replace(str(tmp), "TMP"), type(error).__name__
             print(f"| {name} | {kind} | {message} |")
+
+
+def test_a_loaded_encoder_decoder_model_is_refused_before_it_is_moved(t5_dir, tmp_path):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration.from_pretrained(t5_dir)
+    with pytest.raises(errors.ConfigError, match=r"\(T5\) is an encoder-decoder model"):
+        cs.capture(model, TEXTS, "encoder.block.0", tmp_path / "out",
+                   tokenizer=AutoTokenizer.from_pretrained(t5_dir), device="meta", progress=False)
+    assert next(model.parameters()).device.type == "cpu"  # refused before `model.to(device)`
+    with pytest.raises(errors.ConfigError, match=r"encoder-decoder"):
+        cs.modules(model, tokenizer=AutoTokenizer.from_pretrained(t5_dir))
