@@ -86,3 +86,23 @@ def thread_police():
     yield
     leaked = [t.name for t in threading.enumerate() if t.name.startswith("crowstream") and t.is_alive()]
     assert not leaked, f"leaked threads: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def reference_capture(gpt2, corpus, tmp_path_factory):
+    """-> get(n, modules, **kw): the path of a capture of the first `n` paragraphs by the
+    tiny GPT-2, made once per session for each set of arguments. Tests only read it (or
+    copy it before changing anything)."""
+    import crowstream as cs
+
+    made = {}
+
+    def get(n: int, modules, **kw) -> str:
+        key = (n, tuple(modules), tuple(sorted(kw.items())))
+        if key not in made:
+            out = str(tmp_path_factory.mktemp(f"reference-{n}") / "out")
+            cs.capture(gpt2[0], corpus[:n], list(modules), out, tokenizer=gpt2[1], **kw)
+            made[key] = out
+        return made[key]
+
+    return get

@@ -23,7 +23,7 @@ import pytest
 
 import crowstream as cs
 from crowstream import errors, models
-from helpers import manifest_of, raw_manifest, tree
+from helpers import assert_same_rows, manifest_of, raw_manifest, tree
 
 TEXTS = ["first document here", "a second, longer document about Python", "third"]
 E = errors
@@ -411,6 +411,9 @@ def test_read_only_filesystem_mid_run_is_one_error_and_committed_shards_verify(
                progress=False, resume=True)  # keeps the committed shard, finishes the rest
     assert manifest_of(out).status == "complete"
     assert cs.verify(out)["rows"] == manifest_of(out).counts.rows["transformer.h.0"]
+    reference = cs.capture(gpt2_dir, TEXTS * 4, "transformer.h.0", tmp_path / "reference",
+                           shard_size=3, batch_size=3, progress=False)
+    assert_same_rows(out, reference.path)  # the resumed run lost and duplicated nothing
 
 
 # -- the CLI: the same errors, one line each, in one subprocess -------------------------------

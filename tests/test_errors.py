@@ -45,10 +45,8 @@ def docs(corpus):
 
 
 @pytest.fixture(scope="module")
-def reference(gpt2, docs, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("errors-ref") / "out")
-    capture(gpt2, docs, out)
-    return out
+def reference(reference_capture):
+    return reference_capture(N, MODULES, **KW)  # shared with the other files that need it
 
 
 # -- bad inputs: one clear error, OUT as it was -------------------------------------------

@@ -57,7 +57,7 @@ def test_report_of_the_demo_output(demo_out, tmp_path):
     check_page(page, DEMO_MODULES)
     assert "Not sampled: every row was read." in page
     assert done["modules"][DEMO_MODULES[0]]["sampled_rows"] == done["modules"][DEMO_MODULES[0]]["rows"]
-    assert "«<b>[CLS]</b>»" in page or "«<b>" in page  # contexts decoded, token marked
+    assert len(re.findall(r"«<b>[^<]+</b>»", page)) >= 20  # contexts decoded, token marked
     assert "encoder.layer.2 → encoder.layer.5" in page
 
 

@@ -75,10 +75,8 @@ def docs(corpus):
 
 
 @pytest.fixture(scope="module")
-def reference(gpt2, docs, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("resume-ref") / "out")
-    capture(gpt2, docs, out)
-    return out
+def reference(reference_capture):
+    return reference_capture(N, MODULES, **KW)  # shared with the other files that need it
 
 
 def interrupted_run(monkeypatch, gpt2, data, out, *, at=5, signum=signal.SIGINT, **kw):
@@ -310,7 +308,7 @@ def interrupted_out(gpt2, docs, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     try:
         Trace(mp, 4, lambda: (_ for _ in ()).throw(RuntimeError("stop")))
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="^stop$"):
             capture(gpt2, docs, out, sample=30, seed=1, max_docs=25, max_tokens=5000)
     finally:
         mp.undo()

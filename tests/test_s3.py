@@ -51,10 +51,8 @@ def docs(corpus):
 
 
 @pytest.fixture(scope="module")
-def local(gpt2, docs, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("s3-ref") / "out")
-    capture(gpt2, docs, out)
-    return out
+def local(reference_capture):
+    return reference_capture(N, MODULES, **KW)  # shared with the other files that need it
 
 
 @pytest.fixture(scope="module")

@@ -440,8 +440,9 @@ def test_cli_takes_the_new_options():
          "--float16-overflow", "clamp", "--revision", "step1000"])
     assert (args.max_inflight_bytes, args.float16_overflow, args.revision) == (512 << 20, "clamp", "step1000")
     assert build_parser().parse_args(["capture", "m", "d", "-m", "x", "-o", "o"]).max_batch_tokens == 8192
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["capture", "m", "d", "-m", "x", "-o", "o", "--max-inflight-bytes", "lots"])
+    assert exited.value.code == 2  # argparse's usage error
 
 
 # -- 5. shards sized in tokens, batches that reach batch_size -----------------------------
