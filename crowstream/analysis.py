@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .config import TOKENIZER_DIR
+from .config import TOKENIZER_DIR, check_positive
 from .errors import ConfigError
 
 MARK = ("«", "»")  # put around the scored token in `context`
@@ -53,9 +53,9 @@ def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | 
     import polars as pl
 
     out = os.fspath(out)
-    _check_positive("k", k)
+    check_positive("k", k, allow_none=False)
     if per_doc is not None:
-        _check_positive("per_doc", per_doc)
+        check_positive("per_doc", per_doc)
     files, d, _ = module_parts(out, module)
     best = TopK(k, per_doc)
     scorer = make_scorer(score, d)
@@ -281,11 +281,6 @@ def _rank_within(groups: np.ndarray) -> np.ndarray:
     rank = np.empty(n, np.int64)
     rank[by_group] = np.arange(n) - first
     return rank
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _check_window(window) -> tuple[int, int]:

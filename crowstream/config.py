@@ -6,6 +6,7 @@ passed down the pipeline, written verbatim to the manifest, and compared on resu
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 from typing import Literal
@@ -153,7 +154,7 @@ def _short(value) -> str:
 def check_positive(name: str, value, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
 
 
@@ -162,10 +163,15 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
+def base_module(name: str) -> str:
+    """The module a captured name refers to: `<module>:input` -> `<module>`."""
+    return name.removesuffix(INPUT_SUFFIX)
+
+
 def check_module_name(name: str) -> None:
     """Module names become directory names: refuse anything that could escape OUT.
     `<module>:input` names a module's input."""
-    base = name[:-len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+    base = base_module(name)
     if not _MODULE_NAME.fullmatch(base) or ".." in base:
         raise ConfigError(
             f"module name {name!r} cannot be used as a directory name; "

@@ -28,7 +28,7 @@ import shutil
 from crowstream.schemas import validate_manifest, validate_record
 
 from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, FORMAT_VERSION, INPUT_DIR_SUFFIX,
-                     INPUT_SUFFIX, MANIFEST_NAME, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME)
+                     MANIFEST_NAME, TMP_DIR, TOKENIZER_DIR, VOCAB_NAME, base_module)
 from .errors import ManifestError, OutputError, OutputExistsError
 
 RECORD_NAME = re.compile(r"shard-(\d{8})\.json")
@@ -286,8 +286,8 @@ def part_name(rank: int, shard: int, seq: int = 0) -> str:
 
 def module_dir(module: str) -> str:
     """`data/module=<module>`; a module's input `<module>:input` -> `data/module=<module>@input`."""
-    if module.endswith(INPUT_SUFFIX):
-        module = module[:-len(INPUT_SUFFIX)] + INPUT_DIR_SUFFIX
+    if base_module(module) != module:
+        module = base_module(module) + INPUT_DIR_SUFFIX
     return f"{DATA_DIR}/module={module}"
 
 
@@ -602,8 +602,7 @@ def recover(out: str, manifest: Manifest, owned=None) -> tuple[Manifest, list[st
             f"changed in size ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}). "
             "`crowstream verify OUT` shows the damage; capture again with overwrite=True "
             "(--overwrite) or into a new OUT.")
-    listed = {p.path for p in state.parts} | {s.stats.path for s in state.shards}
-    listed |= {record_path(s.index) for s in state.shards} | {END_PATH}
+    listed = listed_paths(state)
     removed = [rel for rel in _files(out, TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR)
                if rel not in listed and (owned is None or _owned_file(rel, owned))]
     for rel in removed:
@@ -631,22 +630,34 @@ def _files(out: str, *tops: str) -> list[str]:
     return sorted(found)
 
 
-def unlisted_files(out: str, manifest: Manifest) -> list[str]:
-    """Files in `data/`, `docs/` and `commits/` that no committed shard lists."""
-    listed = {p.path for p in manifest.parts}
-    listed |= {s.stats.path for s in manifest.shards if s.stats is not None}
+def listed_paths(manifest: Manifest) -> set[str]:
+    """Every file a committed shard lists, relative to OUT: parts, statistics files, commit
+    records and `end.json` (the last two in format 2)."""
+    listed = {f.path for f in committed_files(manifest)}
     if manifest.format_version != 1:
         listed |= {record_path(s.index) for s in manifest.shards} | {END_PATH}
+    return listed
+
+
+def committed_files(manifest: Manifest) -> list:
+    """The part and statistics files of the committed shards (`FileRef`s)."""
+    return manifest.parts + [s.stats for s in manifest.shards if s.stats is not None]
+
+
+def unlisted_files(out: str, manifest: Manifest) -> list[str]:
+    """Files in `data/`, `docs/` and `commits/` that no committed shard lists."""
+    listed = listed_paths(manifest)
     return [rel for rel in _files(out, DATA_DIR, DOCS_DIR, COMMITS_DIR) if rel not in listed]
 
 
-def damaged_parts(out: str, manifest: Manifest) -> list[str]:
+def damaged_parts(out: str, manifest: Manifest, sizes: dict | None = None) -> list[str]:
     """Listed part and statistics files that are missing or not of their recorded size
-    (a cheap check: `verify` reads them)."""
-    files = manifest.parts + [s.stats for s in manifest.shards if s.stats is not None]
-    return [f.path for f in files
-            if not os.path.isfile(os.path.join(out, f.path))
-            or os.path.getsize(os.path.join(out, f.path)) != f.bytes]
+    (a cheap check: `verify` reads them). `sizes` (path -> bytes, e.g. a bucket listing)
+    replaces looking at the files under `out`."""
+    if sizes is None:
+        sizes = {f.path: os.path.getsize(os.path.join(out, f.path))
+                 for f in committed_files(manifest) if os.path.isfile(os.path.join(out, f.path))}
+    return [f.path for f in committed_files(manifest) if sizes.get(f.path) != f.bytes]
 
 
 # -- OUT as a whole -----------------------------------------------------------------------------

@@ -175,15 +175,13 @@ class Mirror:
         for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
             os.makedirs(os.path.join(self.spool, sub), exist_ok=True)
         state = mf.consolidated(self.spool, mf.read_manifest(self.spool), stats=False)
-        files = state.parts + [s.stats for s in state.shards]
-        damaged = [f.path for f in files if objects.get(f.path) != f.bytes]
+        damaged = mf.damaged_parts(self.spool, state, sizes=objects)
         if damaged:
             raise ManifestError(f"cannot resume {public(self.url)}: {len(damaged)} committed "
                                 "object(s) are missing or changed in size "
                                 f"({', '.join(damaged[:3])}). "
                                 "Capture again with overwrite=True or into a new prefix.")
-        listed = {f.path for f in files} | {mf.record_path(s.index) for s in state.shards}
-        listed |= {mf.END_PATH}
+        listed = mf.listed_paths(state)
         unlisted = [r for r in objects if r not in listed
                     and (not _metadata(r) or r.startswith(f"{COMMITS_DIR}/"))]
         if unlisted:

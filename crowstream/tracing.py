@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from .config import FLOAT16_MAX, INPUT_SUFFIX, check_module_name
+from .config import FLOAT16_MAX, INPUT_SUFFIX, base_module, check_module_name
 from .errors import Float16OverflowError, ModuleNotFoundInModel, ModuleOutputError
 
 _GLOB_CHARS = set("*?[")
@@ -149,7 +149,7 @@ def resolve_modules(model, requested) -> list[str]:
         if not isinstance(pattern, str):
             raise ModuleNotFoundInModel(f"module names must be strings, got {pattern!r}.")
         suffix = INPUT_SUFFIX if pattern.endswith(INPUT_SUFFIX) else ""
-        pattern = pattern[:len(pattern) - len(suffix)]
+        pattern = base_module(pattern)
         if _GLOB_CHARS & set(pattern):
             regex = _glob_regex(pattern)
             matches = [n for n in names if regex.fullmatch(n)]
@@ -189,8 +189,7 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     `only` ending in `:input` get their module's first input (as nnsight's `.input`: the
     first positional argument, else the first keyword), in the order it arrives."""
     targets = {n: m for n, m in model.named_modules() if n and (only is None or n in only)}
-    inputs = {n: model.get_submodule(n[:-len(INPUT_SUFFIX)]) for n in only or ()
-              if n.endswith(INPUT_SUFFIX)}
+    inputs = {n: model.get_submodule(base_module(n)) for n in only or () if base_module(n) != n}
     seen: dict[str, tuple | str] = {}
 
     def hook(name):
@@ -275,7 +274,7 @@ class ModelTracer:
         tokens = _probe_ids(tokenizer, model).shape[1]
         self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
                      for name in module_names}
-        self.types = {name: type(model.get_submodule(_base(name))).__name__
+        self.types = {name: type(model.get_submodule(base_module(name))).__name__
                       for name in module_names}
         # Reads in a trace must follow execution order: order by the probe, not the user.
         self.order = [name for name in shapes if name in self.dims]
@@ -295,7 +294,7 @@ class ModelTracer:
             self.wrapped = _wrapper_class()(self.model)
             self.wrapped._crowstream_device = self.device
         envoys = dict(self.wrapped.named_modules())
-        self.envoys = [(name, envoys[f"model.{_base(name)}"], name != _base(name))
+        self.envoys = [(name, envoys[f"model.{base_module(name)}"], name != base_module(name))
                        for name in self.order]
         return self
 
@@ -391,18 +390,13 @@ def _wrapper_class():
     return Wrapped
 
 
-def _base(name: str) -> str:
-    """The module a name refers to: `x:input` -> `x`."""
-    return name[:-len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
-
-
 def _check_shape(name: str, shape, model, tokens: int) -> int:
     """-> d for a module whose probe output is `[1, tokens, d]`; anything else (no output,
     not a tensor, another rank, or a changed sequence length) is refused."""
     if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1 and shape[1] == tokens:
         return int(shape[-1])
-    is_input = name != _base(name)
-    children = [n for n, _ in model.named_modules() if n.startswith(_base(name) + ".")][:5]
+    is_input = name != base_module(name)
+    children = [n for n, _ in model.named_modules() if n.startswith(base_module(name) + ".")][:5]
     hint = (f" Try a submodule such as {', '.join(map(repr, children))}." if children
             else " Pick a block or a layer whose output is one [batch, seq, d] tensor.")
     if shape is None:
