@@ -35,6 +35,11 @@ import tempfile
 import time
 
 import numpy as np
+from crowstream.format.layout import module_dir, part_name
+from crowstream.format.manifest import Counts, Manifest, ModuleInfo, Part, ShardRecord, write_manifest
+from crowstream.format.recovery import create_out
+from crowstream.pipeline.commit import commit_shard
+from crowstream.pipeline.output import Output
 
 MODULE = "synthetic.a"
 OTHER = "synthetic.b"
@@ -45,9 +50,9 @@ TARGET_RSS = 1 << 30
 
 def write_parts(directory: str, rows: int, d: int, rows_per_part: int) -> list[str]:
     """Synthetic part files written by crowstream's PartWriter; -> their paths."""
-    from crowstream.flatten import to_record_batch
+    from crowstream.pipeline.flatten import to_record_batch
     from crowstream.schemas import row_schema
-    from crowstream.writer import PartWriter
+    from crowstream.pipeline.parts import PartWriter
 
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -75,13 +80,12 @@ def make_out(out: str, parts: list[str], d: int, *, copies: int = 1, modules=(MO
     The only place that knows the manifest's layout: port it when the manifest changes."""
     import pyarrow as pa
 
-    from crowstream import manifest as mf
-    from crowstream.config import CaptureConfig
+    from crowstream.pipeline.options import CaptureConfig
     from crowstream.schemas import vocab_schema
-    from crowstream.writer import write_table
+    from crowstream.pipeline.parts import write_table
 
-    mf.create_out(out, "fresh")
-    infos = {m: mf.ModuleInfo(d, "float32", mf.module_dir(m), "Synthetic") for m in modules}
+    create_out(out, "fresh")
+    infos = {m: ModuleInfo(d, "float32", module_dir(m), "Synthetic") for m in modules}
     config = CaptureConfig(model={"class": "synthetic"}, tokenizer={}, source={},
                            modules=tuple(modules), context_size=DOC_TOKENS)
     provenance = {"model": {"class": "synthetic"}, "tokenizer": {}, "versions": {}}
@@ -92,24 +96,24 @@ def make_out(out: str, parts: list[str], d: int, *, copies: int = 1, modules=(MO
             index = copy * len(parts) + i
             shard_parts = []
             for module in modules:
-                os.makedirs(os.path.join(out, mf.module_dir(module)), exist_ok=True)
-                rel = f"{mf.module_dir(module)}/{mf.part_name(0, index)}"
+                os.makedirs(os.path.join(out, module_dir(module)), exist_ok=True)
+                rel = f"{module_dir(module)}/{part_name(0, index)}"
                 os.link(source, os.path.join(out, rel))
-                shard_parts.append(mf.Part(path=rel, bytes=os.path.getsize(source),
+                shard_parts.append(Part(path=rel, bytes=os.path.getsize(source),
                                            sha256="0" * 64, kind="module", module=module,
                                            rows=_rows(source)))
             rows = shard_parts[0].rows
-            record = mf.ShardRecord(index=index, rank=0, source_start=index, source_end=index + 1,
+            record = ShardRecord(index=index, rank=0, source_start=index, source_end=index + 1,
                                     docs=1, skipped=0, tokens=rows, parts=tuple(shard_parts))
-            records.append(mf.write_record(out, run_id, record, {}))  # no statistics needed
-    manifest = mf.Manifest(run_id=run_id, status="complete", config=config.to_json(),
+            records.append(commit_shard(Output(out), run_id, record, {}))  # no statistics needed
+    manifest = Manifest(run_id=run_id, status="complete", config=config.to_json(),
                            shard_size=1, provenance=provenance, modules=infos, shards=records,
-                           counts=mf.Counts.of(records, infos))
+                           counts=Counts.of(records, infos))
     table = pa.table({"token": pa.array(np.arange(1000, dtype=np.int32)),
                       "text": pa.array([f"t{i}" for i in range(1000)]),
                       "special": pa.array(np.zeros(1000, bool))}, schema=vocab_schema())
     write_table(os.path.join(out, "vocab.parquet"), table)
-    mf.write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return out
 
 
@@ -157,7 +161,7 @@ def rss_child(out: str, d: int, k: int) -> dict:
             "    with open('/proc/self/status') as f:\n"
             "        return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM:'))\n"
             f"w = np.random.default_rng(1).standard_normal({d}).astype(np.float32)\n"
-            "import crowstream.analysis, polars, pyarrow.parquet\n"
+            "import crowstream.reading.analysis, polars, pyarrow.parquet\n"
             "base = hwm()\n"
             "t = time.perf_counter()\n"
             f"found = cs.top({out!r}, {MODULE!r}, w, k={k}, window=None)\n"

@@ -4,7 +4,7 @@ shards came before it.
     python benchmarks/commits.py            # 2,000 commits, 2 modules of d=4,096, ~1 min
     python benchmarks/commits.py --tiny     # CI: 60 commits of d=64, seconds
 
-It calls `crowstream.manifest.commit` directly (no model): each shard's part files are tiny
+It calls `crowstream.pipeline.commit.commit_shard`, the function the pipeline runs, directly (no model): each shard's part files are tiny
 files already in `.tmp/` (the part writers' job, not the commit's), its partial statistics
 are real `ModuleStats`. Reported: the mean time per commit over the first and the last 10%
 of commits and their ratio, the bytes of each commit record and statistics file (first and
@@ -24,19 +24,25 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from crowstream import manifest as mf  # noqa: E402
-from crowstream.writer import ModuleStats, fsync_and_hash  # noqa: E402
+from crowstream.format.statistics import ModuleStats
+from crowstream.format.files import fsync_and_hash
+from crowstream.format.layout import module_dir, part_name, record_path, staging_path
+from crowstream.format import manifest as manifest_module
+from crowstream.format.manifest import Part, ShardRecord, write_manifest
+from crowstream.format.recovery import create_out
+from crowstream.pipeline.commit import commit_shard
+from crowstream.pipeline.output import Output
 
 TARGET_RATIO = 1.3  # the issue's bound: last 10% no slower than 1.3x the first 10%
 
 
-def stage_part(out: str, rel: str, payload: bytes) -> mf.Part:
-    path = mf.staging_path(out, rel)
+def stage_part(out: str, rel: str, payload: bytes) -> Part:
+    path = staging_path(out, rel)
     with open(path, "wb") as f:
         f.write(payload)
     kind = "docs" if rel.startswith("docs/") else "module"
     module = None if kind == "docs" else rel.split("/")[1][len("module="):]
-    return mf.Part(path=rel, bytes=len(payload), sha256=fsync_and_hash(path), kind=kind,
+    return Part(path=rel, bytes=len(payload), sha256=fsync_and_hash(path), kind=kind,
                    module=module, rows=8)
 
 
@@ -66,31 +72,30 @@ def main() -> None:
     modules = ["blocks.0", "blocks.1"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=args.tmp) as out:
-        mf.create_out(out, "fresh")
+        create_out(out, "fresh")
         manifest_writes = []
-        write_manifest = mf.write_manifest
-        mf.write_manifest = lambda *a: manifest_writes.append(a)  # counts, and must stay 0
+        manifest_module.write_manifest = lambda *a: manifest_writes.append(a)  # must stay unused
         seconds, record_bytes, stats_bytes, records = [], [], [], []
         try:
             for index in range(args.commits):
-                name = mf.part_name(0, index)
+                name = part_name(0, index)
                 parts = [stage_part(out, f"docs/{name}", b"d" * 512)]
-                parts += [stage_part(out, f"{mf.module_dir(m)}/{name}", b"v" * 1024) for m in modules]
+                parts += [stage_part(out, f"{module_dir(m)}/{name}", b"v" * 1024) for m in modules]
                 stats = {}
                 for m in modules:
                     stats[m] = ModuleStats(args.d)
                     stats[m].update(rng.standard_normal((8, args.d), dtype=np.float32))
-                record = mf.ShardRecord(index=index, rank=0, source_start=index * 4,
+                record = ShardRecord(index=index, rank=0, source_start=index * 4,
                                         source_end=index * 4 + 4, docs=4, skipped=0, tokens=32,
                                         parts=tuple(parts))
                 started = time.perf_counter()
-                record = mf.commit(out, "0123456789abcdef", record, stats)
+                record = commit_shard(Output(out), "0123456789abcdef", record, stats)
                 seconds.append(time.perf_counter() - started)
-                record_bytes.append(os.path.getsize(os.path.join(out, mf.record_path(index))))
+                record_bytes.append(os.path.getsize(os.path.join(out, record_path(index))))
                 stats_bytes.append(record.stats.bytes)
                 records.append(record)
         finally:
-            mf.write_manifest = write_manifest
+            manifest_module.write_manifest = write_manifest
     seconds = seconds[1:]  # the first commit also pays for importing pyarrow.parquet
     tenth = max(len(seconds) // 10, 1)
     first, last = statistics.mean(seconds[:tenth]), statistics.mean(seconds[-tenth:])

@@ -27,6 +27,12 @@ import time
 import uuid
 
 import numpy as np
+from crowstream.format.card import write_card
+from crowstream.format.layout import module_dir, part_name
+from crowstream.format.manifest import Counts, Manifest, ModuleInfo, Part, ShardRecord, write_manifest
+from crowstream.format.statistics import merged_stats
+from crowstream.pipeline.commit import commit_shard
+from crowstream.pipeline.output import Output
 
 
 def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",),
@@ -36,11 +42,11 @@ def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",
     `doc_tokens` rows each (positions 0..doc_tokens-1), rows are grouped by document as a
     capture writes them, and every module has the same (doc_id, position) rows. `d` is one
     width, or {module: width}."""
-    from crowstream import manifest as mf
-    from crowstream.config import DATA_DIR, DOCS_DIR, TMP_DIR
-    from crowstream.flatten import to_record_batch
+    from crowstream.format.layout import DATA_DIR, DOCS_DIR, TMP_DIR
+    from crowstream.pipeline.flatten import to_record_batch
     from crowstream.schemas import row_schema
-    from crowstream.writer import ModuleStats, PartWriter
+    from crowstream.format.statistics import ModuleStats
+    from crowstream.pipeline.parts import PartWriter
 
     rng = np.random.default_rng(seed)
     for sub in (TMP_DIR, DATA_DIR, DOCS_DIR):
@@ -55,7 +61,7 @@ def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",
         parts[shard] = []
         stats[shard] = {m: ModuleStats(widths[m]) for m in modules}
         for module in modules:
-            rel = f"{mf.module_dir(module)}/{mf.part_name(0, shard)}"
+            rel = f"{module_dir(module)}/{part_name(0, shard)}"
             d = widths[module]
             writer = PartWriter(os.path.join(out, TMP_DIR, f"part-{shard}"),
                                 row_schema(d, dtype))
@@ -69,9 +75,9 @@ def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",
                                              vectors, dtype))
                 stats[shard][module].update(vectors)
             info = writer.close()
-            os.makedirs(os.path.join(out, mf.module_dir(module)), exist_ok=True)
+            os.makedirs(os.path.join(out, module_dir(module)), exist_ok=True)
             os.replace(info.tmp_path, os.path.join(out, rel))
-            parts[shard].append(mf.Part(path=rel, bytes=info.bytes, sha256=info.sha256,
+            parts[shard].append(Part(path=rel, bytes=info.bytes, sha256=info.sha256,
                                         kind="module", module=module, rows=info.rows))
         docs = len(np.unique(doc_ids))
         parts[shard] = (parts[shard], docs, len(index))
@@ -83,7 +89,6 @@ def _write_manifest(out, modules, widths, dtype, parts, stats) -> None:
     this script knows the layout): each shard committed as a capture commits it."""
     import dataclasses
 
-    from crowstream import manifest as mf
 
     os.makedirs(os.path.join(out, "commits"), exist_ok=True)
     fingerprint = {"name_or_path": "synthetic", "class": "none"}
@@ -91,22 +96,22 @@ def _write_manifest(out, modules, widths, dtype, parts, stats) -> None:
               "modules": list(modules), "context_size": 64, "overflow": "truncate",
               "dtype": dtype, "batch_size": 1, "seed": 0, "exclude_special_tokens": False,
               "exclude_token_ids": [], "store_text": False}
-    infos = {m: mf.ModuleInfo(widths[m], dtype, mf.module_dir(m), "Synthetic") for m in modules}
+    infos = {m: ModuleInfo(widths[m], dtype, module_dir(m), "Synthetic") for m in modules}
     run_id = uuid.uuid4().hex[:16]
     records, start = [], 0
     for shard, (shard_parts, docs, n) in sorted(parts.items()):
-        record = mf.ShardRecord(index=shard, rank=0, source_start=start, source_end=start + docs,
+        record = ShardRecord(index=shard, rank=0, source_start=start, source_end=start + docs,
                                 docs=docs, skipped=0, tokens=n, parts=tuple(shard_parts))
-        records.append(mf.write_record(out, run_id, record, stats[shard]))
+        records.append(commit_shard(Output(out), run_id, record, stats[shard]))
         start += docs
-    merged = mf.merged_stats(out, records, infos)
-    manifest = mf.Manifest(run_id=run_id, status="complete", config=config, shard_size=1,
+    merged = merged_stats(out, records, infos)
+    manifest = Manifest(run_id=run_id, status="complete", config=config, shard_size=1,
                            provenance={"model": fingerprint, "tokenizer": fingerprint,
                                        "versions": {}},
-                           modules=infos, shards=records, counts=mf.Counts.of(records, infos),
+                           modules=infos, shards=records, counts=Counts.of(records, infos),
                            stats={m: s.summary() for m, s in merged.items()})
-    mf.write_card(out, manifest)
-    mf.write_manifest(out, dataclasses.replace(manifest))
+    write_card(out, manifest)
+    write_manifest(out, dataclasses.replace(manifest))
 
 
 def _timed(label, batches, row_bytes, limit=None):
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
     from torch.utils.data import DataLoader
 
     import crowstream as cs
-    import crowstream.loader
+    from crowstream.reading.catalog import Catalog
 
     torch.manual_seed(0)
     datasets.disable_progress_bars()
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
         out = os.path.join(tmp, "out")
         started = time.perf_counter()
         write_synthetic(out, rows=args.rows, d=args.d, files=args.files)
-        files = list(cs.loader._catalog(out)["synthetic"].paths)
+        files = list(Catalog(out).module("synthetic").paths)
         disk = sum(os.path.getsize(f) for f in files)
         print(f"dataset: {args.rows:,} rows x d={args.d} float32 in {args.files} part files, "
               f"{args.rows * args.d * 4 / 2**30:.2f} GiB raw, {disk / 2**30:.2f} GiB on disk; "

@@ -42,7 +42,7 @@ MODULES = {"small": ["transformer.h.1", "transformer.h.3"], "tiny": ["transforme
 def child(args) -> int:
     """One capture in this (fresh) process; prints one RESULT line of JSON."""
     import crowstream
-    import crowstream.pipeline  # noqa: F401  (import everything capture needs before measuring)
+    import crowstream.pipeline.run  # noqa: F401  (import everything capture needs before measuring)
     import datasets  # noqa: F401
     import nnsight  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -15,7 +15,7 @@ spaced over all of them, so lengths range from one line to ~1k tokens), it times
       forward stopped after the same deepest block by a hook that raises, both blocks'
       outputs copied to the CPU, nothing written;
   (3) the bare model forward over crowstream's own batches (rebuilt with
-      crowstream.batching from the run's recorded CaptureConfig), stopped after the
+      crowstream.pipeline.batching from the run's recorded CaptureConfig), stopped after the
       deepest block by a hook: the cost floor for that batching. Tokenizing is not timed.
 
 and prints real (non-pad) tokens/s for each, the ratios (1)/(2) and (1)/(3), RSS, and
@@ -227,8 +227,8 @@ def run_baseline(model, tokenizer, docs, modules, *, batch_size, ctx, device) ->
 
 def crowstream_batches(tokenizer, docs, config_json: dict, shard_size: int) -> list:
     """The Batches crowstream builds for `docs` under the run's recorded config."""
-    from crowstream.batching import Batch, Tokenizing, shard_stream
-    from crowstream.config import CaptureConfig
+    from crowstream.pipeline.batching import Batch, Tokenizing, shard_stream
+    from crowstream.pipeline.options import CaptureConfig
 
     fields = {f.name for f in dataclasses.fields(CaptureConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config_json.items() if k in fields}
@@ -266,7 +266,7 @@ def _timed_traces(times: list):
     """Time every `ModelTracer.run` call (one traced forward: nnsight, the model, the kept
     rows' copy) by wrapping the method for the duration: read-only instrumentation that
     splits a capture into "traces" and "everything else". Skipped if crowstream changed."""
-    from crowstream import tracing
+    from crowstream.pipeline import tracing
 
     original = getattr(getattr(tracing, "ModelTracer", None), "run", None)
     if original is None:

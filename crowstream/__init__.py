@@ -18,13 +18,16 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "capture": ".pipeline", "Run": ".pipeline",
-    "modules": ".models",
-    "load": ".readers", "scan": ".readers", "vocab": ".readers", "docs": ".readers",
-    "info": ".readers",
-    "stream": ".loader", "Stream": ".loader", "stats": ".loader",
-    "verify": ".integrity", "rewrite": ".reencode", "finalize": ".ranks",
-    "top": ".analysis", "contexts": ".analysis", "report": ".reporting",
+    # capture: the pipeline
+    "capture": ".pipeline.run", "Run": ".pipeline.session", "modules": ".pipeline.models",
+    "finalize": ".pipeline.ranks",
+    # the on-disk format
+    "verify": ".format.integrity", "rewrite": ".format.reencode",
+    # reading
+    "load": ".reading.readers", "scan": ".reading.readers", "vocab": ".reading.readers",
+    "docs": ".reading.readers", "info": ".reading.readers",
+    "stream": ".reading.loader", "Stream": ".reading.loader", "stats": ".reading.loader",
+    "top": ".reading.analysis", "contexts": ".reading.analysis", "report": ".reading.reporting",
     "CrowstreamError": ".errors",
 }
 

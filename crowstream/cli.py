@@ -11,8 +11,8 @@ import logging
 import shlex
 import sys
 
-from .config import DEFAULT_MAX_BATCH_TOKENS
-from .errors import CrowstreamError, Interrupted, VerifyError
+from crowstream.pipeline.options import DEFAULT_MAX_BATCH_TOKENS
+from crowstream.errors import CrowstreamError, Interrupted, VerifyError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +162,7 @@ def _third_party_progress(enabled: bool) -> None:
 
 
 def _capture(args) -> None:
-    from .pipeline import capture
+    from crowstream.pipeline.run import capture
 
     _third_party_progress(not args.no_progress)
 
@@ -187,7 +187,7 @@ def _capture(args) -> None:
 
 
 def _finalize(args) -> None:
-    from .ranks import finalize
+    from crowstream.pipeline.ranks import finalize
 
     manifest = finalize(args.out)
     print(f"{args.out}: complete ({len(manifest.shards)} shards, {manifest.counts.docs:,} "
@@ -195,7 +195,7 @@ def _finalize(args) -> None:
 
 
 def _modules(args) -> None:
-    from .models import modules
+    from crowstream.pipeline.models import modules
 
     for name, kind, shape in modules(args.model):
         capturable = isinstance(shape, tuple) and len(shape) == 3
@@ -204,7 +204,7 @@ def _modules(args) -> None:
 
 
 def _info(args) -> None:
-    from .readers import info
+    from crowstream.reading.readers import info
 
     summary = info(args.out)
     if args.json:
@@ -228,7 +228,7 @@ def _info(args) -> None:
 
 
 def _verify(args) -> None:
-    from .integrity import verify
+    from crowstream.format.integrity import verify
 
     report = verify(args.out)
     print(f"{args.out}: OK ({report['parts']} parts, {report['rows']:,} rows, "
@@ -238,7 +238,7 @@ def _verify(args) -> None:
 
 
 def _rewrite(args) -> None:
-    from .reencode import rewrite
+    from crowstream.format.reencode import rewrite
 
     done = rewrite(args.out)
     print(f"{args.out}: rewrote {len(done)} part file(s)" if done else
@@ -246,7 +246,7 @@ def _rewrite(args) -> None:
 
 
 def _report(args) -> None:
-    from .reporting import report
+    from crowstream.reading.reporting import report
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not its font-cache chatter
     limit = {} if args.max_rows is None else {"max_rows": args.max_rows}  # 0 is refused there
@@ -257,7 +257,7 @@ def _report(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import print_demo, run_demo
+    from crowstream.demo import print_demo, run_demo
 
     print_demo(run_demo(args.out, docs=args.docs))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ConfigError
+from crowstream.errors import ConfigError
 
 DEMO_MODULES = ["encoder.layer.2", "encoder.layer.5"]
 
@@ -40,8 +40,8 @@ def run_demo(out: str = "crowstream-demo", *, docs: int = 400, progress: bool = 
     import datasets
     import polars as pl
 
-    from . import readers
-    from .pipeline import capture
+    from crowstream.reading import readers
+    from crowstream.pipeline.run import capture
 
     run = capture(demo_model_dir(), python_doc_paragraphs(docs), DEMO_MODULES, out,
                   overwrite=True, batch_size=32, progress=progress, device="cpu")

@@ -8,13 +8,14 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from crowstream import manifest as mf
-from crowstream.writer import sha256_file
+from crowstream.format.files import sha256_file
+from crowstream.format.manifest import Manifest
+from crowstream.format.records import committed
 
 
-def manifest_of(out) -> mf.Manifest:
+def manifest_of(out) -> Manifest:
     """The committed state of OUT (crowstream.json consolidated with the commit records)."""
-    return mf.committed(out)
+    return committed(out)
 
 
 def raw_manifest(out) -> dict:
@@ -26,7 +27,7 @@ def raw_manifest(out) -> dict:
 def save_manifest(out, manifest) -> None:
     """Write `manifest` as crowstream would (digest re-stamped): for tests that set up a
     state by editing the manifest, not for tests of hand edits."""
-    from crowstream.manifest import manifest_digest
+    from crowstream.format.manifest import manifest_digest
 
     manifest = {**manifest, "digest": None}
     manifest["digest"] = manifest_digest(manifest)
@@ -150,3 +151,15 @@ def _restamp(parts, rel, size, sha) -> bool:
     for p in found:
         p["bytes"], p["sha256"] = size, sha
     return bool(found)
+
+
+def patch_everywhere(monkeypatch, function, replacement) -> None:
+    """Replace `function` in every crowstream module that bound it by name (modules import
+    the functions they call, so patching only the defining module misses the callers)."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("crowstream") and module is not None:
+            for attribute, value in list(vars(module).items()):
+                if value is function:
+                    monkeypatch.setattr(module, attribute, replacement)

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import crowstream as cs
-from crowstream import analysis
+from crowstream.reading import analysis
 from crowstream.errors import ConfigError
 from helpers import read_rows
+from crowstream.format.recovery import inspect_out
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 
@@ -244,9 +245,9 @@ def test_format_1_output_explains_what_to_do(chunked, tmp_path):
 
 def readme_analyse_code() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    section = readme.split("\n## Analyse\n", 1)[1].split("\n## ", 1)[0]
+    with open(os.path.join(root, "docs", "analysis.md"), encoding="utf-8") as f:
+        page = f.read()
+    section = page.split("\n## Analyse\n", 1)[1].split("\n## ", 1)[0]
     blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
     assert len(blocks) == 1
     return blocks[0]
@@ -342,7 +343,6 @@ def test_verify_checks_the_saved_tokenizer(chunked, tmp_path):
 def test_a_run_killed_before_its_first_manifest_with_the_tokenizer_saved_restarts(tmp_path):
     """The tokenizer is saved before the first manifest: a run killed between the two left
     tokenizer/ beside vocab.parquet and .tmp/; resume/overwrite must still recognise OUT."""
-    from crowstream import manifest as mf
 
     out = tmp_path / "out"
     for sub in (".tmp", "data", "docs", "tokenizer"):
@@ -350,5 +350,5 @@ def test_a_run_killed_before_its_first_manifest_with_the_tokenizer_saved_restart
     (out / "tokenizer" / "tokenizer.json").write_text("{}")
     (out / "vocab.parquet").write_bytes(b"")
     (out / "README.md").write_text("written by crowstream")
-    assert mf.inspect_out(str(out), overwrite=False, resume=True) == "replace"
-    assert mf.inspect_out(str(out), overwrite=True, resume=False) == "replace"
+    assert inspect_out(str(out), overwrite=False, resume=True) == "replace"
+    assert inspect_out(str(out), overwrite=True, resume=False) == "replace"

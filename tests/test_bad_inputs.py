@@ -22,8 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import crowstream as cs
-from crowstream import errors, models
+from crowstream import errors
+from crowstream.pipeline import models
 from helpers import assert_same_rows, manifest_of, raw_manifest, tree
+from crowstream.format.card import write_card
+from crowstream.format.locks import exclusive
 
 TEXTS = ["first document here", "a second, longer document about Python", "third"]
 E = errors
@@ -279,13 +282,12 @@ def test_a_manifest_edited_on_purpose_reads_once_its_digest_is_deleted(ctx, tmp_
 # -- races and durability ----------------------------------------------------------------------
 
 def test_a_fresh_run_takes_the_lock_before_writing_anything(gpt2_dir, tmp_path, monkeypatch):
-    from crowstream import manifest as mf
 
     out = tmp_path / "out"
     out.mkdir()
     loads = []
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a))
-    with mf.exclusive(str(out)):  # another capture is running into the same empty OUT
+    with exclusive(str(out)):  # another capture is running into the same empty OUT
         with pytest.raises(errors.OutputError, match="another crowstream process is writing"):
             cs.capture(gpt2_dir, TEXTS, "transformer.h.0", out, progress=False)
     assert os.listdir(out) == [] and loads == []
@@ -293,10 +295,11 @@ def test_a_fresh_run_takes_the_lock_before_writing_anything(gpt2_dir, tmp_path, 
 
 def test_out_is_checked_again_once_locked(gpt2_dir, tmp_path, monkeypatch):
     """Two fresh runs started together: the second to get the lock finds OUT filled."""
-    from crowstream import manifest as mf
+
+    from crowstream.pipeline import output
 
     out = tmp_path / "out"
-    exclusive = mf.exclusive
+    exclusive = output.exclusive
 
     @__import__("contextlib").contextmanager
     def lock_after_the_other_run(path):
@@ -304,7 +307,7 @@ def test_out_is_checked_again_once_locked(gpt2_dir, tmp_path, monkeypatch):
         with exclusive(path):
             yield
 
-    monkeypatch.setattr(mf, "exclusive", lock_after_the_other_run)
+    monkeypatch.setattr(output, "exclusive", lock_after_the_other_run)
     with pytest.raises(errors.OutputExistsError, match=r"^OUT '.*out' is not empty"):
         cs.capture(gpt2_dir, TEXTS, "transformer.h.0", out, progress=False)
     assert "crowstream.json" in os.listdir(out)  # the other run's output, untouched
@@ -318,15 +321,14 @@ def ctx_reference(gpt2_dir, tmp_path):
 
 
 def test_the_dataset_card_is_fsynced_before_it_replaces_the_old_one(ctx, tmp_path, monkeypatch):
-    from crowstream import manifest as mf
 
     out = tmp_path / "out"
     shutil.copytree(ctx["reference"], out)
     synced = []
     fsync = os.fsync
-    monkeypatch.setattr(mf.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
                         or fsync(fd))
-    mf.write_card(str(out), manifest_of(out))
+    write_card(str(out), manifest_of(out))
     assert re.search(r"/\.tmp/README\.md\.\d+\.tmp$", synced[0]) and synced[-1] == str(out)
 
 
@@ -383,8 +385,6 @@ def test_module_that_changes_the_sequence_length_is_refused(gpt2_dir, tmp_path):
 
 def test_read_only_filesystem_mid_run_is_one_error_and_committed_shards_verify(
         gpt2_dir, tmp_path, monkeypatch):
-    import crowstream.pipeline as pipeline
-
     renames = []
     real_replace = os.replace
 
@@ -395,7 +395,7 @@ def test_read_only_filesystem_mid_run_is_one_error_and_committed_shards_verify(
             renames.append(dst)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(pipeline.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "out"
     with pytest.raises(errors.OutputError) as info:
         cs.capture(gpt2_dir, TEXTS * 4, "transformer.h.0", out, shard_size=3, batch_size=3,

@@ -52,7 +52,7 @@ import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (lazy in transforme
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 import datasets  # noqa: F401
 import crowstream as cs
-from crowstream import batching, flatten, integrity, manifest, models, pipeline, sources, tracing, writer  # noqa: F401
+import crowstream.format.integrity, crowstream.pipeline.run, crowstream.reading.readers  # noqa: F401
 from crowstream.demo import python_doc_paragraphs
 docs = python_doc_paragraphs(n_docs, min_chars=1)
 print("READY", flush=True)
@@ -410,9 +410,9 @@ CRASH_POINTS = {
     # shard 2's docs and first module are in place, the second module still in .tmp/
     "between-renames": ("os", "replace", 3, into("module=transformer.h.2")),
     # every file of shard 2 renamed, directories not yet fsynced
-    "before-dir-fsync": ("crowstream.manifest", "fsync_dir", 3 * 2 + 1, part_dir),
+    "before-dir-fsync": ("crowstream.format.records", "fsync_dir", 3 * 2 + 1, part_dir),
     # the final manifest (status complete) is about to be written (1 at start, 2 "running")
-    "before-final-manifest": ("crowstream.manifest", "write_manifest", 3, None),
+    "before-final-manifest": ("crowstream.pipeline.session", "write_manifest", 3, None),
 }
 
 
@@ -444,7 +444,7 @@ def test_resume_from_exact_crash_point(monkeypatch, gpt2, small_reference, tmp_p
 @pytest.mark.crash
 def test_kill_before_first_manifest_is_resumable(monkeypatch, gpt2, small_reference, tmp_path):
     out, snap = str(tmp_path / "out"), str(tmp_path / "snap")
-    snapshot_run_at(monkeypatch, gpt2, out, snap, "crowstream.manifest", "write_manifest", 1)
+    snapshot_run_at(monkeypatch, gpt2, out, snap, "crowstream.pipeline.session", "write_manifest", 1)
     assert not os.path.exists(os.path.join(snap, "crowstream.json"))
     assert os.listdir(snap)  # the skeleton (and vocab/card) exist: OUT is not empty
     model, tokenizer = gpt2

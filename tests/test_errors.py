@@ -19,8 +19,9 @@ import pytest
 
 import crowstream as cs
 from crowstream import errors
-from crowstream.tracing import ModelTracer
-from helpers import assert_same_rows, manifest_of, parts_of, raw_manifest, save_manifest, tree
+from crowstream.pipeline.tracing import ModelTracer
+from helpers import (assert_same_rows, manifest_of, parts_of, patch_everywhere, raw_manifest,
+                     save_manifest, tree)
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 KW = dict(shard_size=4, batch_size=4, progress=False)
@@ -265,7 +266,7 @@ def test_capture_writes_nothing_outside_out(gpt2, docs, tmp_path):
 def test_non_string_text_after_the_first_window_fails_cleanly(gpt2, tmp_path):
     """A bad document the first read-ahead did not reach: the run stops with the same clear
     error, records it, and what was committed stays intact and resumable."""
-    from crowstream.config import SORT_WINDOW_DOCS
+    from crowstream.pipeline.options import SORT_WINDOW_DOCS
 
     bad = SORT_WINDOW_DOCS + 6
     data = ["a b c"] * bad + [b"bytes, not text"] + ["d e"] * 3
@@ -298,18 +299,16 @@ class DiskFull:
 
 
 def patch_disk_full(monkeypatch, site: str, after: int) -> DiskFull:
-    import crowstream.manifest
-    import crowstream.writer
+    from crowstream.format.files import fsync_and_hash, write_atomic
+    from crowstream.pipeline.parts import PartWriter
 
     full = DiskFull(after)
     if site == "PartWriter.write":
-        monkeypatch.setattr(crowstream.writer.PartWriter, "write",
-                            full.wrap(crowstream.writer.PartWriter.write))
+        monkeypatch.setattr(PartWriter, "write", full.wrap(PartWriter.write))
     elif site == "fsync_and_hash":
-        monkeypatch.setattr(crowstream.writer, "fsync_and_hash", full.wrap(crowstream.writer.fsync_and_hash))
+        patch_everywhere(monkeypatch, fsync_and_hash, full.wrap(fsync_and_hash))
     elif site == "manifest":  # crowstream.json and the commit records
-        monkeypatch.setattr(crowstream.manifest, "_write_atomic",
-                            full.wrap(crowstream.manifest._write_atomic))
+        patch_everywhere(monkeypatch, write_atomic, full.wrap(write_atomic))
     elif site == "every Parquet write":
         monkeypatch.setattr(pq.ParquetWriter, "write_table", full.wrap(pq.ParquetWriter.write_table))
         monkeypatch.setattr(pq.ParquetWriter, "close", full.wrap(pq.ParquetWriter.close))
@@ -358,10 +357,10 @@ def test_disk_full_is_one_clear_error_committed_shards_intact_then_resume(
 
 
 def test_other_write_errors_name_out_and_keep_the_errno(monkeypatch, gpt2, docs, tmp_path):
-    import crowstream.writer
+    from crowstream.pipeline.parts import PartWriter
 
     out = str(tmp_path / "out")
-    original = crowstream.writer.PartWriter.write
+    original = PartWriter.write
     calls = []
 
     def write(self, batch):
@@ -370,7 +369,7 @@ def test_other_write_errors_name_out_and_keep_the_errno(monkeypatch, gpt2, docs,
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return original(self, batch)
 
-    monkeypatch.setattr(crowstream.writer.PartWriter, "write", write)
+    monkeypatch.setattr(PartWriter, "write", write)
     with pytest.raises(errors.OutputError, match=rf"^cannot write to {re.escape(repr(out))}: \[Errno "
                                                  rf"{errno.EIO}\] .*Committed shards are intact"):
         capture(gpt2, docs, out)
@@ -563,7 +562,7 @@ def test_cli_errors_are_one_line_without_traceback(gpt2_dir, tmp_path):
                                   ".hidden", "a..b", "model.layers.0/../../x", "a b", "a\x00b", "a\nb",
                                   "transformer.h.0\n"])
 def test_module_names_cannot_escape_out(name):
-    from crowstream.config import check_module_name
+    from crowstream.format.layout import check_module_name
 
     with pytest.raises(errors.ConfigError, match=r"cannot be used as a directory name; use the dotted "
                                                  r"names that `crowstream modules MODEL` lists\.$"):
@@ -573,7 +572,7 @@ def test_module_names_cannot_escape_out(name):
 @pytest.mark.parametrize("name", ["transformer.h.0", "model.layers.31.mlp", "encoder.layer.5",
                                   "blocks.0.hook_resid-post", "_orig_mod.h.0"])
 def test_ordinary_module_names_are_accepted(name):
-    from crowstream.config import check_module_name
+    from crowstream.format.layout import check_module_name
 
     check_module_name(name)
 
@@ -592,16 +591,17 @@ def test_no_pickle_and_no_remote_code_by_default():
 
 
 def failing_writes(monkeypatch, site: str) -> None:
-    import crowstream.manifest
-    import crowstream.writer
+    import crowstream.pipeline.run  # noqa: F401  (every module that binds them is imported)
+    from crowstream.format.files import fsync_and_hash
+    from crowstream.format.manifest import write_manifest
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if site == "fresh run: vocab":
-        monkeypatch.setattr(crowstream.writer, "fsync_and_hash", full)
+        patch_everywhere(monkeypatch, fsync_and_hash, full)
     else:
-        monkeypatch.setattr(crowstream.manifest, "write_manifest", full)
+        patch_everywhere(monkeypatch, write_manifest, full)
 
 
 @pytest.mark.parametrize("site", ["fresh run: vocab", "resume: manifest"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import crowstream as cs
-from crowstream.config import check_module_name
+from crowstream.format.layout import check_module_name
 from crowstream.errors import ConfigError, ModuleNotFoundInModel
 from helpers import manifest_of, read_rows
 
@@ -93,7 +93,7 @@ def test_input_values_equal_plain_hooks(captured, gpt2, corpus):
 
 
 def test_input_globs_and_errors(gpt2, corpus, tmp_path):
-    from crowstream.tracing import resolve_modules
+    from crowstream.pipeline.tracing import resolve_modules
 
     model = gpt2[0]
     assert resolve_modules(model, ["transformer.h.*:input"]) == [

@@ -20,7 +20,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.schemas import parquet_options
-from helpers import as_format_1, manifest_of, raw_manifest, save_manifest
+from helpers import as_format_1, manifest_of, raw_manifest
 
 MODULES = {"transformer.h.0": 64, "transformer.h.1.mlp.c_fc": 256}
 N_DOCS = 24
@@ -144,7 +144,6 @@ def test_reader_returns_what_pyarrow_reads(out, reader, module):
 def test_cs_load_never_returns_another_outputs_cached_rows(out, tmp_path):
     """datasets keys `load_dataset(OUT, module)`'s cache by OUT's name and the config name,
     so a second OUT of the same name got the first one's rows; cs.load must not."""
-    from crowstream.writer import fsync_and_hash
 
     other = tmp_path / os.path.basename(out)
     shutil.copytree(out, other)
@@ -213,7 +212,7 @@ def test_same_model_in_two_places_gives_identical_parts(gpt2_dir, tmp_path):
 def make_like_0_1(out):
     """Re-encode OUT's parts as crowstream 0.1 did: BYTE_STREAM_SPLIT on every dtype, no
     footer metadata, no page checksums; manifest format 1 with matching sizes/checksums."""
-    from crowstream.writer import fsync_and_hash
+    from crowstream.format.files import fsync_and_hash
 
     staged = str(out) + ".v2"
     os.rename(out, staged)

@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import crowstream as cs
+from crowstream.reading.catalog import Catalog
 from crowstream.errors import ConfigError, DataError
-from crowstream.loader import Stream, _worker_share
+from crowstream.reading.loader import Stream, _worker_share
 
 DOC_TOKENS = 20
 _spec = importlib.util.spec_from_file_location(
@@ -54,7 +55,7 @@ def paired(tmp_path_factory):
 
 def stored(out, module="synthetic"):
     """All rows of a module in file order, read with pyarrow: (row key, vectors)."""
-    files = sorted(cs.loader._catalog(out)[module].paths)
+    files = sorted(Catalog(out).module(module).paths)
     tables = [pq.read_table(f) for f in files]
     doc = np.concatenate([t["doc_id"].to_numpy() for t in tables])
     pos = np.concatenate([t["position"].to_numpy() for t in tables])
@@ -236,11 +237,12 @@ def test_paired_modules_are_aligned(paired):
 def test_misaligned_modules_raise(paired, tmp_path):
     out = str(tmp_path / "bad")
     shutil.copytree(paired, out)
-    path = sorted(cs.loader._catalog(out)["wide"].paths)[1]
+    path = sorted(Catalog(out).module("wide").paths)[1]
     table = pq.read_table(path)
     pq.write_table(table.take(np.r_[1, 0, 2:table.num_rows]), path)  # two rows swapped
-    with pytest.raises(DataError, match=r"rows of 'wide' and 'narrow' are not aligned: in "
-                                        r"part-00000-000001-000\.parquet, row 0 has position 1 vs 0"):
+    with pytest.raises(DataError, match=r"rows of 'wide' and 'narrow' are not aligned in "
+                                        r"part-00000-000001-000\.parquet from row 0: row 0 has "
+                                        r"position 1 vs 0"):
         list(cs.stream(out, ["narrow", "wide"], batch_size=1000))
     pq.write_table(table.slice(0, 100), path)
     with pytest.raises(DataError, match="hold different numbers of rows"):

@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 
 import crowstream as cs
-from crowstream import manifest as mf
 from crowstream.errors import ManifestError
-from crowstream.writer import ModuleStats
-from helpers import as_format_1, manifest_of, raw_manifest, read_rows, save_manifest, tree
+from crowstream.format.statistics import ModuleStats
+from helpers import (as_format_1, manifest_of, patch_everywhere, raw_manifest, read_rows,
+                     save_manifest, tree)
+from crowstream.pipeline.commit import commit_shard
+from crowstream.pipeline.output import Output
+from crowstream.format.layout import staging_path
+from crowstream.format.manifest import ShardRecord
+from crowstream.format.records import readable
+from crowstream.format.recovery import create_out
+from crowstream.format.statistics import read_stats
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 
@@ -40,8 +47,9 @@ def test_commit_bytes_do_not_grow_with_the_shard_index(monkeypatch, gpt2, corpus
     at the end (never per shard), and every commit writes a record and a statistics file of
     the same size, whatever its index."""
     writes = []  # (path relative to OUT, bytes) of every atomic JSON write
-    write_atomic = mf._write_atomic
-    monkeypatch.setattr(mf, "_write_atomic", lambda out, rel, data: (
+    from crowstream.format.files import write_atomic
+
+    patch_everywhere(monkeypatch, write_atomic, lambda out, rel, data: (
         writes.append((rel, len(data))), write_atomic(out, rel, data)))
     out = tmp_path / "out"
     run = capture(gpt2, corpus[:60], out, modules=["transformer.h.1"], shard_size=1, batch_size=1)
@@ -110,13 +118,13 @@ def test_non_finite_values_are_counted_and_never_written_as_nan(tmp_path):
 
 def test_clamp_counts_merge_with_the_partials(tmp_path):
     out = str(tmp_path)
-    mf.create_out(out, "fresh")
+    create_out(out, "fresh")
     partial = ModuleStats(2)
     partial.update(np.ones((4, 2), np.float32), clamped=3)
-    ref = mf.write_record(out, "0123456789abcdef", mf.ShardRecord(0, 0, 0, 1, 1, 0, 4, ()),
-                          {"m": partial}).stats
+    ref = commit_shard(Output(out), "0123456789abcdef", ShardRecord(0, 0, 0, 1, 1, 0, 4, ()),
+                       {"m": partial}).stats
     total = ModuleStats(2)
-    total.merge(mf.read_stats(out, ref)["m"])
+    total.merge(read_stats(out, ref)["m"])
     total.update(np.ones((1, 2), np.float32), clamped=1)
     assert (total.count, total.clamped) == (5, 4) and total.summary().to_json()["clamped"] == 4
 
@@ -151,9 +159,9 @@ def test_readers_skip_a_recorded_shard_whose_parts_are_still_in_tmp(complete, tm
     save_manifest(out, raw)
     last = manifest_of(out).shards[-1]
     for part in last.parts:  # the crash came between the record and the renames
-        os.replace(os.path.join(out, part.path), mf.staging_path(out, part.path))
+        os.replace(os.path.join(out, part.path), staging_path(out, part.path))
     assert len(manifest_of(out).shards) == 6  # committed...
-    assert len(mf.readable(out).shards) == 5  # ...but not yet readable
+    assert len(readable(out).shards) == 5  # ...but not yet readable
     assert cs.info(out)["docs"] == 24
     assert cs.docs(out).collect().height == 20
     for module in MODULES:

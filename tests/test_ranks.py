@@ -15,9 +15,9 @@ import time
 import pytest
 
 import crowstream as cs
-from crowstream import manifest as mf
 from crowstream.errors import IncompleteRunError, ResumeMismatchError
 from helpers import assert_same_rows, manifest_of
+from crowstream.format.layout import RECORD_NAME
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
 N_DOCS = 120  # 30 shards of 4 documents: 15 per rank
@@ -60,7 +60,7 @@ def record_ranks(out) -> dict[int, int]:
     """shard index -> rank, from the commit records on disk."""
     found = {}
     for name in os.listdir(os.path.join(out, "commits")):
-        if mf.RECORD_NAME.fullmatch(name):
+        if RECORD_NAME.fullmatch(name):
             with open(os.path.join(out, "commits", name)) as f:
                 record = json.load(f)
             found[record["index"]] = record["rank"]
@@ -134,7 +134,7 @@ def test_one_rank_resumes_after_a_two_rank_crash(gpt2_dir, corpus_txt, reference
 
 
 def test_ranks_come_from_the_environment_and_are_checked(monkeypatch):
-    from crowstream import ranks
+    from crowstream.pipeline import ranks
     from crowstream.errors import ConfigError, ManifestError
 
     monkeypatch.setenv("RANK", "3")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import crowstream as cs
-from crowstream import reporting as rp
+from crowstream.reading import reporting as rp
 from crowstream.cli import main
 from crowstream.demo import DEMO_MODULES
 from helpers import read_rows
@@ -74,25 +74,27 @@ def test_report_of_a_chunked_two_module_capture_samples_and_says_so(gpt2_out, tm
 
 
 def test_sample_plan_is_bounded_and_deterministic(gpt2_out, monkeypatch):
-    from crowstream.analysis import module_parts
+    from crowstream.reading.catalog import Catalog
 
-    files, _, _ = module_parts(gpt2_out, "transformer.h.2")
+    catalog = Catalog(gpt2_out)
+    module = catalog.module("transformer.h.2")
+    files = module.paths
     assert len(files) == 6
     monkeypatch.setattr(rp, "REPORT_FILES", 3)
-    plan = rp.sample_plan(files, 10**9)
+    plan = rp.sample_plan(catalog, module, 10**9)
     assert plan.files_opened == 3 and list(plan.groups) == [files[0], files[2], files[5]]
-    assert rp.sample_plan(files, 10**9).groups == plan.groups
-    one = rp.sample_plan(files, 1)  # never less than one whole row group
+    assert rp.sample_plan(catalog, module, 10**9).groups == plan.groups
+    one = rp.sample_plan(catalog, module, 1)  # never less than one whole row group
     assert sum(map(len, one.groups.values())) == 1
 
 
 def test_cosine_by_position_matches_brute_force(gpt2_out):
-    from crowstream.analysis import module_parts
+    from crowstream.reading.catalog import Catalog
 
-    files_a, d, _ = module_parts(gpt2_out, "transformer.h.0")
-    files_b, _, _ = module_parts(gpt2_out, "transformer.h.2")
-    plan = rp.sample_plan(files_a, 10**9)
-    sums, counts = rp.paired_cosines(plan.groups, files_b, d)
+    catalog = Catalog(gpt2_out)
+    files_a, files_b = catalog.module("transformer.h.0"), catalog.module("transformer.h.2")
+    plan = rp.sample_plan(catalog, files_a, 10**9)
+    sums, counts = rp.paired_cosines(catalog, files_a, plan.groups, files_b)
     rows = read_rows(gpt2_out)
     (doc_a, pos_a, _, va), (doc_b, pos_b, _, vb) = rows["transformer.h.0"], rows["transformer.h.2"]
     assert np.array_equal(doc_a, doc_b) and np.array_equal(pos_a, pos_b)

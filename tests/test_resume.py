@@ -13,7 +13,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.errors import Interrupted, ResumeMismatchError
-from crowstream.tracing import ModelTracer
+from crowstream.pipeline.tracing import ModelTracer
 from helpers import assert_same_rows, manifest_of, parts_of, read_rows, tree
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
@@ -399,15 +399,15 @@ def test_resume_refuses_a_different_iterable_dataset(monkeypatch, gpt2, docs, tm
 def test_signal_after_the_last_batch_still_completes(monkeypatch, gpt2, docs, reference, tmp_path):
     """A Ctrl-C that lands while the final commits drain interrupts nothing: every shard is
     committed, so the run must say complete, not ask for a resume."""
-    from crowstream import pipeline
+    from crowstream.pipeline import writers as pipeline
 
-    finish = pipeline._Writers.finish
+    finish = pipeline.Writers.finish
 
     def finish_after_a_signal(self):
         send(signal.SIGINT)()
         finish(self)
 
-    monkeypatch.setattr(pipeline._Writers, "finish", finish_after_a_signal)
+    monkeypatch.setattr(pipeline.Writers, "finish", finish_after_a_signal)
     out = str(tmp_path / "out")
     run = capture(gpt2, docs, out)
     assert run.manifest.status == "complete"

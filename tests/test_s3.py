@@ -11,9 +11,9 @@ import sys
 import pytest
 
 import crowstream as cs
-from crowstream import manifest as mf
-from crowstream import storage
+from crowstream.format import storage
 from crowstream.errors import OutputExistsError, VerifyError
+from crowstream.format.manifest import Manifest
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -87,7 +87,7 @@ def test_capture_to_s3_equals_local_capture(bucket_out, local, server):
         assert os.path.dirname(local) not in text and "crowstream-spool-" not in text
         assert not any(os.path.isabs(v) for v in json_strings(text)), "an absolute local path"
     # every object in the bucket is listed (nothing left over), parts carry an attempt id
-    listed = {p.path for p in mf.Manifest.from_json(__import__("json").loads(manifest_text)).parts}
+    listed = {p.path for p in Manifest.from_json(__import__("json").loads(manifest_text)).parts}
     objects = {k[len("bucket/run/"):] for k in fs.find("bucket/run")}
     assert {o for o in objects if o.startswith(("data/", "docs/"))} == listed
     assert all(p.rsplit("-", 1)[1].startswith("a") for p in listed)
@@ -144,10 +144,11 @@ def test_verify_over_s3_catches_a_deleted_and_a_truncated_object(gpt2, docs, ser
 KILL_DRIVER = """
 import os, sys, time
 import crowstream as cs
-from crowstream import manifest as mf
 from crowstream.demo import python_doc_paragraphs
+from crowstream.format import records, storage
+from crowstream.pipeline import commit
 
-original, calls = mf.write_record_json, []
+original, calls = records.write_record_json, []
 def stall(out, run_id, record):  # the 2nd call for shard 2 is the bucket's: parts are up
     calls.append(record.index)
     if calls.count(2) == 2:  # the spool holds no part of a published shard
@@ -156,7 +157,7 @@ def stall(out, run_id, record):  # the 2nd call for shard 2 is the bucket's: par
         print("READY", sum("-000000-" in n or "-000001-" in n for n in spool), flush=True)
         time.sleep(600)
     original(out, run_id, record)
-mf.write_record_json = stall
+commit.write_record_json = storage.write_record_json = stall
 url, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cs.capture(model, python_doc_paragraphs(120, min_chars=1)[:n], %r, url, shard_size=4,
            batch_size=4, progress=False)
@@ -202,7 +203,7 @@ def test_sigkill_mid_commit_then_resume_equals_local(gpt2_dir, docs, local, serv
 
 def test_interrupt_names_the_url_and_a_second_capture_is_refused(gpt2, docs, server, monkeypatch):
     from crowstream.errors import Interrupted
-    from crowstream.tracing import ModelTracer
+    from crowstream.pipeline.tracing import ModelTracer
 
     url = "s3://bucket/interrupted"
     original, calls = ModelTracer.run, []

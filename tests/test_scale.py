@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import crowstream as cs
-from crowstream import writer as writer_module
+from crowstream.pipeline import parts as writer_module
 from crowstream.errors import Float16OverflowError
-from crowstream.flatten import to_record_batch
+from crowstream.pipeline.flatten import to_record_batch
 from crowstream.schemas import ROW_GROUP_BYTES, row_schema
-from crowstream.writer import PartWriter, ShardParts
+from crowstream.pipeline.parts import PartWriter, ShardParts
 from helpers import assert_same_rows, manifest_of, read_rows
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
@@ -275,7 +275,7 @@ def test_the_input_device_comes_from_the_embeddings_not_the_first_parameter(
         gpt2, fresh_gpt2, corpus, tmp_path):
     """As with device_map: the first parameter sits on 'meta' (offloaded), the embeddings
     on the CPU. Taking the first parameter's device sent the input ids to 'meta'."""
-    from crowstream.tracing import input_device
+    from crowstream.pipeline.tracing import input_device
 
     model, tokenizer = fresh_gpt2
     model.eval()
@@ -293,7 +293,7 @@ def test_an_offloaded_embedding_executes_where_its_hook_says(fresh_gpt2):
     """accelerate's offload keeps weights on 'meta' and names the execution device in a hook."""
     from types import SimpleNamespace
 
-    from crowstream.tracing import input_device
+    from crowstream.pipeline.tracing import input_device
 
     model, _ = fresh_gpt2
     embeddings = torch.nn.Embedding(8, 4, device="meta")
@@ -303,9 +303,9 @@ def test_an_offloaded_embedding_executes_where_its_hook_says(fresh_gpt2):
 
 
 def test_bf16_rows_travel_in_bf16_and_are_upcast_on_the_host(fresh_gpt2, corpus, tmp_path):
-    from crowstream.batching import Tokenizing, shard_stream
-    from crowstream.config import CaptureConfig
-    from crowstream.tracing import ModelTracer
+    from crowstream.pipeline.batching import Tokenizing, shard_stream
+    from crowstream.pipeline.options import CaptureConfig
+    from crowstream.pipeline.tracing import ModelTracer
 
     model, tokenizer = fresh_gpt2
     model.eval().to(torch.bfloat16)
@@ -352,7 +352,7 @@ def test_the_budget_makes_the_forward_wait_and_admits_an_oversized_batch_alone()
     import threading
     import time
 
-    from crowstream._threads import ByteBudget
+    from crowstream.pipeline.threads import ByteBudget
 
     budget = ByteBudget(100)
     budget.acquire(60)
@@ -370,7 +370,7 @@ def test_the_budget_makes_the_forward_wait_and_admits_an_oversized_batch_alone()
 
 
 def test_a_failed_writer_stops_a_waiting_forward():
-    from crowstream._threads import ByteBudget
+    from crowstream.pipeline.threads import ByteBudget
 
     budget = ByteBudget(100)
     budget.acquire(80)
@@ -385,7 +385,7 @@ def test_a_failed_writer_stops_a_waiting_forward():
 @pytest.fixture
 def budgets(monkeypatch):
     """Every ByteBudget a capture creates."""
-    from crowstream import _threads
+    from crowstream.pipeline import threads as _threads
 
     made = []
     original = _threads.ByteBudget.__init__
@@ -407,7 +407,7 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     run = _capture(gpt2, corpus[:30], tmp_path / "out", shard_size=10, batch_size=8,
                    max_inflight_bytes=limit)
     assert_same_rows(run.path, reference.path)
-    from crowstream.writer import ENCODER_BYTES, encoder_slots
+    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots
 
     (budget,) = budgets  # the rows' share: concurrent encoders take theirs first
     assert budget.limit == max(1, limit - encoder_slots(limit) * ENCODER_BYTES)
@@ -421,8 +421,8 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
 
 
 def test_default_budget_is_min_2gib_or_a_tenth_of_ram(gpt2, corpus, tmp_path, budgets):
-    from crowstream.config import default_inflight_bytes
-    from crowstream.writer import ENCODER_BYTES, encoder_slots
+    from crowstream.pipeline.options import default_inflight_bytes
+    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots
 
     run = _capture(gpt2, corpus[:4], tmp_path / "out")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -448,7 +448,7 @@ def test_cli_takes_the_new_options():
 # -- 5. shards sized in tokens, batches that reach batch_size -----------------------------
 
 def test_default_shards_are_sized_in_tokens_whatever_d(gpt2, corpus, tmp_path):
-    from crowstream.config import SHARD_TARGET_TOKENS
+    from crowstream.pipeline.options import SHARD_TARGET_TOKENS
 
     model, tokenizer = gpt2
     run = _capture(gpt2, corpus[:20], tmp_path / "out")
@@ -458,8 +458,8 @@ def test_default_shards_are_sized_in_tokens_whatever_d(gpt2, corpus, tmp_path):
 
 
 def test_batches_reach_batch_size_when_the_token_budget_allows(gpt2, corpus):
-    from crowstream.batching import Batch, Tokenizing, estimate_shard_size, shard_stream
-    from crowstream.config import CaptureConfig
+    from crowstream.pipeline.batching import Batch, Tokenizing, estimate_shard_size, shard_stream
+    from crowstream.pipeline.options import CaptureConfig
 
     tokenizer = gpt2[1]
     config = CaptureConfig(model={}, tokenizer={}, source={}, modules=("x",), context_size=64)
@@ -506,7 +506,7 @@ def test_resume_with_rolled_part_files_is_bit_identical(gpt2_dir, gpt2, corpus, 
 
 def test_the_pinned_pool_reuses_buffers_within_its_capacity():
     """The CUDA path's host buffers, with plain CPU memory standing in for pinned memory."""
-    from crowstream.tracing import PinnedPool
+    from crowstream.pipeline.tracing import PinnedPool
 
     allocated = []
 

@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-from .errors import ConfigError
+from crowstream.errors import ConfigError
+from crowstream.reading.catalog import Catalog, ModuleFiles, aligned, shard_rows, vector_array
 
 REPORT_ROWS = 200_000  # rows read per module, at most: ~0.6 GB of float32 at d=768, in batches
 REPORT_FILES = 16      # part files opened per module, at most (footers are read only for these)
@@ -35,8 +36,8 @@ def report(out, path, *, max_rows: int = REPORT_ROWS) -> dict:
     """Write the HTML report of capture `out` to `path`; -> {"path", "modules": {name:
     {"rows", "sampled_rows"}}}. At most `max_rows` rows per module are read (whole row
     groups, chosen deterministically); the report states the sample's size."""
-    from . import analysis
-    from .readers import info
+    from crowstream.reading import analysis
+    from crowstream.reading.readers import info
 
     out, path = os.fspath(out), os.fspath(path)
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
@@ -44,16 +45,17 @@ def report(out, path, *, max_rows: int = REPORT_ROWS) -> dict:
     _check_matplotlib()
     summary = info(out)
     sections, sampled, plans = [], {}, {}
+    catalog = Catalog(out)
     for module, spec in summary["modules"].items():
-        files, d, _ = analysis.module_parts(out, module)
-        plan = sample_plan(files, max_rows)
-        plans[module] = (files, d, plan)
-        stats = ModuleSample(d)
-        for batch in analysis.scan_batches(files, d, row_groups=plan.groups):
+        files = catalog.module(module)
+        plan = sample_plan(catalog, files, max_rows)
+        plans[module] = (files, plan)
+        stats = ModuleSample(files.d)
+        for batch in analysis.scan_batches(catalog, files, row_groups=plan.groups):
             stats.add(*batch)  # doc_id, position, token, vectors
         sampled[module] = {"rows": spec["rows"], "sampled_rows": stats.rows}
         sections.append(_module_section(out, module, spec, plan, stats))
-    cosine = _cosine_section(summary, plans)
+    cosine = _cosine_section(catalog, summary, plans)
     page = _page(summary, sampled, sections, cosine)
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
@@ -69,15 +71,14 @@ class SamplePlan:
         self.files_opened, self.files, self.row_groups_seen = files_opened, files, row_groups_seen
 
 
-def sample_plan(files: list[str], max_rows: int) -> SamplePlan:
-    """At most REPORT_FILES files evenly spaced over the list, then row groups evenly
-    spaced among theirs until `max_rows` rows. Deterministic: same OUT, same sample."""
-    import pyarrow.parquet as pq
-
+def sample_plan(catalog: Catalog, module: ModuleFiles, max_rows: int) -> SamplePlan:
+    """At most REPORT_FILES files evenly spaced over the module's files, then row groups
+    evenly spaced among theirs until `max_rows` rows. Deterministic: same OUT, same sample."""
+    files = module.paths
     chosen = _evenly(len(files), REPORT_FILES)
     groups = []  # (path, index, rows)
     for i in chosen:
-        metadata = pq.ParquetFile(files[i]).metadata
+        metadata = catalog.open(files[i]).metadata
         groups += [(files[i], g, metadata.row_group(g).num_rows)
                    for g in range(metadata.num_row_groups)]
     rows = np.array([g[2] for g in groups], dtype=np.int64)
@@ -106,7 +107,7 @@ class ModuleSample:
     """Streaming statistics of one module's sampled rows (float64 accumulators)."""
 
     def __init__(self, d: int):
-        from .analysis import TopK
+        from crowstream.reading.analysis import TopK
 
         self.rows = 0
         self.norms: list[np.ndarray] = []
@@ -172,7 +173,7 @@ def _module_section(out: str, module: str, spec: dict, plan: SamplePlan,
 def _token_table(out: str, stats: ModuleSample) -> str:
     import polars as pl
 
-    from .readers import vocab
+    from crowstream.reading.readers import vocab
 
     counts = stats.token_count
     seen = np.flatnonzero(counts >= min(MIN_TOKEN_COUNT, max(counts.max(), 1)))
@@ -190,14 +191,14 @@ def _token_table(out: str, stats: ModuleSample) -> str:
 
 
 def _context_table(out: str, stats: ModuleSample) -> str:
-    from . import analysis
+    from crowstream.reading import analysis
 
     found = stats.top.frame()
     try:
         found = analysis.contexts(out, found, (16, 4))
         note = "one row per document; « » mark the token; decoded with OUT/tokenizer/"
     except ConfigError as error:  # a format-1 output: token texts only
-        from .readers import vocab
+        from crowstream.reading.readers import vocab
 
         found = (found.join(vocab(out).select("token", "text").collect(), on="token", how="left")
                  .sort("score", "doc_id", "position", descending=[True, False, False])
@@ -210,7 +211,7 @@ def _context_table(out: str, stats: ModuleSample) -> str:
             f'</table><p class="note">{_e(note)}</p>')
 
 
-def _cosine_section(summary: dict, plans: dict) -> str:
+def _cosine_section(catalog: Catalog, summary: dict, plans: dict) -> str:
     names = list(summary["modules"])
     pairs = [(a, b) for a, b in zip(names, names[1:])
              if summary["modules"][a]["d"] == summary["modules"][b]["d"]]
@@ -221,8 +222,8 @@ def _cosine_section(summary: dict, plans: dict) -> str:
                 f"({_e(widths)}).</p></section>")
     curves = {}
     for a, b in pairs:
-        files_a, d, plan = plans[a]
-        curves[f"{a} → {b}"] = paired_cosines(plan.groups, plans[b][0], d)
+        files_a, plan = plans[a]
+        curves[f"{a} → {b}"] = paired_cosines(catalog, files_a, plan.groups, plans[b][0])
     png = _plot_cosines(curves)
     matched = ", ".join(f"{name}: {int(c.sum()):,} row pairs" for name, (_, c) in curves.items())
     return (f'<section>{title}<figure class="wide"><img alt="Cosine similarity by position" '
@@ -231,44 +232,38 @@ def _cosine_section(summary: dict, plans: dict) -> str:
             f"{_e(matched)}</figcaption></figure></section>")
 
 
-def paired_cosines(groups_a: dict[str, list[int]], files_b: list[str], d: int):
-    """-> (cosine sum, count) per position over the sampled rows of module A and the rows
-    of module B at the same (doc_id, position): both modules' parts of a shard share a
-    file name and hold the same rows, so each sampled row group is matched in B's file."""
-    import pyarrow.parquet as pq
-
-    by_name = {os.path.basename(p): p for p in files_b}
+def paired_cosines(catalog: Catalog, files_a: ModuleFiles, groups_a: dict[str, list[int]],
+                   files_b: ModuleFiles):
+    """-> (cosine sum, count) per position over the sampled row groups of module A
+    (`groups_a`: path -> indices) and the same rows of module B, paired by the catalog's
+    rule: (shard, row in the shard), `doc_id` and `position` checked equal."""
+    columns = ["doc_id", "position", "vector"]
+    starts = {}  # path of A -> (shard, its first row's index in the shard)
+    for shard, indices in files_a.by_shard().items():
+        offsets = np.cumsum([0] + [files_a.rows[i] for i in indices])
+        starts.update({files_a.paths[i]: (shard, int(o)) for i, o in zip(indices, offsets)})
     sums, counts = np.zeros(0), np.zeros(0)
     for path_a, indices in groups_a.items():
-        path_b = by_name.get(os.path.basename(path_a))
-        if path_b is None:
-            continue
-        file_a, file_b = (pq.ParquetFile(p, page_checksum_verification=True)
-                          for p in (path_a, path_b))
+        shard, first_row = starts[path_a]
+        parquet = catalog.open(path_a)
+        edges = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows
+                                 for g in range(parquet.metadata.num_row_groups)])
         for index in indices:
-            if index >= file_b.metadata.num_row_groups:
-                continue
-            a, b = (f.read_row_group(index, columns=["doc_id", "position", "vector"])
-                    for f in (file_a, file_b))
-            ka, kb = _keys(a), _keys(b)
-            _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
-            va, vb = _vectors(a, d)[ia], _vectors(b, d)[ib]  # [M, d] each
+            a = parquet.read_row_group(index, columns=columns)
+            start = first_row + int(edges[index])
+            b = shard_rows(catalog, files_b, shard, start, start + a.num_rows, columns)
+            aligned(files_a.name, files_b.name, f"shard {shard} from row {start}",
+                    _ids(a), _ids(b))
+            va = vector_array(a.column("vector"), files_a.d, np.float32)  # [M, d]
+            vb = vector_array(b.column("vector"), files_b.d, np.float32)  # [M, d]
             cos = np.einsum("ij,ij->i", va, vb, dtype=np.float64) / np.maximum(
                 np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1), 1e-30)
-            positions = a.column("position").to_numpy()[ia]
-            sums, counts = _add_bins(sums, counts, positions, cos)
+            sums, counts = _add_bins(sums, counts, a.column("position").to_numpy(), cos)
     return sums, counts
 
 
-def _keys(table) -> np.ndarray:
-    doc_id = table.column("doc_id").to_numpy().astype(np.int64)
-    return (doc_id << 31) | table.column("position").to_numpy().astype(np.int64)
-
-
-def _vectors(table, d: int) -> np.ndarray:
-    from .analysis import vectors_of
-
-    return vectors_of(table.column("vector").combine_chunks(), d)
+def _ids(table) -> dict:
+    return {key: table.column(key).to_numpy() for key in ("doc_id", "position")}
 
 
 # -- plots -----------------------------------------------------------------------------
@@ -398,7 +393,7 @@ def _page(summary: dict, sampled: dict, sections: list[str], cosine: str) -> str
 
 def _bold_marked(context: str) -> str:
     """Escape, then show the marked token in bold (the « » marks stay in the text)."""
-    from .analysis import MARK
+    from crowstream.reading.analysis import MARK
 
     text = _e(context)
     start, end = text.find(MARK[0]), text.rfind(MARK[1])

@@ -23,13 +23,12 @@ How a `Stream` works:
   and the stream continues from the first unread row. (A resume point inside the
   end-of-epoch drain replays that epoch's reads instead.)
 
-Nothing here reads the manifest except `_catalog` and `_recorded_stats`.
+Nothing here reads the manifest: the catalog (`reading/catalog.py`) does.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import difflib
 import itertools
 import math
@@ -38,10 +37,9 @@ import re
 
 import numpy as np
 
-from . import manifest as mf
-from . import storage
-from .config import check_positive
-from .errors import ConfigError, DataError
+from crowstream.checks import check_positive
+from crowstream.errors import ConfigError, DataError
+from crowstream.reading.catalog import Catalog, aligned, vector_array
 
 # Units read ahead of the consumer beyond one per reader thread, so none of them idles.
 READ_AHEAD_UNITS = 2
@@ -49,35 +47,6 @@ READ_AHEAD_UNITS = 2
 STANDARDIZE_EPS = 1e-6
 ID_COLUMNS = ("doc_id", "position", "token")
 NORMALIZE = ("mean_norm", "standardize")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleParts:
-    """One module as the manifest records it: its committed part files, width and dtype."""
-
-    paths: tuple[str, ...]
-    d: int
-    dtype: str
-
-
-def _catalog(out: str, storage_options: dict | None = None) -> dict[str, ModuleParts]:
-    """{module: ModuleParts} for every module of OUT: the loader's one view of the manifest.
-    For a URL `out` the paths are keys in `storage.filesystem(out)`."""
-    if storage.is_url(out):
-        manifest = storage.committed(out, storage_options)
-        root = storage.filesystem(out, storage_options)[1]
-    else:
-        manifest, root = mf.readable(out), out
-    return {name: ModuleParts(tuple(f"{root}/{p.path}" if root != out else os.path.join(out, p.path)
-                                    for p in manifest.module_parts(name)), spec.d, spec.dtype)
-            for name, spec in manifest.modules.items()}
-
-
-def _recorded_stats(out: str, module: str, storage_options: dict | None = None) -> dict | None:
-    """The manifest's stats of `module`: {count, mean, var, mean_norm}, or None if none yet."""
-    recorded = (storage.committed(out, storage_options, stats=True) if storage.is_url(out)
-                else mf.committed(out)).stats.get(module)
-    return recorded.to_json() if recorded is not None else None
 
 
 def stats(out, module: str, *, storage_options: dict | None = None) -> dict:
@@ -90,14 +59,15 @@ def stats(out, module: str, *, storage_options: dict | None = None) -> dict:
     """
     import torch
 
-    out = os.fspath(out)
     if not isinstance(module, str) or set("*?[") & set(module):
         raise ConfigError(f"stats takes one module name, got {module!r}.")
-    parts = _resolve(out, _catalog(out, storage_options), module)[1][module]
-    recorded = _recorded_stats(out, module, storage_options)
+    catalog = Catalog(out, storage_options, stats=True)
+    parts = _resolve(catalog, module)[1][module]
+    summary = catalog.manifest.stats.get(module)
+    recorded = summary.to_json() if summary is not None else None
     if not recorded or not recorded.get("count"):
-        raise ConfigError(f"module {module!r} in {out!r} has no statistics yet: no rows are "
-                          "committed. Let the capture commit a shard first.")
+        raise ConfigError(f"module {module!r} in {catalog.shown!r} has no statistics yet: no "
+                          "rows are committed. Let the capture commit a shard first.")
     mean_norm = float(recorded["mean_norm"])
     return {"mean": torch.tensor(recorded["mean"], dtype=torch.float64),
             "var": torch.tensor(recorded["var"], dtype=torch.float64),
@@ -154,19 +124,17 @@ class Stream(_iterable_dataset()):
     def __init__(self, out, modules, *, batch_size, shuffle_buffer, seed, epochs, rank,
                  world_size, dtype, device, normalize, columns, read_threads,
                  storage_options=None):
-        out = os.fspath(out)
         _check_arguments(batch_size, shuffle_buffer, seed, epochs, normalize, read_threads)
-        self.out = out
-        self.keyed, parts = _resolve(out, _catalog(out, storage_options), modules)
+        catalog = Catalog(out, storage_options)
+        self.out = out = catalog.out
+        self.keyed, parts = _resolve(catalog, modules)
         self.modules = list(parts)
         self.columns = _check_columns(columns)
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.epochs, self.read_threads = seed, epochs, read_threads
         self.rank, self.world_size = _ddp(rank, world_size)
         self.dtype, self.device, self.normalize = _torch_dtype(dtype), device, normalize
-        filesystem = storage.arrow_filesystem(storage.filesystem(out, storage_options)[0]) \
-            if storage.is_url(out) else None
-        self._plan = _Plan(parts, filesystem)
+        self._plan = _Plan(parts, catalog.filesystem)
         self._norm = {m: _norm_arrays(out, m, normalize, device, storage_options)
                       for m in self.modules} \
             if normalize else {}
@@ -257,7 +225,7 @@ class Stream(_iterable_dataset()):
 
     def _stream_batches(self, index: int, count: int, skip: int):
         """Torch batches of stream `index` of `count`; the pool runs on its own thread."""
-        from ._threads import prefetch
+        from crowstream.pipeline.threads import prefetch
 
         batches = prefetch(self._pooled(index, count, skip), depth=2, name="crowstream-shuffle")
         try:
@@ -377,7 +345,7 @@ def _norm_arrays(out: str, module: str, normalize: str, device, storage_options=
 class _Plan:
     """Which rows of which files make up each unit of work, from the Parquet footers."""
 
-    def __init__(self, parts: dict[str, ModuleParts], filesystem=None):
+    def __init__(self, parts: dict, filesystem=None):
         import pyarrow.parquet as pq
 
         self.parts, self.filesystem = parts, filesystem  # a pyarrow filesystem for URLs
@@ -427,9 +395,10 @@ class _Plan:
                 reference = got
                 chunk.update({k: got[k] for k in ids})
             else:
-                self._check_aligned(m, file, start, reference, got)
+                where = f"{os.path.basename(self.files[m][file])} from row {start}"
+                aligned(next(iter(self.parts)), m, where, reference, got)
             if vectors:
-                chunk[m if keyed else "vector"] = _vectors(table.column("vector"), self.parts[m].d)
+                chunk[m if keyed else "vector"] = vector_array(table.column("vector"), self.parts[m].d)
         return chunk
 
     def _read_rows(self, module: str, file: int, start: int, stop: int, columns: list[str]):
@@ -442,25 +411,6 @@ class _Plan:
                                  page_checksum_verification=True, filesystem=self.filesystem)
         table = parquet.read_row_groups(list(range(first, last)), columns=columns)
         return table.slice(start - int(offsets[first]), stop - start)
-
-    def _check_aligned(self, module, file, start, reference, got) -> None:
-        for key in ("doc_id", "position"):
-            if not np.array_equal(reference[key], got[key]):
-                first = next(iter(self.parts))
-                bad = int(np.flatnonzero(reference[key] != got[key])[0]) + start
-                raise DataError(
-                    f"rows of {module!r} and {first!r} are not aligned: in "
-                    f"{os.path.basename(self.files[module][file])}, row {bad} has {key} "
-                    f"{got[key][bad - start]} vs {reference[key][bad - start]}. These part "
-                    "files were not written by one capture; read the modules separately.")
-
-
-def _vectors(column, d: int) -> np.ndarray:
-    """A (possibly sliced, chunked) fixed_size_list column -> [n, d] numpy, zero-copy
-    when it is one chunk."""
-    parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
-             for chunk in column.chunks]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class _Pool:
@@ -609,10 +559,10 @@ def _worker_share(batches: int, totals: list) -> tuple[list[int], int]:
     return got, next((w for w in following if left[w] > got[w]), 0)
 
 
-def _resolve(out: str, catalog: dict[str, ModuleParts], modules) -> tuple[bool, dict]:
-    """-> (keyed by module?, {module: ModuleParts}). A str without glob characters is one
+def _resolve(catalog: Catalog, modules) -> tuple[bool, dict]:
+    """-> (keyed by module?, {module: catalog.ModuleFiles}). A str without glob characters is one
     module (batches carry "vector"); a list or a glob gives batches keyed by module."""
-    from .tracing import _glob_regex
+    from crowstream.pipeline.tracing import _glob_regex
 
     keyed = not isinstance(modules, str) or bool(set("*?[") & set(modules))
     patterns = [modules] if isinstance(modules, str) else list(modules)
@@ -625,17 +575,17 @@ def _resolve(out: str, catalog: dict[str, ModuleParts], modules) -> tuple[bool, 
         if set("*?[") & set(pattern):
             base, _, tail = pattern.partition(":")
             regex = _glob_regex(base)
-            matches = [n for n in catalog if n.partition(":")[2] == tail
+            matches = [n for n in catalog.modules if n.partition(":")[2] == tail
                        and regex.fullmatch(n.partition(":")[0])]
         else:
-            matches = [pattern] if pattern in catalog else []
+            matches = [pattern] if pattern in catalog.modules else []
         if not matches:
-            close = difflib.get_close_matches(pattern, list(catalog), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(pattern, list(catalog.modules), n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
-            raise ConfigError(f"{out!r} has no module {pattern!r}; {hint}it has "
-                              f"{', '.join(map(repr, catalog))}.")
+            raise ConfigError(f"{catalog.shown!r} has no module {pattern!r}; {hint}it has "
+                              f"{', '.join(map(repr, catalog.modules))}.")
         chosen += [m for m in matches if m not in chosen]
-    return keyed, {m: catalog[m] for m in chosen}
+    return keyed, {m: catalog.module(m) for m in chosen}
 
 
 def _check_arguments(batch_size, shuffle_buffer, seed, epochs, normalize, read_threads) -> None:

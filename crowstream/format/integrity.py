@@ -15,12 +15,24 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from crowstream.errors import VerifyError
+from crowstream.format.card import card_text
+from crowstream.format.layout import CARD_NAME, staging_path
+from crowstream.format.manifest import (
+    Counts,
+    FileRef,
+    Manifest,
+    Part,
+    ShardRecord,
+    read_manifest,
+)
+from crowstream.format.records import committed, read_records
+from crowstream.format.recovery import unlisted_files
+from crowstream.format.statistics import merge_partials, read_stats
 from crowstream.schemas import docs_schema, part_metadata, row_schema
 
-from . import manifest as mf
-from .config import TOKENIZER_DIR, VOCAB_NAME
-from .errors import VerifyError
-from .writer import sha256_file
+from .files import sha256_file
+from .layout import TOKENIZER_DIR, VOCAB_NAME
 
 
 def verify(out, *, storage_options: dict | None = None) -> dict:
@@ -39,13 +51,13 @@ def verify(out, *, storage_options: dict | None = None) -> dict:
 
     if storage.is_url(out):
         return _verify_remote(out, storage_options)
-    manifest = mf.read_manifest(out)
+    manifest = read_manifest(out)
     problems: list[str] = []
     truth = manifest
     if manifest.format_version != 1:
-        records = mf.read_records(out, manifest.run_id)
+        records = read_records(out, manifest.run_id)
         truth = dataclasses.replace(manifest, shards=records,
-                                    counts=mf.Counts.of(records, manifest.modules))
+                                    counts=Counts.of(records, manifest.modules))
         checked = [_check_stats(out, shard) for shard in records]  # (problems, partial)
         problems += [p for found, _ in checked for p in found]
         if manifest.status != "running":
@@ -55,7 +67,7 @@ def verify(out, *, storage_options: dict | None = None) -> dict:
     for part in truth.parts:
         problems += _check_part(out, part, truth)
     problems += [f"extra: {rel} is not listed in the manifest (left by a crash? `--resume` "
-                 "removes it)" for rel in mf.unlisted_files(out, truth)]
+                 "removes it)" for rel in unlisted_files(out, truth)]
     problems += _check_counts(manifest if manifest.status != "running" else truth)
     problems += _check_card(out, manifest)
     if not os.path.isfile(os.path.join(out, VOCAB_NAME)):
@@ -77,7 +89,7 @@ def _verify_remote(url: str, storage_options: dict | None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="crowstream-verify-") as local:
         objects = storage.local_copy(url, storage_options, local, parts=True)
-        listed = {p.path for p in mf.committed(local, stats=False).parts}
+        listed = {p.path for p in committed(local, stats=False).parts}
         extra = [f"extra: {rel} is not listed in the manifest (uploaded by a run that did not "
                  "commit it? `--resume` removes it)" for rel in sorted(objects)
                  if rel.startswith(("data/", "docs/")) and rel not in listed]
@@ -93,7 +105,7 @@ def _verify_remote(url: str, storage_options: dict | None) -> dict:
     return found
 
 
-def reader_notes(out: str, manifest: mf.Manifest) -> list[str]:
+def reader_notes(out: str, manifest: Manifest) -> list[str]:
     """Advice for outputs some readers cannot open: float16 part files written by crowstream
     0.1 use BYTE_STREAM_SPLIT, which DuckDB rejects. Reads one footer per module."""
     import pyarrow.parquet as pq
@@ -114,13 +126,13 @@ def reader_notes(out: str, manifest: mf.Manifest) -> list[str]:
     return notes
 
 
-def _check_part(out: str, part: mf.Part, manifest: mf.Manifest) -> list[str]:
+def _check_part(out: str, part: Part, manifest: Manifest) -> list[str]:
     import pyarrow.parquet as pq
 
     rel = part.path
     path = os.path.join(out, rel)
     if not os.path.isfile(path):
-        if os.path.isfile(mf.staging_path(out, rel)):
+        if os.path.isfile(staging_path(out, rel)):
             return [f"pending: {rel} is committed but still in .tmp/ (a commit was cut short; "
                     "`--resume` moves it into place)"]
         return [f"missing: {rel} is listed in the manifest but not on disk"]
@@ -185,7 +197,7 @@ def _check_tokenizer(out: str) -> list[str]:
     return []
 
 
-def _check_file(out: str, ref: mf.FileRef, recorded: str) -> list[str]:
+def _check_file(out: str, ref: FileRef, recorded: str) -> list[str]:
     """Size and sha256 of `ref` against what was recorded."""
     rel = ref.path
     size = os.path.getsize(os.path.join(out, rel))
@@ -198,7 +210,7 @@ def _check_file(out: str, ref: mf.FileRef, recorded: str) -> list[str]:
     return []
 
 
-def _check_stats(out: str, shard: mf.ShardRecord) -> tuple[list[str], dict | None]:
+def _check_stats(out: str, shard: ShardRecord) -> tuple[list[str], dict | None]:
     """The shard's statistics file: intact, and counting exactly its parts' rows.
     -> (problems, its partial statistics, or None when they cannot be read)."""
     ref = shard.stats
@@ -208,10 +220,10 @@ def _check_stats(out: str, shard: mf.ShardRecord) -> tuple[list[str], dict | Non
     if problems:
         return problems, None
     try:
-        stats = mf.read_stats(out, ref)
+        stats = read_stats(out, ref)
     except Exception as error:  # any decode failure is damage to report, with its reason
         return [f"unreadable: {ref.path} is not a valid statistics file ({error})"], None
-    rows = mf.Counts.of([shard], {}).rows  # only the modules the shard has parts of
+    rows = Counts.of([shard], {}).rows  # only the modules the shard has parts of
     counts = {name: s.count for name, s in stats.items()}
     if counts != rows:
         problems.append(f"stats mismatch: {ref.path} counts rows {counts}, the shard's parts "
@@ -219,9 +231,9 @@ def _check_stats(out: str, shard: mf.ShardRecord) -> tuple[list[str], dict | Non
     return problems, stats
 
 
-def _check_footer(rel: str, parquet, module: str, manifest: mf.Manifest) -> list[str]:
+def _check_footer(rel: str, parquet, module: str, manifest: Manifest) -> list[str]:
     """Format 2 part files carry their module, d, dtype, format version and model id."""
-    from .models import model_id
+    from .layout import model_id
 
     if manifest.format_version < 2:
         return []  # crowstream 0.1 wrote no footer metadata
@@ -235,20 +247,20 @@ def _check_footer(rel: str, parquet, module: str, manifest: mf.Manifest) -> list
     return [f"footer mismatch: {rel} has {', '.join(wrong)}"] if wrong else []
 
 
-def _check_card(out: str, manifest: mf.Manifest) -> list[str]:
+def _check_card(out: str, manifest: Manifest) -> list[str]:
     """The card's `configs:` are what make `load_dataset(OUT, module)` work."""
     if manifest.format_version < 2:
         return []  # 0.1's card text may differ from today's
-    path = os.path.join(out, mf.CARD_NAME)
+    path = os.path.join(out, CARD_NAME)
     if not os.path.isfile(path):
-        return [f"missing: {mf.CARD_NAME} (the dataset card)"]
+        return [f"missing: {CARD_NAME} (the dataset card)"]
     with open(path, "rb") as f:
-        if f.read() != mf.card_text(manifest).encode():
-            return [f"modified: {mf.CARD_NAME} differs from the dataset card the manifest describes"]
+        if f.read() != card_text(manifest).encode():
+            return [f"modified: {CARD_NAME} differs from the dataset card the manifest describes"]
     return []
 
 
-def _check_consolidation(manifest: mf.Manifest, truth: mf.Manifest, partials) -> list[str]:
+def _check_consolidation(manifest: Manifest, truth: Manifest, partials) -> list[str]:
     """A consolidated crowstream.json must say what the commit records say: the same
     shards, and statistics equal to the records' `partials` merged (None: unreadable)."""
     problems = []
@@ -260,7 +272,7 @@ def _check_consolidation(manifest: mf.Manifest, truth: mf.Manifest, partials) ->
                         f"commit records {len(recorded)}"
                         + (f"; shard(s) {differ[:5]} differ" if differ else ""))
     if partials is not None:
-        merged = mf.merge_partials(partials, truth.modules)
+        merged = merge_partials(partials, truth.modules)
         differ = [name for name, stats in merged.items()
                   if name not in manifest.stats
                   or stats.summary().to_json() != manifest.stats[name].to_json()]
@@ -270,7 +282,7 @@ def _check_consolidation(manifest: mf.Manifest, truth: mf.Manifest, partials) ->
     return problems
 
 
-def _check_counts(manifest: mf.Manifest) -> list[str]:
+def _check_counts(manifest: Manifest) -> list[str]:
     problems = []
     for module, rows in manifest.counts.rows.items():
         total = sum(p.rows for p in manifest.module_parts(module))

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import looks_like_path
-from .errors import DataError
+from crowstream.checks import looks_like_path
+from crowstream.errors import DataError
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # compressed text files that datasets (fsspec) decompresses by their extension

@@ -7,10 +7,13 @@ captured. torch and transformers are imported here, never at package import.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
-from .config import DEFAULT_CONTEXT_CAP, looks_like_path
-from .errors import ConfigError, ModelLoadError
+from crowstream.format.layout import model_id
+from crowstream.pipeline.options import DEFAULT_CONTEXT_CAP
+from crowstream.checks import looks_like_path
+from crowstream.errors import ConfigError, ModelLoadError
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -152,23 +155,21 @@ def model_fingerprint(model, revision: str | None = None) -> dict:
     }
 
 
-def model_id(fingerprint: dict) -> str:
-    """The model's hub id, or only the NAME of its local directory: part files record
-    this, and must neither leak local paths nor differ between two copies of a model."""
-    name = fingerprint.get("name_or_path") or fingerprint.get("class") or ""
-    if os.path.isabs(name) or looks_like_path(name) or os.path.isdir(name):
-        return os.path.basename(os.path.normpath(name))
-    return name
-
-
 def _path_free(name: str) -> str:
     """A hub id as it is; a local path -> its directory's name."""
     return model_id({"name_or_path": name}) if name else ""
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer: its backend's vocabulary, model and rules. Not its
+    truncation and padding state, which calling the tokenizer changes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None), state.pop("padding", None)
+        body = json.dumps(state, sort_keys=True)
+    else:
+        body = repr(sorted(tokenizer.get_vocab().items()))
     return {
         "name_or_path": _path_free(str(getattr(tokenizer, "name_or_path", "") or "")),
         "class": type(tokenizer).__name__,
@@ -211,7 +212,7 @@ def modules(model, *, tokenizer=None, device=None, trust_remote_code: bool = Fal
     ...     print(name, kind, shape)
     transformer.h.0 GPT2Block (1, 2, 768)
     """
-    from .tracing import probe_shapes
+    from crowstream.pipeline.tracing import probe_shapes
 
     model, tokenizer = load_model(model, tokenizer, device=device,
                                   trust_remote_code=trust_remote_code)

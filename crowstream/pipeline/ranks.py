@@ -18,9 +18,14 @@ import logging
 import os
 import sys
 
-from . import manifest as mf
-from .config import RESUME_FIELDS
-from .errors import ConfigError, IncompleteRunError, OutputError
+from crowstream.pipeline.options import RESUME_FIELDS
+from crowstream.errors import ConfigError, IncompleteRunError, OutputError
+from crowstream.format.card import write_card
+from crowstream.format.locks import busy_ranks, exclusive
+from crowstream.format.manifest import Manifest, read_manifest, write_manifest
+from crowstream.format.records import read_end, read_records
+from crowstream.format.recovery import recover
+from crowstream.format.statistics import merged_stats
 
 log = logging.getLogger("crowstream")
 JOIN_WAIT_S = 600  # how long a rank waits for the directory lock another rank holds briefly
@@ -93,42 +98,42 @@ def run_id(config: dict) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def shards_end(out: str, manifest: mf.Manifest, records) -> int | None:
+def shards_end(out: str, manifest: Manifest, records) -> int | None:
     """The corpus's shard count: recorded in `commits/end.json` by a rank that read to the
     end, or implied by a committed shard shorter than `shard_size` (the last one)."""
-    end = mf.read_end(out, manifest.run_id)
+    end = read_end(out, manifest.run_id)
     if end is not None:
         return end
     short = [r.index + 1 for r in records if r.source_end - r.source_start < manifest.shard_size]
     return min(short) if short else None
 
 
-def missing_shards(out: str, manifest: mf.Manifest) -> tuple[int | None, list[int]]:
+def missing_shards(out: str, manifest: Manifest) -> tuple[int | None, list[int]]:
     """-> (the corpus's shard count or None, indices below it with no commit record)."""
-    records = mf.read_records(out, manifest.run_id)
+    records = read_records(out, manifest.run_id)
     end = shards_end(out, manifest, records)
     done = {r.index for r in records}
     return end, ([] if end is None else [k for k in range(end) if k not in done])
 
 
-def finalize(out) -> mf.Manifest:
+def finalize(out) -> Manifest:
     """Write the consolidated `crowstream.json` and dataset card of a run that several
     ranks wrote, once every shard up to the end of the corpus is committed; -> the
     manifest. A complete run is returned as it is. Raises `IncompleteRunError` naming the
     missing shards (or saying that no rank has reached the end of the corpus yet), and
     `OutputError` while a rank is still writing."""
     out = os.fspath(out)
-    mf.read_manifest(out)  # not a crowstream output: one clear error, before locking it
-    with mf.exclusive(out, wait=JOIN_WAIT_S):
+    read_manifest(out)  # not a crowstream output: one clear error, before locking it
+    with exclusive(out, wait=JOIN_WAIT_S):
         return finalize_locked(out)
 
 
-def finalize_locked(out: str, *, besides: int | None = None) -> mf.Manifest:
+def finalize_locked(out: str, *, besides: int | None = None) -> Manifest:
     """`finalize`, under OUT's directory lock; `besides` is the caller's own rank."""
-    manifest = mf.read_manifest(out)
+    manifest = read_manifest(out)
     if manifest.status == "complete":
         return manifest
-    busy = mf.busy_ranks(out, besides=besides)
+    busy = busy_ranks(out, besides=besides)
     if busy:
         raise OutputError(f"rank(s) {', '.join(map(str, busy))} are still writing to {out!r}; "
                           "finalize once every rank has finished.")
@@ -143,7 +148,7 @@ def finalize_locked(out: str, *, besides: int | None = None) -> mf.Manifest:
             f"cannot finalize {out!r}: {len(missing)} of {end} shard(s) are not committed "
             f"(shard(s) {shown}). Run the ranks that own them again (shard k belongs to rank "
             "k mod world_size), or resume with any number of ranks.", missing=missing)
-    state, _, removed = mf.recover(out, manifest)  # roll forward, drop everything unlisted
+    state, _, removed = recover(out, manifest)  # roll forward, drop everything unlisted
     if removed:
         log.info("finalize: removed %d uncommitted file(s)", len(removed))
     extra = [s.index for s in state.shards if s.index >= end]
@@ -151,11 +156,11 @@ def finalize_locked(out: str, *, besides: int | None = None) -> mf.Manifest:
         raise IncompleteRunError(f"cannot finalize {out!r}: shard(s) {extra} lie beyond the end "
                                  f"of the corpus ({end} shards); it changed during the run. "
                                  "Capture again into a new OUT.", missing=[])
-    merged = mf.merged_stats(out, state.shards, state.modules)  # `state` holds the records
+    merged = merged_stats(out, state.shards, state.modules)  # `state` holds the records
     final = dataclasses.replace(state, stats={n: s.summary() for n, s in merged.items()},
                                 status="complete", error=None)
-    mf.write_card(out, final)
-    mf.write_manifest(out, final)
+    write_card(out, final)
+    write_manifest(out, final)
     return final
 
 

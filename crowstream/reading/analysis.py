@@ -18,22 +18,13 @@ import os
 
 import numpy as np
 
-from .config import TOKENIZER_DIR, check_positive
-from .errors import ConfigError
+from crowstream.checks import check_positive
+from crowstream.errors import ConfigError
+from crowstream.format.layout import TOKENIZER_DIR
+from crowstream.reading.catalog import Catalog, ModuleFiles, vector_array
 
 MARK = ("«", "»")  # put around the scored token in `context`
 SCAN_BATCH_ROWS = 8192  # rows scored per call: ~25 MiB of float32 at d=768
-
-
-def module_parts(out: str, module: str) -> tuple[list[str], int, str]:
-    """-> (committed part file paths, d, dtype) of `module`: the one manifest access here."""
-    from . import manifest as mf
-    from .readers import _module_files
-
-    manifest = mf.readable(out)
-    files = _module_files(out, manifest, module)
-    spec = manifest.modules[module]
-    return files, spec.d, spec.dtype
 
 
 def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | None = None):
@@ -56,14 +47,15 @@ def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | 
     check_positive("k", k, allow_none=False)
     if per_doc is not None:
         check_positive("per_doc", per_doc)
-    files, d, _ = module_parts(out, module)
+    catalog = Catalog(out)
+    files = catalog.module(module)
     best = TopK(k, per_doc)
-    scorer = make_scorer(score, d)
-    for doc_id, position, token, vectors in scan_batches(files, d):
-        best.add(scorer(vectors), doc_id, position, token)
+    scorer = make_scorer(score, files.d)
+    for doc_id, position, token, batch in scan_batches(catalog, files):
+        best.add(scorer(batch), doc_id, position, token)
     found = best.frame()
     if window is None:
-        from .readers import vocab
+        from crowstream.reading.readers import vocab
 
         texts = vocab(out).select(pl.col("token"), pl.col("text").alias("token_text"))
         found = found.join(texts.collect(), on="token", how="left").sort(
@@ -148,7 +140,7 @@ def doc_tokens(out: str, doc_ids: list[int]) -> dict[int, list[int]]:
     """-> {doc_id: token ids} for the given documents, read from the docs table."""
     import polars as pl
 
-    from .readers import docs
+    from crowstream.reading.readers import docs
 
     table = docs(out)
     if "tokens" not in table.collect_schema().names():
@@ -159,30 +151,21 @@ def doc_tokens(out: str, doc_ids: list[int]) -> dict[int, list[int]]:
     return dict(zip(found["doc_id"].to_list(), found["tokens"].to_list()))
 
 
-def scan_batches(files: list[str], d: int, batch_rows: int | None = None,
+def scan_batches(catalog: Catalog, files: ModuleFiles, batch_rows: int | None = None,
                  row_groups: dict[str, list[int]] | None = None):
     """Yield (doc_id [B] int64, position [B] int32, token [B] int32, vectors [B, d] float32)
-    from each part file in turn; `row_groups` (path -> indices) reads only those groups."""
-    import pyarrow.parquet as pq
-
+    from each part file of `files` in turn; `row_groups` (path -> indices) reads only those."""
     columns = ["doc_id", "position", "token", "vector"]
-    for path in files:
-        # pre-buffering held a whole file; checksums: zstd decodes flipped bytes silently
-        parquet = pq.ParquetFile(path, pre_buffer=False, page_checksum_verification=True)
+    for path in files.paths:
+        parquet = catalog.open(path, pre_buffer=False)  # pre-buffering held a whole file
         groups = None if row_groups is None else row_groups.get(path, [])
         if groups == []:
             continue
         for batch in parquet.iter_batches(batch_size=batch_rows or SCAN_BATCH_ROWS, columns=columns,
                                           row_groups=groups):
             yield (batch.column("doc_id").to_numpy(), batch.column("position").to_numpy(),
-                   batch.column("token").to_numpy(), vectors_of(batch.column("vector"), d))
-
-
-def vectors_of(column, d: int) -> np.ndarray:
-    """A fixed_size_list<float>[d] Arrow array as a [N, d] float32 array (zero-copy for
-    float32; `.flatten()` gives the same memory but cost more than the scoring)."""
-    values = column.values.slice(column.offset * d, len(column) * d)
-    return values.to_numpy().reshape(-1, d).astype(np.float32, copy=False)
+                   batch.column("token").to_numpy(),
+                   vector_array(batch.column("vector"), files.d, np.float32))
 
 
 def make_scorer(score, d: int):

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 
-from . import manifest as mf
-from .config import TMP_DIR
-from .errors import VerifyError
+from crowstream.errors import VerifyError
+from crowstream.format.files import fsync_dir, read_json
+from crowstream.format.layout import manifest_path
+from crowstream.format.locks import exclusive
+from crowstream.format.manifest import read_manifest, write_manifest_json
+
+from .layout import TMP_DIR
 
 
 def rewrite(out) -> list[str]:
@@ -23,18 +27,19 @@ def rewrite(out) -> list[str]:
     to flag as modified.
     """
     import pyarrow.parquet as pq
-
     from crowstream.schemas import part_schema
 
-    from .models import model_id
-    from .writer import PartWriter, sha256_file
+    from crowstream.pipeline.parts import PartWriter
+
+    from .files import sha256_file
+    from .layout import model_id
 
     out = os.fspath(out)
     done = []
-    with mf.exclusive(out):
-        if mf.read_manifest(out).format_version != 1:
+    with exclusive(out):
+        if read_manifest(out).format_version != 1:
             return done  # format 2 never stores float16 with BYTE_STREAM_SPLIT
-        manifest = mf.read_json(mf.manifest_path(out))  # format 1 is rewritten in its own shape
+        manifest = read_json(manifest_path(out))  # format 1 is rewritten in its own shape
         os.makedirs(os.path.join(out, TMP_DIR), exist_ok=True)
         for part in manifest["parts"]:
             spec = manifest["modules"].get(part.get("module"), {})
@@ -53,9 +58,9 @@ def rewrite(out) -> list[str]:
                     writer.write(batch)
             info = writer.close()
             os.replace(info.tmp_path, path)
-            mf.fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
             part["bytes"], part["sha256"] = info.bytes, info.sha256
-            mf.write_manifest_json(out, manifest)
+            write_manifest_json(out, manifest)
             done.append(part["path"])
     return done
 

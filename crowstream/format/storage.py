@@ -25,10 +25,22 @@ import secrets
 import shutil
 import tempfile
 
-from . import manifest as mf
-from .config import (COMMITS_DIR, DATA_DIR, DOCS_DIR, MANIFEST_NAME, TMP_DIR, TOKENIZER_DIR,
-                     VOCAB_NAME)
-from .errors import ManifestError, OutputError, OutputExistsError
+from crowstream.errors import ManifestError, OutputError, OutputExistsError
+from crowstream.format import records
+from crowstream.format.layout import CARD_NAME, END_PATH, record_path, staging_path
+from crowstream.format.manifest import Manifest, ShardRecord, read_manifest
+from crowstream.format.records import consolidated, write_record_json
+from crowstream.format.recovery import damaged_parts, listed_paths
+
+from .layout import (
+    COMMITS_DIR,
+    DATA_DIR,
+    DOCS_DIR,
+    MANIFEST_NAME,
+    TMP_DIR,
+    TOKENIZER_DIR,
+    VOCAB_NAME,
+)
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -94,12 +106,12 @@ def local_copy(url: str, storage_options: dict | None, local: str, *, parts: boo
                             "output (or not one yet). Check the URL and storage_options.")
     _download(fs, root, [r for r in objects if _metadata(r)], local)
     if parts:
-        listed = {p.path for p in mf.committed(local, stats=False).parts}
+        listed = {p.path for p in records.committed(local, stats=False).parts}
         _download(fs, root, sorted(listed & set(objects)), local)
     return objects
 
 
-def committed(url: str, storage_options: dict | None, *, stats: bool = False) -> mf.Manifest:
+def committed(url: str, storage_options: dict | None, *, stats: bool = False) -> Manifest:
     """The committed manifest of a bucket OUT, as `manifest.committed` gives it locally
     (records are PUT after their parts, so every shard it lists is readable). Reads
     `crowstream.json`, and while the run is not consolidated its records (and, with
@@ -112,12 +124,12 @@ def committed(url: str, storage_options: dict | None, *, stats: bool = False) ->
             raise ManifestError(f"{public(url)} has no {MANIFEST_NAME}: it is not a crowstream "
                                 "output (or not one yet). Check the URL and storage_options.") \
                 from error
-        manifest = mf.read_manifest(local)
+        manifest = read_manifest(local)
         if manifest.format_version == 1 or manifest.status != "running":
             return manifest
         names = [n for n in _objects(fs, f"{root}/{COMMITS_DIR}") if stats or n.endswith(".json")]
         _download(fs, root, [f"{COMMITS_DIR}/{n}" for n in names], local)
-        return mf.committed(local, stats=stats)
+        return records.committed(local, stats=stats)
 
 
 def paths(url: str, rels) -> list[str]:
@@ -174,14 +186,14 @@ class Mirror:
         _download(self.fs, self.root, [r for r in objects if _metadata(r)], self.spool)
         for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
             os.makedirs(os.path.join(self.spool, sub), exist_ok=True)
-        state = mf.consolidated(self.spool, mf.read_manifest(self.spool), stats=False)
-        damaged = mf.damaged_parts(self.spool, state, sizes=objects)
+        state = consolidated(self.spool, read_manifest(self.spool), stats=False)
+        damaged = damaged_parts(self.spool, state, sizes=objects)
         if damaged:
             raise ManifestError(f"cannot resume {public(self.url)}: {len(damaged)} committed "
                                 "object(s) are missing or changed in size "
                                 f"({', '.join(damaged[:3])}). "
                                 "Capture again with overwrite=True or into a new prefix.")
-        listed = mf.listed_paths(state)
+        listed = listed_paths(state)
         unlisted = [r for r in objects if r not in listed
                     and (not _metadata(r) or r.startswith(f"{COMMITS_DIR}/"))]
         if unlisted:
@@ -193,7 +205,7 @@ class Mirror:
     def publish(self, *, everything: bool = False) -> None:
         """Upload crowstream.json, the card and end.json (with `everything`, also the vocab
         and the tokenizer: at the start of a run)."""
-        rels = [mf.CARD_NAME, mf.END_PATH, MANIFEST_NAME]  # the manifest last
+        rels = [CARD_NAME, END_PATH, MANIFEST_NAME]  # the manifest last
         tokenizer = os.path.join(self.spool, TOKENIZER_DIR)
         if everything:
             names = sorted(os.listdir(tokenizer))
@@ -202,18 +214,18 @@ class Mirror:
             if os.path.isfile(os.path.join(self.spool, rel)):
                 self.fs.put_file(os.path.join(self.spool, rel), self._key(rel))
 
-    def commit(self, run_id: str, record: mf.ShardRecord) -> mf.ShardRecord:
+    def commit(self, run_id: str, record: ShardRecord) -> ShardRecord:
         """Publish a shard the spool has committed (record written, parts still staged):
         parts under attempt names, the statistics, then the record. -> the record as PUT."""
-        parts, staged_paths = [], [mf.staging_path(self.spool, p.path) for p in record.parts]
+        parts, staged_paths = [], [staging_path(self.spool, p.path) for p in record.parts]
         for part in record.parts:
             final = attempt_path(part.path, self.attempt)
-            self.fs.put_file(mf.staging_path(self.spool, part.path), self._key(final))
+            self.fs.put_file(staging_path(self.spool, part.path), self._key(final))
             parts.append(dataclasses.replace(part, path=final))
         self.fs.put_file(os.path.join(self.spool, record.stats.path), self._key(record.stats.path))
         record = dataclasses.replace(record, parts=tuple(parts))
-        rel = mf.record_path(record.index)
-        mf.write_record_json(self.spool, run_id, record)
+        rel = record_path(record.index)
+        write_record_json(self.spool, run_id, record)
         self.fs.put_file(os.path.join(self.spool, rel), self._key(rel))
         for staged in staged_paths:  # the spool keeps only the small record and statistics
             os.remove(staged)

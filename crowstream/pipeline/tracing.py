@@ -24,8 +24,9 @@ import warnings
 import numpy as np
 import torch
 
-from .config import FLOAT16_MAX, INPUT_SUFFIX, base_module, check_module_name
-from .errors import Float16OverflowError, ModuleNotFoundInModel, ModuleOutputError
+from crowstream.pipeline.options import FLOAT16_MAX
+from crowstream.format.layout import INPUT_SUFFIX, base_module, check_module_name
+from crowstream.errors import Float16OverflowError, ModuleNotFoundInModel, ModuleOutputError
 
 _GLOB_CHARS = set("*?[")
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .config import SORT_WINDOW_DOCS, CaptureConfig
+from crowstream.pipeline.options import SORT_WINDOW_DOCS, CaptureConfig
 
 
 @dataclasses.dataclass
@@ -227,7 +227,7 @@ def estimate_shard_size(texts: list[str], tokenizing: Tokenizing) -> int:
     """Documents per shard for ~SHARD_TARGET_TOKENS tokens fed, from the mean length of
     `texts` (the first documents). Counted in tokens, not bytes, so shards hold many
     batches whatever d is; the result is recorded once and a resume reuses it."""
-    from .config import SHARD_TARGET_TOKENS
+    from crowstream.pipeline.options import SHARD_TARGET_TOKENS
 
     encoded = tokenizing.encode([t for t in texts if t is not None])
     mean_tokens = max(1.0, float(np.mean([len(e) for e in encoded])) if encoded else 1.0)

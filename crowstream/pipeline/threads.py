@@ -33,7 +33,7 @@ class Worker:
         return future
 
     def check(self) -> None:
-        from .errors import CrowstreamError
+        from crowstream.errors import CrowstreamError
 
         if isinstance(self._error, CrowstreamError):
             raise self._error  # already one clear message for the user

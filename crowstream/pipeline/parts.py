@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crowstream.schemas import ROW_GROUP_BYTES, parquet_options, table_options
 
-from .config import PART_TARGET_BYTES
+from crowstream.format.layout import PART_TARGET_BYTES
 
 # Memory one row-group encode holds beyond its input: the byte-stream-split copy, the
 # compressed pages and the allocator's slack. Measured: 16 writers encoding 16 MiB groups
 # at once peaked ~780 MiB above their input, 2 at once ~255 MiB (same speed on 2 cores).
 ENCODER_BYTES = 3 * ROW_GROUP_BYTES
-from .errors import OutputError
+from crowstream.errors import OutputError
+from crowstream.format.files import fsync_and_hash
 
 log = logging.getLogger("crowstream")
 
@@ -213,19 +212,8 @@ def write_table(path: str, table: pa.Table) -> PartInfo:
     return PartInfo(path, table.num_rows, os.path.getsize(path), fsync_and_hash(path))
 
 
-def fsync_and_hash(path: str) -> str:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-    return sha256_file(path)
 
 
-def sha256_file(path: str) -> str:
-    """The file's sha256, read in 8 MiB chunks (hashlib releases the GIL on large ones)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_os_error(error: OSError, out: str, bytes_written: int) -> OutputError:
@@ -240,75 +228,5 @@ def describe_os_error(error: OSError, out: str, bytes_written: int) -> OutputErr
                        "problem, then rerun the same command with --resume.")
 
 
-STATS_SLICE_ROWS = 1024  # rows centred at a time: a temporary of 1,024 x d float32
 
 
-class ModuleStats:
-    """Statistics of one module's stored vectors, in float64: `count` rows, `mean` and `m2`
-    (sum of squared deviations from the mean) per dimension, `norm_sum` (sum of row L2
-    norms), `nonfinite` (stored values that are NaN or infinite) and `clamped` (values
-    clamped into float16's range before they were stored). Partial statistics
-    (one per batch, one per shard) combine exactly with `merge`, so each shard keeps its
-    own and a resume re-merges them in the same order as an uninterrupted run."""
-
-    def __init__(self, d: int):
-        self.count = 0
-        self.mean = np.zeros(d)
-        self.m2 = np.zeros(d)
-        self.norm_sum = 0.0
-        self.nonfinite = 0
-        self.clamped = 0
-
-    @classmethod
-    def of(cls, count, mean, m2, norm_sum, nonfinite=0, clamped=0) -> ModuleStats:
-        stats = cls(len(mean))
-        stats.count, stats.mean, stats.m2 = int(count), mean, m2
-        stats.norm_sum, stats.nonfinite, stats.clamped = float(norm_sum), int(nonfinite), int(clamped)
-        return stats
-
-    def update(self, vectors: np.ndarray, clamped: int = 0) -> None:
-        """Add the rows of `vectors` [N, d] as stored (float32 or float16, after any clamp,
-        of which there were `clamped`)."""
-        v = vectors.astype(np.float32, copy=False)  # [N, d]
-        n = len(v)
-        if not n:
-            return
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: counted, not warned
-            total = v.sum(0, dtype=np.float64)                               # [d]
-            mean = total / n
-            # M2 about the batch mean: rows minus the mean in float32 (exact where they are close,
-            # so a large mean does not cancel the spread away), squares summed in float64, in
-            # slices of rows so the temporary stays small
-            shift = mean.astype(np.float32)
-            m2 = np.zeros_like(mean)
-            for start in range(0, n, STATS_SLICE_ROWS):
-                centered = v[start:start + STATS_SLICE_ROWS] - shift            # [r, d]
-                m2 += np.einsum("ij,ij->j", centered, centered, dtype=np.float64)
-            m2 = np.maximum(m2 - n * (mean - shift) ** 2, 0.0)
-            norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))    # [N]
-            nonfinite = 0
-            if not (np.isfinite(total).all() and np.isfinite(m2).all()):
-                nonfinite = int(v.size - np.count_nonzero(np.isfinite(v)))  # rare: only then count
-            self.merge(ModuleStats.of(n, mean, m2, norms.sum(), nonfinite, clamped))
-
-    def merge(self, other: ModuleStats) -> None:
-        """Combine with another partial (Chan, Golub and LeVeque's parallel update)."""
-        self.clamped += other.clamped
-        if not other.count:
-            return
-        n = self.count + other.count
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are counted, not warned
-            delta = other.mean - self.mean
-            self.mean = self.mean + delta * (other.count / n)
-            self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
-        self.count = n
-        self.norm_sum += other.norm_sum
-        self.nonfinite += other.nonfinite
-
-    def summary(self):
-        """-> `manifest.StatsSummary`: mean, population variance and mean norm."""
-        from .manifest import StatsSummary
-
-        n = max(self.count, 1)
-        return StatsSummary(self.count, tuple(self.mean.tolist()), tuple((self.m2 / n).tolist()),
-                            self.norm_sum / n, self.nonfinite, self.clamped)

@@ -1,0 +1,46 @@
+"""The small tables of a run. It owns the docs part of each shard (`docs_table`), the
+vocabulary (`write_vocab`) and the tokenizer's own files (`write_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from crowstream.format.layout import TMP_DIR, TOKENIZER_DIR, VOCAB_NAME
+from crowstream.schemas import docs_schema, vocab_schema
+
+from .parts import write_table
+
+
+def docs_table(end) -> pa.Table:
+    texts = end.texts if end.texts is not None else [None] * len(end.doc_ids)
+    offsets = np.concatenate([[0], np.cumsum(end.n_tokens, dtype=np.int32)]).astype(np.int32)
+    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(end.token_ids, pa.int32()))
+    return pa.table({"doc_id": pa.array(end.doc_ids, pa.int64()),
+                     "n_tokens": pa.array(end.n_tokens, pa.int32()),
+                     "text": pa.array(texts, pa.string()),
+                     "tokens": tokens.cast(docs_schema().field("tokens").type)},
+                    schema=docs_schema())
+
+
+def write_vocab(out: str, tokenizer) -> None:
+    """vocab.parquet: every token id with its decoded text and whether it is special."""
+    size = len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.batch_decode([[i] for i in range(size)])
+    table = pa.table({"token": pa.array(np.arange(size, dtype=np.int32)),
+                      "text": pa.array(texts, pa.string()),
+                      "special": pa.array([i in special for i in range(size)])},
+                     schema=vocab_schema())
+    tmp = os.path.join(out, TMP_DIR, VOCAB_NAME)
+    write_table(tmp, table)
+    os.replace(tmp, os.path.join(out, VOCAB_NAME))
+
+
+def write_tokenizer(out: str, tokenizer) -> None:
+    """OUT/tokenizer/: the tokenizer's own files (save_pretrained), so the docs table's
+    token ids decode exactly (byte-level BPE, WordPiece) without the model directory."""
+    tokenizer.save_pretrained(os.path.join(out, TOKENIZER_DIR))

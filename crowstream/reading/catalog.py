@@ -1,0 +1,165 @@
+"""The catalog. It owns the one way readers find rows: `Catalog(out)` reads OUT's committed
+state once (local directory or URL) and says, per module, which part files hold its rows,
+how many rows each, and of which shard; it opens them with page checksums verified. It
+also owns the one vector conversion (`vector_array`) and the one paired-read rule (`aligned`).
+
+The paired-read rule: two modules of one capture hold the same rows in the same order
+within each shard (their part files may roll over at different row counts, since a part's
+size depends on d). Rows are paired by (shard, row index in the shard); their `doc_id` and
+`position` must then be equal, and a mismatch is a `DataError`, never a silent intersection.
+
+Every reader (`load`, `scan`, `docs`, `vocab`, `info`, the loader, analysis and the
+report) goes through here; nothing else in `reading/` reads the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+
+import numpy as np
+
+from crowstream.errors import ConfigError, DataError
+from crowstream.format import storage
+from crowstream.format.manifest import Manifest, ModuleInfo, Part
+from crowstream.format.records import committed, readable
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleFiles:
+    """The committed part files of one module, in (shard, seq) order: `paths` as the
+    catalog's filesystem opens them, `rows` per file and the `shards` they belong to."""
+
+    name: str
+    d: int
+    dtype: str
+    paths: tuple[str, ...]
+    rows: tuple[int, ...]
+    shards: tuple[int, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+    def by_shard(self) -> dict[int, list[int]]:
+        """shard index -> indices (into `paths`) of its files, in order."""
+        found: dict[int, list[int]] = {}
+        for i, shard in enumerate(self.shards):
+            found.setdefault(shard, []).append(i)
+        return found
+
+
+class Catalog:
+    """The committed state of one OUT as readers see it. `stats=True` also merges the
+    per-shard statistics (for `info` and `stats`); otherwise only shards whose files are
+    all in place are listed (a commit in progress is invisible until it completes)."""
+
+    def __init__(self, out, storage_options: dict | None = None, *, stats: bool = False):
+        self.out = os.fspath(out)
+        self.storage_options = storage_options
+        self.remote = storage.is_url(self.out)
+        if self.remote:
+            self.manifest: Manifest = storage.committed(self.out, storage_options, stats=stats)
+        else:
+            self.manifest = committed(self.out) if stats else readable(self.out)
+
+    @property
+    def shown(self) -> str:
+        """OUT as messages name it (a URL without credentials)."""
+        return storage.public(self.out) if self.remote else self.out
+
+    @functools.cached_property
+    def _fsspec(self):
+        return storage.filesystem(self.out, self.storage_options)
+
+    @functools.cached_property
+    def filesystem(self):
+        """The pyarrow filesystem that `locate`d paths belong to (None: the local one)."""
+        return storage.arrow_filesystem(self._fsspec[0]) if self.remote else None
+
+    def locate(self, rel: str) -> str:
+        """A file of OUT (`rel`, relative to OUT) as `filesystem` opens it."""
+        return f"{self._fsspec[1]}/{rel}" if self.remote else os.path.join(self.out, rel)
+
+    def url(self, rel: str) -> str:
+        """A file of OUT as a path or full URL (what `datasets` takes)."""
+        return storage.paths(self.out, [rel])[0] if self.remote else os.path.join(self.out, rel)
+
+    @property
+    def modules(self) -> dict[str, ModuleInfo]:
+        return self.manifest.modules
+
+    def module(self, name: str) -> ModuleFiles:
+        """The files of module `name`; an unknown name is a `ConfigError` naming the
+        closest one."""
+        if name not in self.manifest.modules:
+            close = difflib.get_close_matches(str(name), list(self.manifest.modules), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{self.shown!r} has no module {name!r}; it has "
+                              f"{', '.join(map(repr, self.manifest.modules))}.{hint}")
+        spec = self.manifest.modules[name]
+        parts = [(shard.index, p) for shard in self.manifest.shards for p in shard.parts
+                 if p.kind == "module" and p.module == name]
+        return ModuleFiles(name, spec.d, spec.dtype, tuple(self.locate(p.path) for _, p in parts),
+                           tuple(p.rows for _, p in parts), tuple(s for s, _ in parts))
+
+    def docs_parts(self) -> list[Part]:
+        return [p for p in self.manifest.parts if p.kind == "docs"]
+
+    def open(self, path: str, **options):
+        """A `pyarrow.parquet.ParquetFile` of a `locate`d path, page checksums verified
+        (zstd decodes most flipped bytes into wrong values without any error)."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path, page_checksum_verification=True, filesystem=self.filesystem,
+                              **options)
+
+
+def vector_array(column, d: int, dtype=None) -> np.ndarray:
+    """A (possibly sliced, chunked) `fixed_size_list` column -> `[n, d]` numpy, zero-copy
+    when it is one chunk and no `dtype` conversion is asked for."""
+    parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+             for chunk in getattr(column, "chunks", [column])]
+    found = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts
+                                                else np.empty((0, d), np.float32))
+    return found if dtype is None else found.astype(dtype, copy=False)
+
+
+def aligned(first: str, other: str, where: str, reference: dict, got: dict) -> None:
+    """The paired-read rule's check: rows paired by (shard, row) must have equal `doc_id`
+    and `position` (`reference` and `got`: column -> array); else one `DataError`."""
+    for key in ("doc_id", "position"):
+        a, b = np.asarray(reference[key]), np.asarray(got[key])
+        if len(a) != len(b) or not np.array_equal(a, b):
+            bad = int(np.flatnonzero(a[:len(b)] != b[:len(a)])[0]) if len(a) == len(b) else -1
+            detail = (f"row {bad} has {key} {b[bad]} vs {a[bad]}" if bad >= 0
+                      else f"{len(b)} vs {len(a)} rows")
+            raise DataError(f"rows of {other!r} and {first!r} are not aligned in {where}: "
+                            f"{detail}. These part files were not written by one capture; read "
+                            "the modules separately.")
+
+
+def shard_rows(catalog: Catalog, files: ModuleFiles, shard: int, start: int, stop: int,
+               columns: list[str]):
+    """Rows `[start, stop)` of `shard` (counted from the shard's first row, across its part
+    files) of one module, as one `pyarrow.Table`: what the paired-read rule pairs."""
+    import pyarrow as pa
+
+    pieces, offset = [], 0
+    for i in files.by_shard().get(shard, []):
+        lo, hi = max(start - offset, 0), min(stop - offset, files.rows[i])
+        if lo < hi:
+            parquet = catalog.open(files.paths[i])
+            meta = parquet.metadata
+            edges = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            first = int(np.searchsorted(edges, lo, side="right")) - 1
+            last = int(np.searchsorted(edges, hi, side="left"))
+            table = parquet.read_row_groups(list(range(first, last)), columns=columns)
+            pieces.append(table.slice(lo - int(edges[first]), hi - lo))
+        offset += files.rows[i]
+    if not pieces:
+        raise DataError(f"shard {shard} of {files.name!r} has no rows {start}..{stop}: the "
+                        "modules hold different rows; read them separately.")
+    return pa.concat_tables(pieces)
