@@ -1,7 +1,7 @@
 """The format's single source of truth, shipped inside the package as `crowstream.schemas`.
 
-It owns `manifest.schema.json` (JSON Schema of crowstream.json, format 2, and in its
-`$defs/commit` of the commit records in `commits/`), `manifest-v1.schema.json` (format 1,
+It owns `manifest.schema.json` (JSON Schema of crowstream.json, format 3, and in its
+`$defs/commit` of the commit records in `commits/`), `manifest-v1.schema.json` and `manifest-v2.schema.json` (formats 1 and 2,
 still read) and `rows.json` (the
 part-file, docs and vocab columns and Parquet settings), and builds the Arrow schemas
 and Parquet writer options from them, so writer, readers, `verify` and tests agree.
@@ -17,8 +17,8 @@ import pyarrow as pa
 
 
 @functools.cache
-def manifest_schema(version: int = 2) -> dict:
-    name = "manifest.schema.json" if version == 2 else f"manifest-v{version}.schema.json"
+def manifest_schema(version: int = 3) -> dict:
+    name = "manifest.schema.json" if version == 3 else f"manifest-v{version}.schema.json"
     return json.loads(resources.files(__name__).joinpath(name).read_text())
 
 
@@ -29,7 +29,7 @@ def _validator(kind: str):
     if kind == "commit":
         schema = {"$defs": manifest_schema()["$defs"], "$ref": "#/$defs/commit"}
     else:
-        schema = manifest_schema(1 if kind == "manifest-v1" else 2)
+        schema = manifest_schema({"manifest-v1": 1, "manifest-v2": 2}.get(kind, 3))
     return jsonschema.Draft202012Validator(schema)
 
 
@@ -47,9 +47,10 @@ def validate_manifest(manifest: dict, *, thorough: bool = False) -> list[str]:
     """
     if manifest.get("format_version") == 1:
         return _problems("manifest-v1", manifest)
+    kind = "manifest-v2" if manifest.get("format_version") == 2 else "manifest"
     if thorough or not isinstance(manifest.get("shards"), list):
-        return _problems("manifest", manifest)
-    problems = _problems("manifest", {**manifest, "shards": []})
+        return _problems(kind, manifest)
+    problems = _problems(kind, {**manifest, "shards": []})
     for i, shard in enumerate(manifest["shards"]):
         problems += shard_problems(shard, f"shards/{i}")
     return problems
@@ -61,9 +62,10 @@ def validate_record(record: dict, *, thorough: bool = False) -> list[str]:
     if thorough:
         return _problems("commit", record)
     problems = []
-    for key, expected in (("format", "crowstream-commit"), ("format_version", 2)):
-        if record.get(key) != expected:
-            problems.append(f"{key}: {expected!r} was expected")
+    if record.get("format") != "crowstream-commit":
+        problems.append("format: 'crowstream-commit' was expected")
+    if record.get("format_version") not in (2, 3):
+        problems.append("format_version: 2 or 3 was expected")
     if not _matches(record.get("run_id"), "run_id"):
         problems.append(f"run_id: {record.get('run_id')!r} does not match "
                         f"{_pattern('run_id')!r}")

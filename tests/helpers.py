@@ -127,6 +127,36 @@ def as_format_1(out, dest) -> None:
         json.dump(m, f, indent=1)
 
 
+def as_format_2(out, dest) -> None:
+    """Copy a complete OUT to `dest` as crowstream 0.2 wrote it (format 2): the same files,
+    with format version 2 in the manifest, the commit records and the part footers."""
+    import shutil
+
+    from crowstream.schemas import parquet_options
+
+    shutil.copytree(out, dest)
+    commits = os.path.join(dest, "commits")
+    for name in sorted(os.listdir(commits)):
+        if name.endswith(".json"):
+            with open(os.path.join(commits, name)) as f:
+                value = json.load(f)
+            value["format_version"] = 2
+            with open(os.path.join(commits, name), "w") as f:
+                json.dump(value, f)
+    m = raw_manifest(dest)
+    m["format_version"] = 2
+    save_manifest(dest, m)
+    for shard in m["shards"]:
+        for part in shard["parts"]:
+            if part["kind"] == "module":
+                path = os.path.join(dest, part["path"])
+                table = pq.read_table(path)
+                meta = {**table.schema.metadata, b"crowstream.format_version": b"2"}
+                dtype = "float16" if "float16" in str(table.schema.field("vector").type) else "float32"
+                pq.write_table(table.replace_schema_metadata(meta), path, **parquet_options(dtype))
+                restamp_part(dest, part["path"])
+
+
 def restamp_part(out, rel) -> None:
     """Record part `rel`'s current size and sha256 where crowstream recorded them (its
     commit record, and crowstream.json with its digest), so that only content checks can

@@ -174,7 +174,7 @@ def test_footer_says_what_each_part_is(out, gpt2_dir):
         for path in module_files(out, module):
             found = pq.ParquetFile(path).metadata.metadata
             assert {k: v for k, v in found.items() if k.startswith(b"crowstream.")} == {
-                b"crowstream.format_version": b"2", b"crowstream.module": module.encode(),
+                b"crowstream.format_version": b"3", b"crowstream.module": module.encode(),
                 b"crowstream.d": str(d).encode(), b"crowstream.dtype": dtype.encode(),
                 b"crowstream.model": os.path.basename(gpt2_dir).encode()}  # never the path
 

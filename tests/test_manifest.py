@@ -14,7 +14,7 @@ import pytest
 import crowstream as cs
 from crowstream.errors import ManifestError
 from crowstream.format.statistics import ModuleStats
-from helpers import (as_format_1, manifest_of, patch_everywhere, raw_manifest, read_rows,
+from helpers import (as_format_1, as_format_2, manifest_of, patch_everywhere, raw_manifest, read_rows,
                      save_manifest, tree)
 from crowstream.pipeline.commit import commit_shard
 from crowstream.pipeline.output import Output
@@ -202,6 +202,29 @@ def test_resuming_a_format_1_output_is_one_clear_error(gpt2, corpus, complete, t
                                             r"but does not continue\. Capture into a new OUT"):
         capture(gpt2, corpus[:24], out, shard_size=4, batch_size=4, resume=True)
     assert tree(out) == before
+
+
+def test_a_format_2_output_reads_and_verifies_but_is_not_resumed(gpt2, corpus, complete, tmp_path):
+    out = str(tmp_path / "v2")
+    as_format_2(complete, out)
+    assert raw_manifest(out)["format_version"] == 2
+    assert cs.verify(out)["parts"] == len(manifest_of(out).parts)
+    assert cs.info(out)["format_version"] == 2
+    for module in manifest_of(complete).modules:
+        assert read_rows(out)[module][0].tolist() == read_rows(complete)[module][0].tolist()
+    assert cs.scan(out).collect().equals(cs.scan(complete).collect())
+    before = tree(out)
+    with pytest.raises(ManifestError, match=r"^cannot resume .*: it was written by crowstream 0\.2 "
+                                            r"\(format 2\), which this version reads but does not "
+                                            r"continue\. Capture into a new OUT"):
+        capture(gpt2, corpus[:24], out, shard_size=4, batch_size=4, resume=True)
+    assert tree(out) == before
+
+
+def test_new_outputs_are_format_3(complete):
+    assert raw_manifest(complete)["format_version"] == 3
+    with open(os.path.join(complete, "commits", "shard-00000000.json")) as f:
+        assert json.load(f)["format_version"] == 3
 
 
 # -- the schema's fast checker ---------------------------------------------------------------

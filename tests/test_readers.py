@@ -292,7 +292,7 @@ def test_manifest_validates(out32, out16):
         with open(os.path.join(run.path, "crowstream.json"), encoding="utf-8") as f:
             manifest = json.load(f)
         assert validate_manifest(manifest) == []
-        assert manifest["format_version"] == 2 and manifest["status"] == "complete"
+        assert manifest["format_version"] == 3 and manifest["status"] == "complete"
         for shard in manifest["shards"]:
             for part in shard["parts"]:
                 assert os.path.getsize(os.path.join(run.path, part["path"])) == part["bytes"]
@@ -338,7 +338,7 @@ def test_part_file_parquet_settings(which, request):
         assert meta.metadata[b"crowstream.module"] == module.encode()
         assert meta.metadata[b"crowstream.dtype"] == dtype.encode()
         assert meta.metadata[b"crowstream.d"] == b"64"
-        assert meta.metadata[b"crowstream.format_version"] == b"2"
+        assert meta.metadata[b"crowstream.format_version"] == b"3"
         assert b"run_id" not in b"".join(meta.metadata)
     for path in glob.glob(os.path.join(run.path, "docs", "*.parquet")):
         assert pq.ParquetFile(path).schema_arrow.equals(docs_schema())

@@ -11,7 +11,7 @@ import re
 from crowstream.checks import looks_like_path
 from crowstream.errors import ConfigError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 0.3; 1 (0.1) and 2 (0.2) still read
 
 
 MANIFEST_NAME = "crowstream.json"

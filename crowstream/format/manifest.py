@@ -209,7 +209,7 @@ class Manifest:
 
     def to_json(self) -> dict:
         return {
-            "format": "crowstream", "format_version": FORMAT_VERSION, "run_id": self.run_id,
+            "format": "crowstream", "format_version": self.format_version, "run_id": self.run_id,
             "status": self.status, "error": self.error, "created": self.created,
             "updated": self.updated, "config": self.config, "shard_size": self.shard_size,
             "provenance": self.provenance,

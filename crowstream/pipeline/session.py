@@ -16,7 +16,7 @@ from crowstream.errors import (IncompleteRunError, Interrupted, ManifestError, O
                                OutputError, ResumeMismatchError)
 from crowstream.format.locks import exclusive
 from crowstream.format.card import write_card
-from crowstream.format.layout import module_dir
+from crowstream.format.layout import FORMAT_VERSION, module_dir
 from crowstream.format.manifest import Counts, Manifest, ModuleInfo, write_manifest
 from crowstream.format.records import consolidated, read_end, write_end
 from crowstream.format.recovery import recover
@@ -72,11 +72,13 @@ class Session:
     def load(self, manifest: Manifest) -> None:
         """Resume: check the call against the recorded run, then `manifest.recover` OUT
         (committed shards rolled forward, everything else deleted)."""
-        if manifest.format_version == 1:
+        if manifest.format_version < FORMAT_VERSION:
+            release = {1: "0.1", 2: "0.2"}[manifest.format_version]
             raise ManifestError(
-                f"cannot resume {self.out!r}: it was written by crowstream 0.1 (format 1), which "
-                "this version reads but does not continue. Capture into a new OUT (or pass "
-                "overwrite=True / --overwrite to replace it).")
+                f"cannot resume {self.output.shown!r}: it was written by crowstream {release} "
+                f"(format {manifest.format_version}), which this version reads but does not "
+                "continue. Capture into a new OUT (or pass overwrite=True / --overwrite to "
+                "replace it), or finish it with crowstream " + release + ".")
         differences = self.config.differences(manifest.config)
         if differences and self.world > 1:
             raise ResumeMismatchError(
