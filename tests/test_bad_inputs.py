@@ -194,7 +194,7 @@ CASES = {
                          r"damaged, or was edited by hand\. .*delete its \"digest\" field"),
     "crowstream.json from the future": Case(
         manifest_edited(future_version), E.ManifestError,
-        r"is format version 99, written by a newer crowstream \(this one reads up to 2\); upgrade"),
+        r"is format version 99, written by a newer crowstream \(this one reads up to 3\); upgrade"),
     # -- the model -----------------------------------------------------------------------------
     "model directory without a tokenizer": Case(
         model_without_tokenizer, E.ModelLoadError,
