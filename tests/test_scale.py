@@ -468,7 +468,7 @@ def test_batches_reach_batch_size_when_the_token_budget_allows(gpt2, corpus):
     assert shard_size > 100  # a shard holds many batches, so sorting windows fill batches
     items = list(shard_stream([(0, list(enumerate(corpus[:100])))], tokenizing,
                               shard_size=shard_size, tokens_before=0))
-    sizes = [item.n_docs for item in items if isinstance(item, Batch)]
+    sizes = [item.n_pieces for item in items if isinstance(item, Batch)]
     assert sizes[:-1] == [32] * (len(sizes) - 1) and sum(sizes) == 100
 
 
