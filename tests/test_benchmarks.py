@@ -78,6 +78,12 @@ def test_memory_tiny_prints_growth(tmp_path):
     out = _run("memory.py", tmp_path)
     for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment"):
         assert line in out, f"missing {line!r} in:\n{out}"
+    runs = {}
+    for scale in (1, 8):
+        docs, tokens, shards = map(_number, _one(
+            rf"^  {scale}x:\s+([\d,]+) docs,\s+([\d,]+) tokens,\s+(\d+) shards", out))
+        runs[scale] = docs, tokens, shards
+    assert runs[8] == tuple(8 * x for x in runs[1]), runs  # 8x the corpus, all of it captured
 
 
 def test_commits_tiny_prints_constant_cost(tmp_path):
