@@ -376,7 +376,7 @@ def test_module_that_changes_the_sequence_length_is_refused(gpt2_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
     model.lm_head.register_forward_hook(lambda module, args, output: output[:, :1])  # pools
     with pytest.raises(errors.ModuleOutputError,
-                       match=r"^module 'lm_head' returns \(1, 1, \d+\) for an input of \d+ tokens: "
+                       match=r"^module 'lm_head' returns \(2, 1, \d+\) for an input of \d+ tokens: "
                              r"it changes the sequence length"):
         cs.capture(model, TEXTS, "lm_head", tmp_path / "out",
                    tokenizer=AutoTokenizer.from_pretrained(gpt2_dir), progress=False)

@@ -6,10 +6,12 @@ byte between the forward and the disk.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 
 from crowstream.format.layout import (DOCS_DIR, FORMAT_VERSION, model_id, module_dir, part_name,
-                                      staging_path)
+                                      record_path, staging_path)
 from crowstream.format.manifest import Part, ShardRecord
 from crowstream.format.statistics import ModuleStats, merged_stats
 from crowstream.schemas import part_schema
@@ -19,6 +21,8 @@ from .options import CaptureConfig
 from .parts import ENCODER_BYTES, ShardParts, encoder_slots, row_bytes, write_table
 from .tables import docs_table
 from .threads import ByteBudget, Worker
+
+log = logging.getLogger("crowstream")
 
 
 class Writers:
@@ -41,6 +45,8 @@ class Writers:
         self.row_cost = {name: row_bytes(s) for name, s in self.schemas.items()}  # as stored
         self.parts: dict = {}            # module -> ShardParts of the open shard (writer threads)
         self.shard_stats: dict = {}      # module -> ModuleStats of the open shard
+        self.staged: dict = {}           # shard -> its files closed in .tmp/, until committed
+        self._staged_lock = threading.Lock()
         # committed so far (committer thread only): records, and their statistics merged
         # in shard order, so a resumed run's totals equal an uninterrupted run's exactly
         self.shards = list(committed.shards)
@@ -48,7 +54,9 @@ class Writers:
         self.bytes_written = 0  # by this run (a resume starts again from zero)
 
     def admit(self, batch) -> None:
-        """Wait until `batch`'s kept rows fit in the in-flight budget, then count them."""
+        """Wait until `batch`'s kept rows fit in the in-flight budget, then count them.
+        A background failure is raised at once, before another forward is spent."""
+        self.check()
         rows = len(batch.keep_index)
         self.budget.acquire(rows * sum(self.row_cost.values()), check=self.check)
 
@@ -67,11 +75,13 @@ class Writers:
         import torch
 
         from .flatten import to_record_batch
+        from .tracing import check_float16
 
         parts = self._part(name, shard)
         buffered = parts.buffered_bytes
         try:
             captured.wait()
+            check_float16(name, captured.peaks.get(name))
             vectors = captured.rows(name, getattr(torch, self.config.dtype))  # [N, d]
             parts.write(to_record_batch(batch.doc_ids, batch.positions, batch.tokens, vectors,
                                         self.config.dtype))
@@ -94,6 +104,7 @@ class Writers:
         self.budget.settle(0, -parts.buffered_bytes)
         infos = parts.close()
         del self.parts[name]
+        self._stage(shard, [info.tmp_path for info in infos])
         return infos, self.shard_stats.pop(name, ModuleStats(self.dims[name]))
 
     def commit(self, end) -> None:
@@ -107,6 +118,7 @@ class Writers:
         its docs part there, then `commit_shard` (statistics, fence, record, publish)."""
         results = {name: future.result() for name, future in futures.items()}
         docs_rel = f"{DOCS_DIR}/{part_name(self.rank, end.index)}"
+        self._stage(end.index, [staging_path(self.out, docs_rel)])
         docs_info = write_table(staging_path(self.out, docs_rel), docs_table(end))
         parts = [Part(path=docs_rel, bytes=docs_info.bytes, sha256=docs_info.sha256,
                       kind="docs", rows=docs_info.rows)]
@@ -120,6 +132,8 @@ class Writers:
                              parts=tuple(parts), world_size=self.output.world)
         stats = {m: shard_stats for m, (_, shard_stats) in results.items()}
         record = commit_shard(self.output, self.run_id, record, stats)
+        with self._staged_lock:
+            self.staged.pop(end.index, None)
         self.shards.append(record)  # counted from here on, as on disk
         for module, shard_stats in stats.items():
             self.stats[module].merge(shard_stats)
@@ -143,3 +157,24 @@ class Writers:
         for worker in self.workers.values():
             worker.close()
         self.committer.close()
+        self._discard_staged()
+
+    def _stage(self, shard: int, paths: list) -> None:
+        with self._staged_lock:
+            self.staged.setdefault(shard, []).extend(paths)
+
+    def _discard_staged(self) -> None:
+        """Delete the closed files of shards whose commit failed or never ran (the bytes a
+        full disk needs back). A shard whose record was written keeps them: a resume rolls
+        it forward."""
+        for shard, paths in self.staged.items():
+            if os.path.exists(os.path.join(self.out, record_path(shard))):
+                continue
+            for path in paths:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as error:  # the failure that stopped the run matters more
+                    log.warning("could not remove the uncommitted file %s: %s", path, error)
+        self.staged.clear()
