@@ -1,4 +1,4 @@
-"""The command line: `crowstream capture|modules|info|verify|finalize|rewrite|report|demo` (also `python -m
+"""The command line: `crowstream capture|modules|info|verify|finalize|recover|rewrite|report|demo` (also `python -m
 crowstream`). It owns argument parsing and presentation only; every command calls the
 Python API. Errors print one line (no traceback) and exit non-zero.
 """
@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = commands.add_parser("finalize", help="consolidate a multi-rank run once every shard "
                             "is committed")
     f.add_argument("out")
+
+    rc = commands.add_parser("recover", help="rebuild a lost crowstream.json from commits/ "
+                             "(deletes nothing)")
+    rc.add_argument("out")
 
     r = commands.add_parser("rewrite", help="re-encode an older float16 output so DuckDB reads it")
     r.add_argument("out")
@@ -194,6 +198,16 @@ def _finalize(args) -> None:
           f"documents)")
 
 
+def _recover(args) -> None:
+    from crowstream.format.rebuild import recover
+    from crowstream.format.storage import public
+
+    done = recover(args.out)
+    shown = public(args.out) if isinstance(args.out, str) else args.out
+    print(f"{shown}: rebuilt crowstream.json from {done['shards']} committed shard(s); the run "
+          "is interrupted: resume it with the same call and --resume")
+
+
 def _modules(args) -> None:
     from crowstream.pipeline.models import modules
 
@@ -263,4 +277,4 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"capture": _capture, "modules": _modules, "info": _info, "verify": _verify,
-            "finalize": _finalize, "rewrite": _rewrite, "report": _report, "demo": _demo}
+            "finalize": _finalize, "recover": _recover, "rewrite": _rewrite, "report": _report, "demo": _demo}

@@ -27,12 +27,13 @@ import tempfile
 
 from crowstream.errors import ManifestError, OutputError, OutputExistsError
 from crowstream.format import records
-from crowstream.format.layout import CARD_NAME, END_PATH, record_path, staging_path
+from crowstream.format.layout import CARD_NAME, END_PATH, RUN_PATH, record_path, staging_path
 from crowstream.format.manifest import Manifest, ShardRecord, read_manifest
 from crowstream.format.records import consolidated, write_record_json
-from crowstream.format.recovery import damaged_parts, listed_paths
+from crowstream.format.recovery import check_not_lost, damaged_parts, listed_paths
 
 from .layout import (
+    RECORD_NAME,
     COMMITS_DIR,
     DATA_DIR,
     DOCS_DIR,
@@ -145,6 +146,7 @@ class Mirror:
         self.fs, self.root = filesystem(url, storage_options)
         self.attempt = secrets.token_hex(4)
         self.spool = tempfile.mkdtemp(prefix="crowstream-spool-")
+        self.objects: dict[str, int] = {}
 
     def __enter__(self) -> Mirror:
         return self
@@ -168,11 +170,15 @@ class Mirror:
         if not objects:
             return False
         ours = MANIFEST_NAME in objects
+        if not ours and (resume or overwrite):
+            check_not_lost(public(self.url), sorted(
+                r.rsplit("/", 1)[1] for r in objects
+                if r.startswith(f"{COMMITS_DIR}/") and RECORD_NAME.fullmatch(r.rsplit("/", 1)[1])))
         if not ours:
             raise OutputExistsError(f"OUT {public(self.url)} is not empty and holds no "
                                     f"{MANIFEST_NAME}: choose another prefix.")
         if resume:
-            self._recover(objects)
+            self._download_state(objects)
             return True
         if overwrite:
             self.fs.rm([self._key(r) for r in objects])
@@ -181,12 +187,20 @@ class Mirror:
                                 "(--overwrite) to replace it, resume=True (--resume) to continue "
                                 "it, or choose another prefix.")
 
-    def _recover(self, objects: dict[str, int]) -> None:
-        """Download the run's state into the spool; delete every object no record lists."""
+    def _download_state(self, objects: dict[str, int]) -> None:
+        """Download the run's metadata and records into the spool, deleting nothing: the
+        call is compared with the recorded run first (`recover`, after `Session.load`'s
+        check)."""
         _download(self.fs, self.root, [r for r in objects if _metadata(r)], self.spool)
         for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
             os.makedirs(os.path.join(self.spool, sub), exist_ok=True)
-        state = consolidated(self.spool, read_manifest(self.spool), stats=False)
+        self.objects = objects
+
+    def recover(self, manifest: Manifest) -> tuple[Manifest, list[str]]:
+        """Once the resumed call matches the recorded run: check every listed object is
+        there, then delete every object no record lists. -> (committed manifest, removed)."""
+        objects = self.objects
+        state = consolidated(self.spool, manifest, stats=False)
         damaged = damaged_parts(self.spool, state, sizes=objects)
         if damaged:
             raise ManifestError(f"cannot resume {public(self.url)}: {len(damaged)} committed "
@@ -201,6 +215,7 @@ class Mirror:
             for rel in unlisted:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.spool, rel))
+        return state, unlisted
 
     def publish(self, *, everything: bool = False) -> None:
         """Upload crowstream.json, the card and end.json (with `everything`, also the vocab
@@ -209,7 +224,7 @@ class Mirror:
         tokenizer = os.path.join(self.spool, TOKENIZER_DIR)
         if everything:
             names = sorted(os.listdir(tokenizer))
-            rels = [VOCAB_NAME, *(f"{TOKENIZER_DIR}/{n}" for n in names)] + rels
+            rels = [VOCAB_NAME, RUN_PATH, *(f"{TOKENIZER_DIR}/{n}" for n in names)] + rels
         for rel in rels:
             if os.path.isfile(os.path.join(self.spool, rel)):
                 self.fs.put_file(os.path.join(self.spool, rel), self._key(rel))

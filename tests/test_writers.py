@@ -1,0 +1,147 @@
+"""Many writers, one truth (#17): adversarial writers against a local OUT and a bucket
+(moto's S3 on loopback). Each case ends with rows equal to a one-process capture and a
+clean `verify`, or with a refusal that deleted nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+import crowstream as cs
+from crowstream.errors import ManifestError, ResumeMismatchError
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+MODULES = ["transformer.h.0", "transformer.h.2"]
+N = 16
+KW = dict(shard_size=4, batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A moto S3 server on 127.0.0.1 and the fsspec storage_options that reach it."""
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    options = {"key": "testing-key", "secret": "testing-secret",
+               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+    import boto3
+
+    boto3.client("s3", aws_access_key_id="testing-key", aws_secret_access_key="testing-secret",
+                 **options["client_kwargs"]).create_bucket(Bucket="bucket")
+    yield options
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def docs(corpus):
+    return corpus[:N]
+
+
+@pytest.fixture(scope="module")
+def local(reference_capture):
+    return reference_capture(N, MODULES, **KW)
+
+
+def capture(gpt2, data, out, modules=MODULES, **kw):
+    model, tokenizer = gpt2
+    return cs.capture(model, data, modules, out, tokenizer=tokenizer, **{**KW, **kw})
+
+
+def interrupted(gpt2, docs, out, monkeypatch, **kw):
+    """A capture of `docs` interrupted (SIGINT) during its third batch: shards 0-2 committed."""
+    import signal
+
+    from crowstream.errors import Interrupted
+    from crowstream.pipeline.tracing import ModelTracer
+
+    original, calls = ModelTracer.run, []
+
+    def run(tracer, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(tracer, batch)
+
+    monkeypatch.setattr(ModelTracer, "run", run)
+    with pytest.raises(Interrupted):
+        capture(gpt2, docs, out, **kw)
+    monkeypatch.undo()
+
+
+def rows(out, **kw):
+    return cs.scan(out, **kw).collect().sort("module", "doc_id", "position").to_dicts()
+
+
+def objects(server, prefix: str) -> set[str]:
+    fs = s3fs.S3FileSystem(**server)
+    return {k[len(f"bucket/{prefix}/"):] for k in fs.find(f"bucket/{prefix}", refresh=True)}
+
+
+def files(out: str) -> set[str]:
+    return {os.path.relpath(os.path.join(r, n), out) for r, _, ns in os.walk(out) for n in ns}
+
+
+# -- nothing is deleted before the configs are compared ---------------------------------
+
+def test_bucket_resume_with_another_config_deletes_nothing(gpt2, docs, server):
+    url = "s3://bucket/mismatch"
+    capture(gpt2, docs, url, storage_options=server)
+    fs = s3fs.S3FileSystem(**server)
+    in_flight = "bucket/mismatch/data/module=transformer.h.0/part-00000-000009-000-afeed.parquet"
+    fs.pipe(in_flight, b"another writer's part, uploaded before its record")
+    before = objects(server, "mismatch")
+    with pytest.raises(ResumeMismatchError, match="differs from the run recorded"):
+        capture(gpt2, docs, url, modules=MODULES[:1], storage_options=server, resume=True)
+    assert objects(server, "mismatch") == before
+
+
+def test_local_resume_with_another_config_deletes_nothing(gpt2, docs, local, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(local, out)
+    with open(os.path.join(out, ".tmp", "data__module=transformer.h.0__part-00000-000009-000"
+                           ".parquet"), "wb") as f:
+        f.write(b"in flight")
+    before = files(out)
+    with pytest.raises(ResumeMismatchError):
+        capture(gpt2, docs, out, modules=MODULES[:1], resume=True)
+    assert files(out) == before
+
+
+# -- a lost manifest is never a reason to delete ----------------------------------------
+
+def test_local_lost_manifest_is_refused_then_recovered(gpt2, docs, local, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    interrupted(gpt2, docs, out, monkeypatch)  # shards 0-2 committed ...
+    os.remove(os.path.join(out, "crowstream.json"))  # ... and the manifest lost
+    before = files(out)
+    for kw in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(ManifestError, match=r"3 committed shard\(s\) \(0, 1, 2\).*crowstream "
+                           "recover"):
+            capture(gpt2, docs, out, **kw)
+        assert files(out) == before
+    assert cs.recover(out)["shards"] == 3
+    assert cs.info(out)["status"] == "interrupted"
+    with pytest.raises(ManifestError, match="nothing to recover"):
+        cs.recover(out)
+    capture(gpt2, docs, out, resume=True)
+    assert rows(out) == rows(local)
+    cs.verify(out)
+
+
+def test_bucket_lost_manifest_is_refused_then_recovered(gpt2, docs, local, server, monkeypatch):
+    url = "s3://bucket/lost"
+    interrupted(gpt2, docs, url, monkeypatch, storage_options=server)
+    fs = s3fs.S3FileSystem(**server)
+    fs.rm("bucket/lost/crowstream.json")
+    before = objects(server, "lost")
+    with pytest.raises(ManifestError, match=r"s3://bucket/lost.*3 committed shard\(s\) \(0, 1, 2\)"):
+        capture(gpt2, docs, url, storage_options=server, resume=True)
+    assert objects(server, "lost") == before
+    assert cs.recover(url, storage_options=server)["shards"] == 3
+    capture(gpt2, docs, url, storage_options=server, resume=True)
+    assert rows(url, storage_options=server) == rows(local)
+    cs.verify(url, storage_options=server)
