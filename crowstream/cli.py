@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-remote-code", action="store_true")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--resume", action="store_true")
+    c.add_argument("--takeover", action="store_true",
+                   help="with a bucket OUT: take over the run's lease at once (you assert that "
+                        "the writer holding it is dead)")
+    c.add_argument("--spool-dir", default=None,
+                   help="with a bucket OUT: the local directory for the spool (default: the "
+                        "system temp directory)")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--rank", type=int, help="this process's rank of several writing one run "
                    "(default: env RANK, as torchrun sets it); it captures shards k with "
@@ -179,6 +185,7 @@ def _capture(args) -> None:
         max_inflight_bytes=args.max_inflight_bytes, shard_size=args.shard_size,
         exclude_special_tokens=args.exclude_special_tokens, exclude_token_ids=args.exclude_token_ids,
         store_text=args.store_text, overwrite=args.overwrite, resume=args.resume,
+        takeover=args.takeover, spool_dir=args.spool_dir,
         device=args.device, torch_dtype=args.torch_dtype, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress, rank=args.rank, world_size=args.world_size,

@@ -129,7 +129,7 @@ def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
         return "resume"
     if overwrite and MANIFEST_NAME in existing:
         return "replace"
-    if (resume or overwrite) and MANIFEST_NAME not in existing:
+    if resume and MANIFEST_NAME not in existing:  # overwrite=True asks to delete; resume not
         check_not_lost(out, record_names(out))
     if (resume or overwrite) and _uncommitted_layout(out, existing):
         return "replace"  # killed before its first manifest, or while being replaced

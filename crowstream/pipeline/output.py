@@ -38,9 +38,12 @@ class Output:
         return public(self.mirror.url)
 
     def check_fence(self) -> None:
-        """The fencing step of the commit, before the record: raises when this writer no
-        longer owns the run. Today a local OUT is fenced by its locks, held for the whole
-        run, and a bucket OUT is not fenced."""
+        """The fencing step of the commit, before the record: raises `FencedError` when this
+        writer no longer owns the run. A local OUT is fenced by its locks, held for the
+        whole run; a bucket OUT by this writer's lease (checked again before the record PUT,
+        see `storage.Mirror.commit`)."""
+        if self.mirror is not None:
+            self.mirror.check_fence()
 
     def recover(self, manifest, owned=None):
         """Prepare OUT for a resume, only once the call was compared with the recorded run:

@@ -161,7 +161,8 @@ def _capture_to_url(model, data, modules, url: str, options: CaptureOptions, gro
         raise OutputError(f"OUT {storage.public(url)!r} is a URL: several ranks cannot write to "
                           "object storage yet. Capture with one process, or into a shared file "
                           "system path.")
-    with storage.Mirror(url, options.storage_options) as mirror:
+    with storage.Mirror(url, options.storage_options, lease_s=options.lease_s,
+                        takeover=options.takeover, spool_dir=options.spool_dir) as mirror:
         resume = mirror.prepare(overwrite=options.overwrite, resume=options.resume)
         options = dataclasses.replace(options, resume=resume, overwrite=False)
         try:
