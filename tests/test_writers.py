@@ -144,3 +144,119 @@ def test_bucket_lost_manifest_is_refused_then_recovered(gpt2, docs, local, serve
     capture(gpt2, docs, url, storage_options=server, resume=True)
     assert rows(url, storage_options=server) == rows(local)
     cs.verify(url, storage_options=server)
+
+
+# -- fencing on a bucket -----------------------------------------------------------------
+
+def test_two_leases_taken_together_exactly_one_wins(server):
+    import threading
+
+    from crowstream.format import leases, storage
+
+    fs, root = storage.filesystem("s3://bucket/race", server)
+    store = leases.Store(fs, root)
+    assert store.conditional  # moto honours If-None-Match and If-Match
+    barrier, results = threading.Barrier(4), []
+
+    def take(i):
+        lease = leases.Lease(store, root, "s3://bucket/race", rank=0, world=1,
+                             attempt=f"{i:08x}", lease_s=60)
+        barrier.wait()
+        try:
+            lease.acquire(takeover=False)
+            results.append(lease)
+        except cs.CrowstreamError as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if isinstance(r, leases.Lease)]
+    assert len(won) == 1, results
+    assert all("lease" in str(r) for r in results if r not in won)
+    won[0].release()
+    assert not fs.exists(f"{root}/leases/rank-00000.json")
+
+
+class Paused:
+    """Pause the first writer that reaches shard `index`'s record PUT (its parts and
+    statistics are uploaded) until `go` is set."""
+
+    def __init__(self, monkeypatch, index: int):
+        from crowstream.format import storage
+        from crowstream.format.layout import record_path
+
+        self.ready, self.go, self.taken = __import__("threading").Event(), \
+            __import__("threading").Event(), []
+        original = storage.Mirror._create
+
+        def create(mirror, rel, i):
+            if rel == record_path(index) and not self.taken:
+                self.taken.append(mirror.attempt)
+                self.ready.set()
+                assert self.go.wait(120)
+            return original(mirror, rel, i)
+
+        monkeypatch.setattr(storage.Mirror, "_create", create)
+
+
+def in_thread(function, *args, **kw):
+    """Run `function` in a thread; -> (thread, box) where box holds its result or error."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["result"] = function(*args, **kw)
+        except BaseException as error:  # handed to the test
+            box["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+def test_a_second_capture_on_a_live_bucket_run_is_refused_and_deletes_nothing(
+        gpt2, gpt2_dir, docs, local, server, monkeypatch):
+    url = "s3://bucket/live"
+    paused = Paused(monkeypatch, 2)
+    thread, box = in_thread(capture, gpt2, docs, url, storage_options=server)
+    assert paused.ready.wait(120)
+    before = objects(server, "live")
+    assert any(o.startswith("data/") and "-000002-" in o for o in before)  # in flight
+    for kw in ({}, {"resume": True}, {"resume": True, "modules": MODULES[:1]},
+               {"overwrite": True}):
+        with pytest.raises(cs.CrowstreamError, match="holds rank 0's lease|is not empty"):
+            cs.capture(gpt2_dir, docs, kw.pop("modules", MODULES), url, storage_options=server,
+                       **{**KW, **kw})
+        assert objects(server, "live") == before
+    paused.go.set()
+    thread.join()
+    assert "error" not in box, box.get("error")
+    assert rows(url, storage_options=server) == rows(local)
+    cs.verify(url, storage_options=server)
+    assert not any(o.startswith("leases/") for o in objects(server, "live"))
+
+
+def test_a_zombie_finishing_after_its_replacement_commits_nothing(
+        gpt2, gpt2_dir, docs, local, server, monkeypatch):
+    from crowstream.format.leases import FencedError
+
+    url = "s3://bucket/zombie"
+    paused = Paused(monkeypatch, 2)
+    thread, box = in_thread(capture, gpt2, docs, url, storage_options=server)
+    assert paused.ready.wait(120)  # the zombie: parts of shard 2 uploaded, record not yet
+    replacement = cs.capture(gpt2_dir, docs, MODULES, url, storage_options=server, resume=True,
+                             takeover=True, **KW)
+    assert replacement.manifest.status == "complete"
+    done = objects(server, "zombie")
+    paused.go.set()
+    thread.join()
+    assert isinstance(box.get("error"), FencedError), box
+    assert objects(server, "zombie") == done  # the zombie changed nothing, deleted nothing
+    assert rows(url, storage_options=server) == rows(local)
+    cs.verify(url, storage_options=server)
+    assert cs.info(url, storage_options=server)["status"] == "complete"

@@ -251,12 +251,12 @@ class Mirror:
                     os.remove(os.path.join(self.spool, rel))
         return state, unlisted
 
-    def _create(self, rel: str, index: int) -> None:
-        """PUT the spool's `rel` only if the bucket has no such object yet."""
+    def _create(self, rel: str, index: int) -> str | None:
+        """PUT the spool's `rel` only if the bucket has no such object yet. -> its ETag."""
         with open(os.path.join(self.spool, rel), "rb") as f:
             data = f.read()
         try:
-            self.store.create(self._key(rel), data)
+            return self.store.create(self._key(rel), data)
         except FencedError as error:
             raise FencedError(f"shard {index} of {public(self.url)} is being (or was) committed "
                               f"by another writer ({rel} exists); this writer (attempt "
@@ -300,7 +300,7 @@ class Mirror:
 
     def commit(self, run_id: str, record: ShardRecord) -> ShardRecord:
         """Publish a shard the spool has committed (record written, parts still staged):
-        parts under attempt names, the statistics (create-only), then the record
+        parts under attempt names, the statistics, then the record
         (create-only: the commit point). -> the record as PUT. A writer that lost the run
         deletes what it uploaded and raises `FencedError`."""
         self.check_fence()  # a writer that slept past its lease uploads nothing
@@ -312,15 +312,17 @@ class Mirror:
                 self.fs.put_file(staging_path(self.spool, part.path), self._key(final))
                 uploaded.append(final)
                 parts.append(dataclasses.replace(part, path=final))
-            self._create(record.stats.path, record.index)
-            uploaded.append(record.stats.path)
+            # the statistics' name is shared by every attempt at the shard, but its bytes are
+            # the same whoever writes it (rows are bit-identical): a plain PUT, never deleted
+            self.fs.put_file(os.path.join(self.spool, record.stats.path),
+                             self._key(record.stats.path))
             record = dataclasses.replace(record, parts=tuple(parts))
             write_record_json(self.spool, run_id, record)
             self.check_fence()
             self._create(record_path(record.index), record.index)
         except FencedError:
             self.fenced = True
-            if uploaded:
+            if uploaded:  # this attempt's own names: no other writer's
                 self.fs.rm([self._key(r) for r in uploaded])
             raise
         for staged in staged_paths:  # the spool keeps only the small record and statistics
