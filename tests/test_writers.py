@@ -260,3 +260,27 @@ def test_a_zombie_finishing_after_its_replacement_commits_nothing(
     assert rows(url, storage_options=server) == rows(local)
     cs.verify(url, storage_options=server)
     assert cs.info(url, storage_options=server)["status"] == "complete"
+
+
+# -- ranks of another world size (local) ---------------------------------------------------
+
+def test_a_rank_of_another_world_size_is_refused_then_resizing_works(gpt2, docs, local, tmp_path):
+    from crowstream.errors import OutputError
+    from crowstream.format.locks import RankLock
+
+    out = str(tmp_path / "out")
+    capture(gpt2, docs, out, rank=0, world_size=2)  # rank 0 of 2 did its share ...
+    running = RankLock(out, 1)  # ... and rank 1 of 2 is writing
+    try:
+        before = files(out)
+        with pytest.raises(OutputError, match=r"rank 2 of 3 cannot join .*rank\(s\) 1 of a "
+                           "2-rank run"):
+            capture(gpt2, docs, out, rank=2, world_size=3)
+        assert files(out) - {".locks/rank-00002.lock"} == before
+    finally:
+        running.release()
+    for rank in range(3):  # every rank stopped: the run resumes with 3 ranks
+        run = capture(gpt2, docs, out, rank=rank, world_size=3)
+    assert run.manifest.status == "complete"
+    assert rows(out) == rows(local)
+    cs.verify(out)

@@ -16,7 +16,7 @@ import os
 from crowstream.errors import CrowstreamError, DataError, OutputError
 from crowstream.format import storage
 from crowstream.format.layout import manifest_path
-from crowstream.format.locks import exclusive
+from crowstream.format.locks import check_world, exclusive
 from crowstream.format.manifest import read_manifest
 from crowstream.format.recovery import create_out, inspect_out
 
@@ -142,6 +142,7 @@ def _start_or_load(session: Session, mode: str, recorded, peek, provenance_: dic
     out = session.out
     if mode == "join":
         with exclusive(out, wait=ranks.JOIN_WAIT_S):
+            check_world(out, session.rank, session.world)  # before anything is deleted
             if os.path.isfile(manifest_path(out)):
                 session.load(read_manifest(out))
                 return
