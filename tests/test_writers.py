@@ -284,3 +284,30 @@ def test_a_rank_of_another_world_size_is_refused_then_resizing_works(gpt2, docs,
     assert run.manifest.status == "complete"
     assert rows(out) == rows(local)
     cs.verify(out)
+
+
+# -- a crash-safe rewrite ------------------------------------------------------------------
+
+def test_rewrite_cut_between_a_part_and_the_manifest_is_finished_by_the_next(
+        gpt2, docs, tmp_path, monkeypatch):
+    from crowstream.errors import VerifyError
+    from crowstream.format import reencode
+    from test_interop import make_like_0_1
+
+    out = str(tmp_path / "old")
+    capture(gpt2, docs[:8], out, dtype="float16")
+    make_like_0_1(out)
+    before = rows(out)
+
+    def killed(out_, manifest):  # the process dies right after replacing the first part
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reencode, "write_manifest_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cs.rewrite(out)
+    monkeypatch.undo()
+    with pytest.raises(VerifyError):
+        cs.verify(out)  # the replaced part no longer matches the manifest ...
+    assert len(cs.rewrite(out)) == 3  # ... until the next rewrite finishes it (4 parts, 1 done)
+    assert cs.verify(out)["notes"] == []
+    assert rows(out) == before
