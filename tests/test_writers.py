@@ -311,3 +311,54 @@ def test_rewrite_cut_between_a_part_and_the_manifest_is_finished_by_the_next(
     assert len(cs.rewrite(out)) == 3  # ... until the next rewrite finishes it (4 parts, 1 done)
     assert cs.verify(out)["notes"] == []
     assert rows(out) == before
+
+
+# -- random SIGKILLs of a bucket capture, each followed by a resume with --takeover --------
+
+KILLS = 3  # reduced from #17's 20 (and one process, not 2 ranks) to keep the suite fast
+
+
+@pytest.mark.crash
+def test_random_sigkills_then_takeover_resumes_equal_an_uninterrupted_capture(
+        gpt2_dir, corpus, server, tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("\n".join(d.replace("\n", " ") for d in corpus[:N]) + "\n", encoding="utf-8")
+    reference = str(tmp_path / "reference")
+    cs.capture(gpt2_dir, str(txt), MODULES, reference, **KW)
+    url = "s3://bucket/kills"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": server["key"],
+           "AWS_SECRET_ACCESS_KEY": server["secret"], "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": server["client_kwargs"]["endpoint_url"], "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "crowstream", "capture", gpt2_dir, str(txt), "-o", url,
+               "--shard-size", "4", "--batch-size", "4", "--no-progress", "--resume",
+               "--takeover", *[a for m in MODULES for a in ("-m", m)]]
+    rng, kills = random.Random(17), 0
+    while True:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if kills < KILLS:
+            time.sleep(rng.uniform(3.0, 9.0))  # import and model load take a few seconds
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+        _, stderr = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert rows(url, storage_options=server) == rows(reference)
+    cs.verify(url, storage_options=server)
+    final = cs.info(url, storage_options=server)
+    assert final["status"] == "complete"
+    def plain(stats):
+        return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in stats.items()}
+
+    assert plain(cs.stats(url, MODULES[1], storage_options=server)) == \
+        plain(cs.stats(reference, MODULES[1]))
+    assert cs.docs(url, storage_options=server).collect().sort("doc_id").equals(
+        cs.docs(reference).collect().sort("doc_id"))
