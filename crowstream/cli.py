@@ -130,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except Interrupted as error:
+        from crowstream.format.storage import is_url, public
+
         command = argv if "--resume" in argv else [*argv, "--resume"]
+        command = [public(a) if is_url(a) else a for a in command]  # no credentials shown
         print(f"crowstream: {error}\nresume with: crowstream {shlex.join(command)}", file=sys.stderr)
         return 130
     except VerifyError as error:
-        print(f"crowstream verify: {len(error.problems)} problem(s) in {args.out}", file=sys.stderr)
+        from crowstream.format.storage import public
+
+        print(f"crowstream verify: {len(error.problems)} problem(s) in {public(args.out)}",
+              file=sys.stderr)
         for problem in error.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
@@ -251,8 +257,10 @@ def _info(args) -> None:
 def _verify(args) -> None:
     from crowstream.format.integrity import verify
 
+    from crowstream.format.storage import public
+
     report = verify(args.out)
-    print(f"{args.out}: OK ({report['parts']} parts, {report['rows']:,} rows, "
+    print(f"{public(args.out)}: OK ({report['parts']} parts, {report['rows']:,} rows, "
           f"{report['bytes'] / 2**20:,.1f} MiB checked)")
     for note in report["notes"]:
         print(f"  note: {note}")
