@@ -190,16 +190,16 @@ class Lease:
             if self.error is not None:
                 return
 
-    def check(self) -> None:
+    def check(self, *, read: bool = True) -> None:
         """Raise `FencedError` unless this writer still holds its lease: renewed in time
-        by its own clock, and the object still its own (read back)."""
+        by its own clock, and (with `read`: one HEAD and one GET) the object still its own."""
         if not self.store.conditional or self._thread is None:
             return
         with self._lock:
             if self.error is None and time.time() >= self.expires:
                 self.error = TimeoutError(f"the lease expired {time.time() - self.expires:.0f} "
                                           "s ago without a renewal")
-            if self.error is None:
+            if self.error is None and read:
                 data, etag = self.store.read(self.key)
                 if etag != self.etag:
                     held = json.loads(data) if data else {}

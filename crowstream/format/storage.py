@@ -262,14 +262,15 @@ class Mirror:
                               f"by another writer ({rel} exists); this writer (attempt "
                               f"{self.attempt}) deleted its own copy and stopped.") from error
 
-    def check_fence(self) -> None:
-        """Raise `FencedError` unless this writer still holds its lease."""
+    def check_fence(self, *, read: bool = True) -> None:
+        """Raise `FencedError` unless this writer still holds its lease (`read`: read it
+        back from the store; else by this process's clock and renewals only)."""
         if self.fenced:
             raise FencedError(f"this writer (attempt {self.attempt}) was fenced off "
                               f"{public(self.url)}; it commits nothing more.")
         if self.lease is not None:
             try:
-                self.lease.check()
+                self.lease.check(read=read)
             except FencedError:
                 self.fenced = True
                 raise
@@ -303,7 +304,7 @@ class Mirror:
         parts under attempt names, the statistics, then the record
         (create-only: the commit point). -> the record as PUT. A writer that lost the run
         deletes what it uploaded and raises `FencedError`."""
-        self.check_fence()  # a writer that slept past its lease uploads nothing
+        self.check_fence(read=False)  # a writer that slept past its lease uploads nothing
         parts, staged_paths = [], [staging_path(self.spool, p.path) for p in record.parts]
         uploaded = []
         try:
