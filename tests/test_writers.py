@@ -362,3 +362,26 @@ def test_random_sigkills_then_takeover_resumes_equal_an_uninterrupted_capture(
         plain(cs.stats(reference, MODULES[1]))
     assert cs.docs(url, storage_options=server).collect().sort("doc_id").equals(
         cs.docs(reference).collect().sort("doc_id"))
+
+
+def test_a_dead_captures_spool_is_deleted_by_the_next_a_live_one_kept(tmp_path):
+    import fcntl
+
+    from crowstream.format import storage
+
+    spools = tmp_path / "spools"
+    dead, _ = storage.make_spool(str(spools))
+    live, live_fd = storage.make_spool(str(spools))
+    os.close(_)  # the dead capture's lock died with it
+    mine, my_fd = storage.make_spool(str(spools))
+    try:
+        assert not os.path.exists(dead) and os.path.isdir(live) and os.path.isdir(mine)
+        probe = os.open(os.path.join(live, ".locks", "spool.lock"), os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # still held
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        os.close(live_fd)
+        os.close(my_fd)
