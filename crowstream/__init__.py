@@ -26,7 +26,7 @@ _EXPORTS = {
     "capture": ".pipeline.run", "Run": ".pipeline.session", "modules": ".pipeline.models",
     "finalize": ".pipeline.ranks",
     # the on-disk format
-    "verify": ".format.integrity", "rewrite": ".format.reencode",
+    "verify": ".format.integrity", "rewrite": ".format.reencode", "recover": ".format.rebuild",
     # reading
     "load": ".reading.readers", "scan": ".reading.readers", "vocab": ".reading.readers",
     "docs": ".reading.readers", "info": ".reading.readers",

@@ -1,4 +1,4 @@
-"""The command line: `crowstream capture|modules|info|verify|finalize|rewrite|report|demo` (also `python -m
+"""The command line: `crowstream capture|modules|info|verify|finalize|recover|rewrite|report|demo` (also `python -m
 crowstream`). It owns argument parsing and presentation only; every command calls the
 Python API. Errors print one line (no traceback) and exit non-zero.
 """
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-remote-code", action="store_true")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--resume", action="store_true")
+    c.add_argument("--takeover", action="store_true",
+                   help="with a bucket OUT: take over the run's lease at once (you assert that "
+                        "the writer holding it is dead)")
+    c.add_argument("--spool-dir", default=None,
+                   help="with a bucket OUT: the local directory for the spool (default: the "
+                        "system temp directory)")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--rank", type=int, help="this process's rank of several writing one run "
                    "(default: env RANK, as torchrun sets it); it captures shards k with "
@@ -82,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = commands.add_parser("finalize", help="consolidate a multi-rank run once every shard "
                             "is committed")
     f.add_argument("out")
+
+    rc = commands.add_parser("recover", help="rebuild a lost crowstream.json from commits/ "
+                             "(deletes nothing)")
+    rc.add_argument("out")
 
     r = commands.add_parser("rewrite", help="re-encode an older float16 output so DuckDB reads it")
     r.add_argument("out")
@@ -120,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except Interrupted as error:
+        from crowstream.format.storage import is_url, public
+
         command = argv if "--resume" in argv else [*argv, "--resume"]
+        command = [public(a) if is_url(a) else a for a in command]  # no credentials shown
         print(f"crowstream: {error}\nresume with: crowstream {shlex.join(command)}", file=sys.stderr)
         return 130
     except VerifyError as error:
-        print(f"crowstream verify: {len(error.problems)} problem(s) in {args.out}", file=sys.stderr)
+        from crowstream.format.storage import public
+
+        print(f"crowstream verify: {len(error.problems)} problem(s) in {public(args.out)}",
+              file=sys.stderr)
         for problem in error.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
@@ -175,6 +191,7 @@ def _capture(args) -> None:
         max_inflight_bytes=args.max_inflight_bytes, shard_size=args.shard_size,
         exclude_special_tokens=args.exclude_special_tokens, exclude_token_ids=args.exclude_token_ids,
         store_text=args.store_text, overwrite=args.overwrite, resume=args.resume,
+        takeover=args.takeover, spool_dir=args.spool_dir,
         device=args.device, torch_dtype=args.torch_dtype, revision=args.revision,
         trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress, rank=args.rank, world_size=args.world_size,
@@ -192,6 +209,16 @@ def _finalize(args) -> None:
     manifest = finalize(args.out)
     print(f"{args.out}: complete ({len(manifest.shards)} shards, {manifest.counts.docs:,} "
           f"documents)")
+
+
+def _recover(args) -> None:
+    from crowstream.format.rebuild import recover
+    from crowstream.format.storage import public
+
+    done = recover(args.out)
+    shown = public(args.out) if isinstance(args.out, str) else args.out
+    print(f"{shown}: rebuilt crowstream.json from {done['shards']} committed shard(s); the run "
+          "is interrupted: resume it with the same call and --resume")
 
 
 def _modules(args) -> None:
@@ -230,8 +257,10 @@ def _info(args) -> None:
 def _verify(args) -> None:
     from crowstream.format.integrity import verify
 
+    from crowstream.format.storage import public
+
     report = verify(args.out)
-    print(f"{args.out}: OK ({report['parts']} parts, {report['rows']:,} rows, "
+    print(f"{public(args.out)}: OK ({report['parts']} parts, {report['rows']:,} rows, "
           f"{report['bytes'] / 2**20:,.1f} MiB checked)")
     for note in report["notes"]:
         print(f"  note: {note}")
@@ -263,4 +292,4 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"capture": _capture, "modules": _modules, "info": _info, "verify": _verify,
-            "finalize": _finalize, "rewrite": _rewrite, "report": _report, "demo": _demo}
+            "finalize": _finalize, "recover": _recover, "rewrite": _rewrite, "report": _report, "demo": _demo}

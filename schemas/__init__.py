@@ -26,8 +26,8 @@ def manifest_schema(version: int = 3) -> dict:
 def _validator(kind: str):
     import jsonschema
 
-    if kind == "commit":
-        schema = {"$defs": manifest_schema()["$defs"], "$ref": "#/$defs/commit"}
+    if kind in ("commit", "run", "lease"):
+        schema = {"$defs": manifest_schema()["$defs"], "$ref": f"#/$defs/{kind}"}
     else:
         schema = manifest_schema({"manifest-v1": 1, "manifest-v2": 2}.get(kind, 3))
     return jsonschema.Draft202012Validator(schema)
@@ -70,6 +70,11 @@ def validate_record(record: dict, *, thorough: bool = False) -> list[str]:
         problems.append(f"run_id: {record.get('run_id')!r} does not match "
                         f"{_pattern('run_id')!r}")
     return problems + shard_problems(record)
+
+
+def validate_definition(kind: str, document: dict) -> list[str]:
+    """-> every way `document` breaks `$defs/<kind>` ("run": commits/run.json, "lease")."""
+    return _problems(kind, document)
 
 
 def shard_problems(shard, where: str = "") -> list[str]:

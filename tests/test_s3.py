@@ -12,7 +12,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.format import storage
-from crowstream.errors import OutputExistsError, VerifyError
+from crowstream.errors import OutputError, OutputExistsError, VerifyError
 from crowstream.format.manifest import Manifest
 
 moto_server = pytest.importorskip("moto.server")
@@ -188,8 +188,11 @@ def test_sigkill_mid_commit_then_resume_equals_local(gpt2_dir, docs, local, serv
     # resume (credentials from the environment this time) completes with the same rows
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
         os.environ[name] = env[name]
-    try:
-        cs.capture(gpt2_dir, docs, MODULES, url, resume=True, **KW)
+    try:  # the killed writer's lease has not expired: refused, unless the user takes over
+        with pytest.raises(OutputError, match=r"holds rank 0's lease .*takeover=True"):
+            cs.capture(gpt2_dir, docs, MODULES, url, resume=True, **KW)
+        assert {k[len("bucket/killed/"):] for k in fs.find("bucket/killed", refresh=True)} == objects
+        cs.capture(gpt2_dir, docs, MODULES, url, resume=True, takeover=True, **KW)
     finally:
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
             del os.environ[name]

@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import json
 import os
+import secrets
 
 from crowstream.errors import ManifestError
 
@@ -34,8 +35,9 @@ def dumps(value) -> str:
 
 def write_atomic(out: str, rel: str, data: bytes) -> None:
     """tmp in .tmp/, fsync, os.replace to `rel`, fsync its directory. The temp name holds
-    the pid: ranks may write the same file (`end.json`) at once."""
-    tmp = os.path.join(out, TMP_DIR, f"{os.path.basename(rel)}.{os.getpid()}.tmp")
+    a random token, not the pid: ranks (in containers sharing a file system, where pids
+    repeat) may write the same file (`end.json`) at once."""
+    tmp = os.path.join(out, TMP_DIR, f"{os.path.basename(rel)}.{secrets.token_hex(8)}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -83,6 +83,9 @@ def record_path(index: int) -> str:
     return f"{COMMITS_DIR}/shard-{index:08d}.json"
 
 
+RUN_PATH = f"{COMMITS_DIR}/run.json"  # the run's identity, written once at its start
+
+
 END_PATH = f"{COMMITS_DIR}/end.json"  # where the corpus ends, once a rank has read that far
 
 

@@ -1,6 +1,7 @@
 """Advisory locks. It owns the directory lock (`exclusive`: one process creates, resumes,
 overwrites or finalizes OUT at a time) and the per-rank locks of a multi-rank run
-(`RankLock`, `busy_ranks`). `flock` fences only where the file system honours it.
+(`RankLock`, `busy_ranks`) and the world size of the ranks running (`check_world`).
+`flock` fences only where the file system honours it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 
 from crowstream.errors import OutputError
 
@@ -94,3 +96,31 @@ def busy_ranks(out: str, *, besides: int | None = None) -> list[int]:
         finally:
             os.close(fd)
     return busy
+
+
+def _world_path(out: str) -> str:
+    return os.path.join(out, LOCKS_DIR, "world")
+
+
+def check_world(out: str, rank: int, world: int) -> None:
+    """Under the directory lock, as rank `rank` of `world` joins OUT's run: refuse it while
+    any other rank holds its lock and the running ranks' world size (recorded here by
+    the first of them) differs; else record `world`. Resizing with no rank running stays
+    allowed: the new world size replaces the old."""
+    path = _world_path(out)
+    busy = busy_ranks(out, besides=rank)
+    recorded = None
+    if busy and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+        recorded = int(text) if text.isdigit() else None
+    if recorded is not None and recorded != world:
+        raise OutputError(f"rank {rank} of {world} cannot join the run in {out!r}: rank(s) "
+                          f"{', '.join(map(str, busy))} of a {recorded}-rank run are writing it. "
+                          "Start every rank with the same world size; to resize, stop every "
+                          "rank, then resume with the new size.")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{world}\n")
+    os.replace(tmp, path)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 
 from crowstream.errors import ManifestError
-from crowstream.schemas import validate_record
+from crowstream.schemas import validate_definition, validate_record
 
 from .files import dumps, fsync_and_hash, fsync_dir, read_json, write_atomic
 from .layout import (
@@ -24,6 +25,7 @@ from .layout import (
     END_PATH,
     FORMAT_VERSION,
     RECORD_NAME,
+    RUN_PATH,
     TMP_DIR,
     record_path,
     staging_path,
@@ -40,7 +42,7 @@ def write_stats_file(out: str, record: ShardRecord, stats: dict) -> ShardRecord:
     import pyarrow.parquet as pq
 
     rel = stats_path(record.index)
-    tmp = os.path.join(out, TMP_DIR, os.path.basename(rel))
+    tmp = os.path.join(out, TMP_DIR, f"{os.path.basename(rel)}.{secrets.token_hex(8)}.tmp")
     pq.write_table(stats_table(stats), tmp, compression="zstd", compression_level=1)
     stats_ref = FileRef(rel, os.path.getsize(tmp), fsync_and_hash(tmp))
     os.replace(tmp, os.path.join(out, rel))
@@ -105,6 +107,44 @@ def read_records(out: str, run_id: str) -> list[ShardRecord]:
                                 f"{os.path.basename(record_path(record.index))}): records were "
                                 "deleted or renamed. Capture again into a new OUT.")
     return records
+
+
+def write_run_json(out: str, manifest: Manifest) -> None:
+    """`commits/run.json`: the run's identity (config, shard size, provenance, modules),
+    written once at its start, so `crowstream recover` can rebuild a lost crowstream.json
+    from `commits/` alone."""
+    value = {"format": "crowstream-run", "format_version": FORMAT_VERSION,
+             "run_id": manifest.run_id, "config": manifest.config,
+             "shard_size": manifest.shard_size, "provenance": manifest.provenance,
+             "modules": {name: m.to_json() for name, m in manifest.modules.items()}}
+    write_atomic(out, RUN_PATH, dumps(value).encode())
+
+
+def read_run_json(out: str) -> Manifest:
+    """The run `commits/run.json` records, as a running manifest with no shards."""
+    from .manifest import ModuleInfo
+
+    path = os.path.join(out, RUN_PATH)
+    if not os.path.isfile(path):
+        raise ManifestError(f"{path} is missing: this run was started by a crowstream that did "
+                            "not record it, so its manifest cannot be rebuilt from commits/. "
+                            "Capture again into a new OUT.")
+    value = read_json(path)
+    problems = validate_definition("run", value) if isinstance(value, dict) else ["not an object"]
+    if problems:
+        raise ManifestError(f"{path} does not match its schema ($defs/run): {problems[0]}. It "
+                            "was left as it is.")
+    modules = {n: ModuleInfo.from_json(m) for n, m in value["modules"].items()}
+    return Manifest(run_id=value["run_id"], status="running", config=value["config"],
+                    shard_size=value["shard_size"], provenance=value["provenance"],
+                    modules=modules, counts=Counts.of([], modules))
+
+
+def record_names(out: str) -> list[str]:
+    """The commit records in `commits/` (file names, sorted), whatever their content."""
+    directory = os.path.join(out, COMMITS_DIR)
+    return sorted(n for n in os.listdir(directory) if RECORD_NAME.fullmatch(n)) \
+        if os.path.isdir(directory) else []
 
 
 def write_end(out: str, run_id: str, shards: int, source_rows: int) -> None:

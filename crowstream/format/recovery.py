@@ -20,6 +20,7 @@ from .layout import (
     END_PATH,
     LOCKS_DIR,
     MANIFEST_NAME,
+    RUN_PATH,
     TMP_DIR,
     TOKENIZER_DIR,
     VOCAB_NAME,
@@ -29,7 +30,7 @@ from .layout import (
 )
 from .files import fsync_dir
 from .manifest import Manifest
-from .records import consolidated, move_into_place
+from .records import consolidated, move_into_place, record_names
 
 
 def recover(out: str, manifest: Manifest, owned=None) -> tuple[Manifest, list[str], list[str]]:
@@ -86,7 +87,7 @@ def listed_paths(manifest: Manifest) -> set[str]:
     records and `end.json` (the last two in format 2)."""
     listed = {f.path for f in committed_files(manifest)}
     if manifest.format_version != 1:
-        listed |= {record_path(s.index) for s in manifest.shards} | {END_PATH}
+        listed |= {record_path(s.index) for s in manifest.shards} | {END_PATH, RUN_PATH}
     return listed
 
 
@@ -129,6 +130,8 @@ def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
         return "resume"
     if overwrite and MANIFEST_NAME in existing:
         return "replace"
+    if resume and MANIFEST_NAME not in existing:  # overwrite=True asks to delete; resume not
+        check_not_lost(out, record_names(out))
     if (resume or overwrite) and _uncommitted_layout(out, existing):
         return "replace"  # killed before its first manifest, or while being replaced
     if overwrite:
@@ -139,6 +142,19 @@ def inspect_out(out: str, *, overwrite: bool, resume: bool) -> str:
             if resume else "pass overwrite=True (--overwrite) to replace it, resume=True "
             "(--resume) to continue it, or choose another OUT")
     raise OutputExistsError(f"OUT {out!r} is not empty: {hint}.")
+
+
+def check_not_lost(shown: str, names: list[str]) -> None:
+    """Commit records (file names `names`) without a crowstream.json mean a lost manifest,
+    never an empty run: refuse, deleting nothing, and name the committed shards."""
+    if not names:
+        return
+    shards = [int(n[len("shard-"):-len(".json")]) for n in names]
+    listed = ", ".join(map(str, shards[:10])) + (", ..." if len(shards) > 10 else "")
+    raise ManifestError(f"OUT {shown!r} has {len(shards)} committed shard(s) ({listed}) but no "
+                        f"{MANIFEST_NAME}: its manifest was lost. Nothing was deleted. Rebuild it "
+                        "from commits/ with `crowstream recover OUT` (crowstream.recover), then "
+                        "resume.")
 
 
 def _uncommitted_layout(out: str, existing: list[str]) -> bool:
@@ -156,7 +172,7 @@ def _uncommitted_layout(out: str, existing: list[str]) -> bool:
                 return False
     patterns = {DATA_DIR: re.compile(r"module=[^/]+/part-\d{5}-\d{6}(-\d{3,})?\.parquet"),
                 DOCS_DIR: re.compile(r"part-\d{5}-\d{6}(-\d{3,})?\.parquet"),
-                COMMITS_DIR: re.compile(r"shard-\d{8}\.(json|stats\.parquet)|end\.json")}
+                COMMITS_DIR: re.compile(r"shard-\d{8}\.(json|stats\.parquet)|end\.json|run\.json")}
     for top, pattern in patterns.items():
         for root, _, files in os.walk(os.path.join(out, top)):
             for name in files:

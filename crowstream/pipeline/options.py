@@ -189,6 +189,9 @@ class CaptureOptions:
     data_revision: str | None = None
     data_files: Any = None
     storage_options: dict | None = None
+    takeover: bool = False
+    lease_s: float = 60.0
+    spool_dir: str | None = None
 
     @classmethod
     def of(cls, options: dict) -> CaptureOptions:
@@ -213,6 +216,9 @@ class CaptureOptions:
         for name in ("max_batch_tokens", "max_docs", "max_tokens", "sample", "shard_size",
                      "context_size", "max_inflight_bytes"):
             check_positive(name, getattr(self, name))
+        if isinstance(self.lease_s, bool) or not isinstance(self.lease_s, (int, float)) \
+                or not self.lease_s > 0:
+            raise ConfigError(f"lease_s must be a positive number of seconds, got {self.lease_s!r}.")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"text_field must be a column name, got {self.text_field!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

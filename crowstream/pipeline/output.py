@@ -14,7 +14,7 @@ from crowstream.errors import ConfigError, OutputError
 from crowstream.format.locks import RankLock, busy_ranks, exclusive
 from crowstream.format.manifest import ShardRecord
 from crowstream.format.records import move_into_place
-from crowstream.format.recovery import inspect_out
+from crowstream.format.recovery import inspect_out, recover
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +38,21 @@ class Output:
         return public(self.mirror.url)
 
     def check_fence(self) -> None:
-        """The fencing step of the commit, before the record: raises when this writer no
-        longer owns the run. Today a local OUT is fenced by its locks, held for the whole
-        run, and a bucket OUT is not fenced."""
+        """The fencing step of the commit, before the record: raises `FencedError` when this
+        writer no longer owns the run. A local OUT is fenced by its locks, held for the
+        whole run; a bucket OUT by this writer's lease (checked again before the record PUT,
+        see `storage.Mirror.commit`)."""
+        if self.mirror is not None:
+            self.mirror.check_fence()
+
+    def recover(self, manifest, owned=None):
+        """Prepare OUT for a resume, only once the call was compared with the recorded run:
+        roll committed shards forward and delete what no record lists (`owned`: one rank's
+        shards only). -> (the committed manifest, paths rolled forward, paths removed)."""
+        if self.mirror is None:
+            return recover(self.path, manifest, owned)
+        state, removed = self.mirror.recover(manifest)
+        return state, [], removed
 
     def publish(self, run_id: str, record: ShardRecord) -> ShardRecord:
         """The last commit step: rename the parts into `data/` and `docs/`; for a bucket,

@@ -16,7 +16,7 @@ import os
 from crowstream.errors import CrowstreamError, DataError, OutputError
 from crowstream.format import storage
 from crowstream.format.layout import manifest_path
-from crowstream.format.locks import exclusive
+from crowstream.format.locks import check_world, exclusive
 from crowstream.format.manifest import read_manifest
 from crowstream.format.recovery import create_out, inspect_out
 
@@ -142,6 +142,7 @@ def _start_or_load(session: Session, mode: str, recorded, peek, provenance_: dic
     out = session.out
     if mode == "join":
         with exclusive(out, wait=ranks.JOIN_WAIT_S):
+            check_world(out, session.rank, session.world)  # before anything is deleted
             if os.path.isfile(manifest_path(out)):
                 session.load(read_manifest(out))
                 return
@@ -161,7 +162,8 @@ def _capture_to_url(model, data, modules, url: str, options: CaptureOptions, gro
         raise OutputError(f"OUT {storage.public(url)!r} is a URL: several ranks cannot write to "
                           "object storage yet. Capture with one process, or into a shared file "
                           "system path.")
-    with storage.Mirror(url, options.storage_options) as mirror:
+    with storage.Mirror(url, options.storage_options, lease_s=options.lease_s,
+                        takeover=options.takeover, spool_dir=options.spool_dir) as mirror:
         resume = mirror.prepare(overwrite=options.overwrite, resume=options.resume)
         options = dataclasses.replace(options, resume=resume, overwrite=False)
         try:

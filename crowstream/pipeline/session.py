@@ -18,8 +18,7 @@ from crowstream.format.locks import exclusive
 from crowstream.format.card import write_card
 from crowstream.format.layout import FORMAT_VERSION, module_dir
 from crowstream.format.manifest import Counts, Manifest, ModuleInfo, write_manifest
-from crowstream.format.records import consolidated, read_end, write_end
-from crowstream.format.recovery import recover
+from crowstream.format.records import read_end, write_end, write_run_json
 from crowstream.format.statistics import merged_stats
 
 from .failures import is_oom, release_cached_memory, translate, write_errors
@@ -96,10 +95,7 @@ class Session:
         from .ranks import owner
 
         owned = owner(self.rank, self.world) if self.world > 1 else None
-        if self.output.mirror is not None:  # the bucket was recovered (`Mirror.prepare`)
-            manifest, rolled, removed = consolidated(self.out, manifest, stats=False), [], []
-        else:
-            manifest, rolled, removed = recover(self.out, manifest, owned)
+        manifest, rolled, removed = self.output.recover(manifest, owned)  # after the check
         if rolled:
             log.info("resume: moved %d committed part file(s) into place: %s", len(rolled),
                      ", ".join(rolled))
@@ -128,6 +124,7 @@ class Session:
         write_vocab(self.out, self.tokenizer)
         write_tokenizer(self.out, self.tokenizer)
         write_card(self.out, self.manifest)
+        write_run_json(self.out, self.manifest)  # what `crowstream recover` rebuilds from
         write_manifest(self.out, self.manifest)
         self.output.publish_metadata(everything=True)
 
