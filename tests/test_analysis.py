@@ -124,15 +124,102 @@ def test_top_keeps_enough_candidates_per_document():
     assert frame["doc_id"].to_list() == [0, 3, 4] and frame["score"].to_list() == [11, 7, 6]
 
 
+CONTEXT = ["token_text", "window_start", "window_end", "window_text", "mark_start", "mark_end",
+           "context"]
+
+
 def test_top_with_context_and_token_text(chunked, gpt2):
     _, tokenizer = gpt2
     found = cs.top(chunked, MODULES[1], "norm", k=10, per_doc=2)
-    assert found.columns == ["doc_id", "position", "token", "token_text", "score", "context"]
+    assert found.columns == ["doc_id", "position", "token", "token_text", "score"] + CONTEXT[1:]
     tokens = docs_tokens(chunked)
     for row in found.iter_rows(named=True):
         assert tokens[row["doc_id"]][row["position"]] == row["token"]
         assert row["token_text"] == tokenizer.decode([row["token"]])
         assert row["context"].count("«") == 1 and row["context"].count("»") == 1
+        text, start, end = row["window_text"], row["mark_start"], row["mark_end"]
+        assert text[start:end] == row["token_text"]  # byte-level BPE: additive decode
+        assert row["context"] == text[:start] + "«" + text[start:end] + "»" + text[end:]
+        assert row["window_start"] <= row["position"] < row["window_end"]
+
+
+def many_reference(out, module, scores_of, k):
+    """Brute force for every latent: a frame ordered by latent, then rank."""
+    doc_id, _, _, vector = read_rows(out)[module]
+    n_latents = scores_of(vector[:1]).shape[1]
+    frames = []
+    for latent in range(n_latents):
+        d, p, t, s = brute_force(out, module, lambda x: scores_of(x)[:, latent], k)
+        frames.append(pl.DataFrame({"latent": latent, "rank": np.arange(len(d)), "doc_id": d,
+                                    "position": p, "token": t,
+                                    "score": np.where(np.isnan(s), -np.inf, s)}))
+    return pl.concat(frames)
+
+
+MATRIX = np.random.default_rng(1).standard_normal((64, 37)).astype(np.float32)
+
+
+def sae(t):
+    """An SAE-like encoder: ReLU of an affine map, rounded: many exact ties (dead latents
+    tie at 0 on every row), and a NaN latent."""
+    acts = torch.round(torch.relu(t @ torch.from_numpy(MATRIX) - 1.5) * 4) / 4
+    acts[:, 5] = float("nan")
+    acts[:, 6] = -0.0
+    return acts
+
+
+MANY = {
+    "matrix": (MATRIX, lambda x: x @ MATRIX),
+    "neurons": ("neurons", lambda x: x),
+    "sae": (sae, lambda x: sae(torch.from_numpy(x)).numpy()),
+}
+
+
+@pytest.mark.parametrize("kind", MANY)
+def test_top_of_many_latents_matches_brute_force(chunked, kind, monkeypatch):
+    from crowstream.reading import latents
+
+    monkeypatch.setattr(latents, "LATENT_BATCH_ELEMENTS", 97 * 37)  # many batches, ties at edges
+    monkeypatch.setattr(latents, "LATENT_BATCH_ROWS", 97)
+    monkeypatch.setattr(analysis, "LATENT_BATCH_ROWS", 97)
+    score, reference = MANY[kind]
+    for module, k in ((MODULES[0], 6), (MODULES[1], 1)):
+        found = cs.top(chunked, module, score, k=k, window=None)
+        assert found.columns == ["latent", "rank"] + ["doc_id", "position", "token", "token_text", "score"]
+        want = many_reference(chunked, module, reference, k)
+        assert found["latent"].n_unique() == (64 if kind == "neurons" else 37)
+        for column in ("latent", "rank", "doc_id", "position", "token"):
+            assert found[column].to_list() == want[column].to_list(), column
+        np.testing.assert_allclose(found["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5,
+                                   atol=1e-5)
+    if kind == "sae":
+        assert found.filter(pl.col("latent") == 5)["score"].to_list() == [-np.inf]  # NaN last
+
+
+def test_top_of_many_latents_with_contexts(chunked):
+    found = cs.top(chunked, MODULES[0], MATRIX[:, :3], k=4, per_doc=None)
+    assert found.columns[:2] == ["latent", "rank"] and found.height == 12
+    assert found["context"].str.count_matches("«").to_list() == [1] * 12
+    with pytest.raises(ConfigError, match="per_doc works with one latent only"):
+        cs.top(chunked, MODULES[0], "neurons", k=4, per_doc=1)
+
+
+def test_a_window_never_shows_the_previous_chunk(chunked, gpt2):
+    """overflow="chunk", context_size=16: each chunk was its own forward; a row's window
+    starts at its chunk's first token (and ends at its last) whatever `window` asks."""
+    _, tokenizer = gpt2
+    tokens = docs_tokens(chunked)
+    long_doc = max(tokens, key=lambda d: len(tokens[d]))
+    rows = [(long_doc, p) for p in (15, 16, 17, 31, 32, 40)]
+    frame = pl.DataFrame({"doc_id": [d for d, _ in rows], "position": [p for _, p in rows]})
+    found = cs.contexts(chunked, frame, window=(64, 64))
+    assert found["window_start"].to_list() == [0, 16, 16, 16, 32, 32]
+    assert found["window_end"].to_list() == [16, 32, 32, 32, 48, 48]
+    for row in found.iter_rows(named=True):
+        lo, hi = row["window_start"], row["window_end"]
+        assert row["window_text"] == tokenizer.decode(tokens[long_doc][lo:hi])
+    by_norm = cs.top(chunked, MODULES[1], "norm", k=30, window=(40, 0))
+    assert (by_norm["window_start"] == by_norm["position"] // 16 * 16).all()
 
 
 def test_docs_tokens_are_what_the_model_saw(chunked, gpt2, corpus):
@@ -159,21 +246,23 @@ def test_truncated_docs_keep_only_what_was_fed(gpt2_dir, corpus, tmp_path):
     assert all(len(tokens[d]) == n for d, n in n_tokens)
 
 
-def expected_context(tokenizer, ids, position, window):
-    lo, hi = max(0, position - window[0]), min(len(ids), position + window[1] + 1)
+def expected_context(tokenizer, ids, position, window, chunk=None):
+    first, last = (position // chunk * chunk, position // chunk * chunk + chunk) if chunk else (0, len(ids))
+    lo, hi = max(first, position - window[0]), min(len(ids), last, position + window[1] + 1)
     return tokenizer.decode(ids[lo:hi])
 
 
-def check_contexts(out, tokenizer, rows, window):
+def check_contexts(out, tokenizer, rows, window, chunk=None):
     frame = pl.DataFrame({"doc_id": [d for d, _ in rows], "position": [p for _, p in rows]},
                          schema={"doc_id": pl.Int64, "position": pl.Int32})
     result = cs.contexts(out, frame, window=window)
-    assert result.columns == ["doc_id", "position", "token_text", "context"]
+    assert result.columns == ["doc_id", "position"] + CONTEXT
     tokens = docs_tokens(out)
     for (doc_id, position), context, token_text in zip(rows, result["context"], result["token_text"]):
         ids = tokens[doc_id]
         assert context.count("«") == 1 and context.count("»") == 1, context
-        assert context.replace("«", "").replace("»", "") == expected_context(tokenizer, ids, position, window)
+        assert context.replace("«", "").replace("»", "") == expected_context(
+            tokenizer, ids, position, window, chunk)
         assert token_text == tokenizer.decode([ids[position]])
     return result
 
@@ -186,7 +275,7 @@ def test_contexts_equal_decode_of_the_token_slice_gpt2(chunked, gpt2, window):
     n = len(tokens[long_doc])
     rows = [(0, 0), (0, len(tokens[0]) - 1), (long_doc, 0), (long_doc, 16), (long_doc, 15),
             (long_doc, n // 2), (long_doc, n - 1), (40, 0), (40, 1)]
-    result = check_contexts(chunked, tokenizer, rows, window)
+    result = check_contexts(chunked, tokenizer, rows, window, chunk=16)
     # byte-level BPE decodes additively: the marked span is exactly the token's text
     for context, token_text in zip(result["context"], result["token_text"]):
         assert f"«{token_text}»" in context
