@@ -441,3 +441,27 @@ def test_a_run_killed_before_its_first_manifest_with_the_tokenizer_saved_restart
     (out / "README.md").write_text("written by crowstream")
     assert inspect_out(str(out), overwrite=False, resume=True) == "replace"
     assert inspect_out(str(out), overwrite=True, resume=False) == "replace"
+
+
+def test_analysis_and_report_of_a_bucket_output(gpt2, corpus, reference_capture, tmp_path):
+    """s3:// (a moto server): top with contexts, many latents, contexts and the report read
+    through the catalog give what the same capture gives locally."""
+    pytest.importorskip("moto.server")
+    from test_s3 import server as server_fixture
+
+    kw = dict(context_size=16, overflow="chunk", shard_size=6, batch_size=4, progress=False)
+    local = reference_capture(12, MODULES, **kw)
+    for options in server_fixture.__wrapped__():
+        url = "s3://bucket/analysis"
+        cs.capture(gpt2[0], corpus[:12], MODULES, url, tokenizer=gpt2[1], storage_options=options, **kw)
+        analysis.load_tokenizer.__globals__["_REMOTE"].clear()
+        for score in ("norm", MATRIX[:, :4]):
+            remote = cs.top(url, MODULES[1], score, k=5, storage_options=options)
+            assert remote.equals(cs.top(local, MODULES[1], score, k=5))
+        frame = pl.DataFrame({"doc_id": [3, 5], "position": [17, 0]})
+        assert cs.contexts(url, frame, storage_options=options).equals(cs.contexts(local, frame))
+        done = cs.report(url, tmp_path / "remote.html", storage_options=options)
+        page = (tmp_path / "remote.html").read_text(encoding="utf-8")
+        assert done["modules"][MODULES[0]]["sampled_rows"] == done["modules"][MODULES[0]]["rows"] > 0
+        assert "s3://bucket/analysis" in page and options["secret"] not in page
+        assert page.count("«<b>") >= 20
