@@ -156,6 +156,29 @@ def many_reference(out, module, scores_of, k):
     return pl.concat(frames)
 
 
+def assert_many_same(found, want, out, module, scores_of, exact=True):
+    """Frames of many latents equal; with `exact=False` (BLAS scores: a row's float32 score
+    may differ in the last bit with the batch it was computed in, even between two rows
+    with identical vectors) a row may differ only where its own score ties within 1e-5."""
+    for column in ("latent", "rank"):
+        assert found[column].to_list() == want[column].to_list(), column
+    np.testing.assert_allclose(found["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5, atol=1e-5)
+    rows = ["doc_id", "position", "token"]
+    same = np.ones(found.height, bool)
+    for column in rows:
+        same &= found[column].to_numpy() == want[column].to_numpy()
+    if exact:
+        assert same.all(), found.filter(~same)
+        return
+    doc_id, position, _, vector = read_rows(out)[module]
+    where = {(d, p): i for i, (d, p) in enumerate(zip(doc_id.tolist(), position.tolist()))}
+    for i in np.flatnonzero(~same).tolist():
+        latent, d, p = found["latent"][i], found["doc_id"][i], found["position"][i]
+        own = scores_of(vector[where[(d, p)]][None])[0, latent]
+        assert abs(own - want["score"][i]) <= 1e-5, (latent, d, p)
+    assert (~same).mean() < 0.05  # near ties are rare
+
+
 MATRIX = np.random.default_rng(1).standard_normal((64, 37)).astype(np.float32)
 
 
@@ -188,10 +211,7 @@ def test_top_of_many_latents_matches_brute_force(chunked, kind, monkeypatch):
         assert found.columns == ["latent", "rank"] + ["doc_id", "position", "token", "token_text", "score"]
         want = many_reference(chunked, module, reference, k)
         assert found["latent"].n_unique() == (64 if kind == "neurons" else 37)
-        for column in ("latent", "rank", "doc_id", "position", "token"):
-            assert found[column].to_list() == want[column].to_list(), column
-        np.testing.assert_allclose(found["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5,
-                                   atol=1e-5)
+        assert_many_same(found, want, chunked, module, reference, exact=kind != "matrix")
     if kind == "sae":
         assert found.filter(pl.col("latent") == 5)["score"].to_list() == [-np.inf]  # NaN last
 
@@ -465,3 +485,50 @@ def test_analysis_and_report_of_a_bucket_output(gpt2, corpus, reference_capture,
         assert done["modules"][MODULES[0]]["sampled_rows"] == done["modules"][MODULES[0]]["rows"] > 0
         assert "s3://bucket/analysis" in page and options["secret"] not in page
         assert page.count("«<b>") >= 20
+
+
+def test_dashboard_tables_equal_top_and_numpy(chunked, tmp_path):
+    done = cs.dashboard(chunked, MODULES[0], MATRIX, tmp_path / "dash", k=3, window=(40, 2), bins=7)
+    assert done["latents"] == 37
+    examples, histograms = pl.read_parquet(done["examples"]), pl.read_parquet(done["histograms"])
+    assert examples.columns == ["latent", "rank", "doc_id", "position", "token", "activation",
+                                "window_start", "window_tokens"]
+    want = many_reference(chunked, MODULES[0], lambda x: x @ MATRIX, 3)
+    assert_many_same(examples.rename({"activation": "score"}), want, chunked, MODULES[0],
+                     lambda x: x @ MATRIX, exact=False)
+    tokens = docs_tokens(chunked)
+    for row in examples.iter_rows(named=True):
+        start = row["window_start"]
+        assert start == max(row["position"] - 40, row["position"] // 16 * 16)  # within the chunk
+        ids = tokens[row["doc_id"]]
+        assert row["window_tokens"] == ids[start:min(len(ids), start // 16 * 16 + 16, row["position"] + 3)]
+        assert row["window_tokens"][row["position"] - start] == row["token"]
+    _, _, _, vectors = read_rows(chunked)[MODULES[0]]
+    scores = vectors @ MATRIX
+    assert histograms["latent"].to_list() == list(range(37))
+    for row in histograms.iter_rows(named=True):
+        values = scores[:, row["latent"]]
+        assert row["min"] == pytest.approx(values.min()) and row["max"] == pytest.approx(values.max())
+        counts, edges = np.histogram(values[values != 0], bins=7, range=(row["min"], row["max"]))
+        # BLAS may round a score at the range's ends or a bin edge the other way: +-2 per bin
+        assert np.abs(np.array(row["counts"]) - counts).max() <= 2, (row["counts"], counts)
+        assert sum(row["counts"]) == int((values != 0).sum())
+        assert row["zeros"] == int((values == 0).sum())
+        np.testing.assert_allclose(row["bin_edges"], edges, rtol=1e-6, atol=1e-7)
+        assert row["fraction_active"] == pytest.approx((values > 0).mean())
+    with pytest.raises(ConfigError, match="dashboard needs many latents"):
+        cs.dashboard(chunked, MODULES[0], "norm", tmp_path / "one")
+
+
+def test_dashboard_of_an_sae_counts_zeros_apart(chunked, tmp_path):
+    done = cs.dashboard(chunked, MODULES[1], sae, tmp_path / "sae", k=2, bins=4)
+    histograms = pl.read_parquet(done["histograms"])
+    _, _, _, vectors = read_rows(chunked)[MODULES[1]]
+    acts = sae(torch.from_numpy(vectors)).numpy()
+    rows = len(acts)
+    for row in histograms.iter_rows(named=True):
+        values = acts[:, row["latent"]]
+        finite = values[np.isfinite(values)]
+        assert row["zeros"] + sum(row["counts"]) == len(finite)
+        assert row["fraction_active"] == pytest.approx((finite > 0).sum() / rows)
+    assert histograms.filter(pl.col("latent") == 6)["zeros"].item() == rows  # -0.0 everywhere

@@ -56,21 +56,38 @@ def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | 
     if per_doc is not None:
         check_positive("per_doc", per_doc)
     catalog = Catalog(out, storage_options)
-    files = catalog.module(module)
+    best = scan_top(catalog, catalog.module(module), score, k, per_doc)
+    first = ["latent", "rank"] if isinstance(best, TopKLatents) else []
+    return _with_text(catalog, best.frame(), window, first)
+
+
+def scored_batches(catalog: Catalog, files: ModuleFiles, score):
+    """Yield (doc_id, position, token, scores [B] or [B, L]) over every row of `files`;
+    the first item is L (None for one latent or a callable, whose output decides)."""
     scorer, n_latents = make_scorer(score, files.d)
+    yield n_latents
     rows = SCAN_BATCH_ROWS if n_latents is None else latent_batch_rows(n_latents, SCAN_BATCH_ROWS)
     if callable(score):  # it may return [B, L]: keep those scores small
         rows = LATENT_BATCH_ROWS
-    best = None
     for doc_id, position, token, batch in scan_batches(catalog, files, rows):
-        scores = scorer(batch)  # [B] or [B, L]
+        yield doc_id, position, token, scorer(batch)
+
+
+def scan_top(catalog: Catalog, files: ModuleFiles, score, k: int, per_doc=None, each=None):
+    """One pass: -> the filled `TopK` (one latent) or `TopKLatents`; `each(scores)` is
+    called on every batch's scores too."""
+    batches = scored_batches(catalog, files, score)
+    n_latents = next(batches)
+    best = None
+    for doc_id, position, token, scores in batches:
         if best is None:
             best = _accumulator(scores, k, per_doc)
         best.add(scores, doc_id, position, token)
+        if each is not None:
+            each(scores)
     if best is None:  # no rows yet
         best = TopK(k) if n_latents is None else TopKLatents(k, n_latents)
-    first = ["latent", "rank"] if isinstance(best, TopKLatents) else []
-    return _with_text(catalog, best.frame(), window, first)
+    return best
 
 
 def _accumulator(scores: np.ndarray, k: int, per_doc):
