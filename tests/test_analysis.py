@@ -532,3 +532,18 @@ def test_dashboard_of_an_sae_counts_zeros_apart(chunked, tmp_path):
         assert row["zeros"] + sum(row["counts"]) == len(finite)
         assert row["fraction_active"] == pytest.approx((finite > 0).sum() / rows)
     assert histograms.filter(pl.col("latent") == 6)["zeros"].item() == rows  # -0.0 everywhere
+
+
+def test_docs_dashboard_recipe_runs_as_written(chunked, tmp_path, capsys):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "analysis.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Feature dashboards\n", 1)[1].split("\n## ", 1)[0]
+    [code] = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    line = 'OUT, MODULE, DEST = "acts/", "transformer.h.6", "dashboard/"'
+    assert line in code
+    namespace = {}
+    exec(compile(code.replace(line, f"OUT, MODULE, DEST = {chunked!r}, {MODULES[1]!r}, "
+                                     f"{str(tmp_path) + '/'!r}"), "docs", "exec"), namespace)
+    assert namespace["bins"]["count"].sum() + namespace["densest"]["zeros"][0] == \
+        len(read_rows(chunked)[MODULES[1]][0])
+    assert capsys.readouterr().out.count("[[") == 10
