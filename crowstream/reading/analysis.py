@@ -26,7 +26,7 @@ from crowstream.errors import ConfigError
 from crowstream.reading.catalog import Catalog, ModuleFiles, vector_array
 from crowstream.reading.latents import LATENT_BATCH_ROWS, TopKLatents
 from crowstream.reading.latents import batch_rows as latent_batch_rows
-from crowstream.reading.windows import CONTEXT_COLUMNS, contexts, load_tokenizer  # noqa: F401
+from crowstream.reading.windows import CONTEXT_COLUMNS, check_window, contexts, load_tokenizer  # noqa: F401
 
 SCAN_BATCH_ROWS = 8192  # rows scored per call: ~25 MiB of float32 at d=768
 ROW_COLUMNS = ["doc_id", "position", "token", "token_text", "score"]
@@ -55,6 +55,8 @@ def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | 
     check_positive("k", k, allow_none=False)
     if per_doc is not None:
         check_positive("per_doc", per_doc)
+    if window is not None:
+        check_window(window)  # before the pass, not after it
     catalog = Catalog(out, storage_options)
     best = scan_top(catalog, catalog.module(module), score, k, per_doc)
     first = ["latent", "rank"] if isinstance(best, TopKLatents) else []
