@@ -326,8 +326,12 @@ def test_bad_arguments_get_one_clear_error(chunked):
         cs.top(chunked, MODULES[0], 64)
     with pytest.raises(ConfigError, match="'nrom' is not known"):
         cs.top(chunked, MODULES[0], "nrom")
-    with pytest.raises(ConfigError, match=r"\[B\] scores"):
-        cs.top(chunked, MODULES[0], lambda t: t)
+    with pytest.raises(ConfigError, match=r"\[B\] scores \(one latent\) or \[B, L\]"):
+        cs.top(chunked, MODULES[0], lambda t: t[None])
+    with pytest.raises(ConfigError, match=r"must always return \[B, L\] with the same L"):
+        cs.top(chunked, MODULES[0], lambda t: t[:, :len(t) % 3 + 1])
+    with pytest.raises(ConfigError, match=r"\(64, L\) for this module; got \(5, 3\)"):
+        cs.top(chunked, MODULES[0], np.ones((5, 3)))
     with pytest.raises(ConfigError, match="k must be a positive integer"):
         cs.top(chunked, MODULES[0], "norm", k=0)
     with pytest.raises(ConfigError, match="window must be"):
@@ -547,3 +551,32 @@ def test_docs_dashboard_recipe_runs_as_written(chunked, tmp_path, capsys):
     assert namespace["bins"]["count"].sum() + namespace["densest"]["zeros"][0] == \
         len(read_rows(chunked)[MODULES[1]][0])
     assert capsys.readouterr().out.count("[[") == 10
+
+
+@pytest.mark.parametrize("share", [1, 8, 10**9])  # always sparse, the default, always dense
+def test_top_k_latents_sparse_and_dense_paths_agree_with_brute_force(share, monkeypatch):
+    from crowstream.reading import latents
+
+    monkeypatch.setattr(latents, "SPARSE_SHARE", share)
+    rng = np.random.default_rng(share)
+    n, n_latents, k = 1000, 13, 7
+    scores = np.round(rng.standard_normal((n, n_latents)), 1).astype(np.float32)  # many ties
+    scores[:, 0] = 0  # a dead latent
+    scores[rng.random((n, n_latents)) < 0.01] = np.nan
+    doc_id = rng.integers(0, 40, n)
+    position = rng.permutation(n).astype(np.int32)  # unique (doc_id, position) pairs
+    token = rng.integers(0, 500, n).astype(np.int32)
+    best = latents.TopKLatents(k, n_latents)
+    for lo in range(0, n, 93):
+        best.add(scores[lo:lo + 93], doc_id[lo:lo + 93], position[lo:lo + 93], token[lo:lo + 93])
+    frame = best.frame()
+    for latent in range(n_latents):
+        s = np.where(np.isnan(scores[:, latent]), -np.inf, scores[:, latent]).astype(np.float64)
+        want = np.lexsort((position, doc_id, -s))[:k]
+        got = frame.filter(pl.col("latent") == latent)
+        assert got["doc_id"].to_list() == doc_id[want].tolist()
+        assert got["position"].to_list() == position[want].tolist()
+        assert got["score"].to_list() == s[want].tolist()
+    small = latents.TopKLatents(k, 2)
+    small.add(scores[:3, :2], doc_id[:3], position[:3], token[:3])  # fewer rows than k
+    assert small.frame().height == 6 and small.frame()["doc_id"].max() < 40
