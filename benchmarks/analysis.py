@@ -14,7 +14,15 @@ temp OUT with a manifest listing them. Then, each timed as rows/s:
   (3) polars        the same query as a polars lazy streaming plan:
                     scan_parquet -> (vector * w).arr.sum() -> top_k -> collect(engine="streaming").
 
-Target: (2) >= 0.5x the rate of (1). Rounds are interleaved and the best of each is shown
+Then many latents (`--latents` L, default 4,096), each timed as rows/s:
+
+  (4) bare x @ W + topk   pyarrow batches -> torch.from_numpy -> x @ W [B, L] -> a running
+                          torch.topk per latent (the compute floor: no tie-break, no frame);
+  (5) cs.top(W)           the [d, L] matrix, k per latent, window=None;
+  (6) cs.top("neurons")   every dimension (L = d), against (1).
+
+Targets: (2) >= 0.5x the rate of (1); (5) >= 0.5x the rate of (4); (6) >= 0.3x (1). (5)
+must give the scores of (4), latent by latent. Target: (2) >= 0.5x the rate of (1). Rounds are interleaved and the best of each is shown
 (the machine may be shared); the first call's imports and manifest read count in (2). Then peak RSS: cs.top runs in a fresh child process
 over an OUT listing the same part files `--rss-factor` times (hard links, no extra disk),
 and reports its ru_maxrss (target < 1 GiB). On Linux ru_maxrss survives exec, so a
@@ -45,6 +53,8 @@ MODULE = "synthetic.a"
 OTHER = "synthetic.b"
 DOC_TOKENS = 512
 TARGET_RATIO = 0.5
+TARGET_LATENTS = 0.5   # cs.top(W) vs bare x @ W + topk
+TARGET_NEURONS = 0.3   # cs.top("neurons") vs the raw read
 TARGET_RSS = 1 << 30
 
 
@@ -154,13 +164,80 @@ def polars_top(parts: list[str], direction: np.ndarray, k: int):
     return time.perf_counter() - started, found
 
 
-def rss_child(out: str, d: int, k: int) -> dict:
+def bare_matmul_topk(parts: list[str], weights: np.ndarray, k: int):
+    """(4): the floor for many latents: x @ W and a running topk per latent, nothing else."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from crowstream.reading.catalog import vector_array
+
+    w = torch.from_numpy(weights)
+    d = weights.shape[0]
+    best = torch.full((k, weights.shape[1]), -float("inf"))
+    started = time.perf_counter()
+    for path in parts:
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=4096,
+                                                                          columns=["vector"]):
+            x = torch.from_numpy(vector_array(batch.column("vector"), d).copy())
+            scores = torch.cat([best, x @ w])  # [k + B, L]
+            best = torch.topk(scores, k, dim=0).values
+    return time.perf_counter() - started, best.numpy()
+
+
+def crowstream_many(out: str, score, k: int):
+    import crowstream as cs
+
+    started = time.perf_counter()
+    found = cs.top(out, MODULE, score, k=k, window=None)
+    return time.perf_counter() - started, found
+
+
+def many_latents(parts: list[str], out: str, rows: int, d: int, latents: int, k: int,
+                 repeat: int, raw: float, failures: list) -> None:
+    weights = np.random.default_rng(2).standard_normal((d, latents)).astype(np.float32)
+    bare = many = neurons = float("inf")
+    cpu = {"bare": [], "many": [], "neurons": []}
+    for _ in range(repeat):  # interleaved
+        for name, run in (("bare", lambda: bare_matmul_topk(parts, weights, k)),
+                          ("many", lambda: crowstream_many(out, weights, k)),
+                          ("neurons", lambda: crowstream_many(out, "neurons", k))):
+            before = time.process_time()
+            seconds, result = run()
+            cpu[name].append(time.process_time() - before)
+            if name == "bare":
+                bare, floor = min(bare, seconds), result
+            elif name == "many":
+                many, found = min(many, seconds), result
+            else:
+                neurons, by_neuron = min(neurons, seconds), result
+    got = found["score"].to_numpy().reshape(latents, k).T  # [k, L], rank-major
+    same = bool(np.allclose(got, floor, rtol=1e-4, atol=1e-4))
+    print(f"many latents: L = {latents:,}, k = {k}, {rows:,} rows at d={d}")
+    print(f"(4) bare x @ W + topk:     {bare:.2f} s, {rows / bare:,.0f} rows/s "
+          f"(CPU {np.median(cpu['bare']):.1f} s)")
+    print(f"(5) cs.top(W [d, L]):       {many:.2f} s, {rows / many:,.0f} rows/s "
+          f"(CPU {np.median(cpu['many']):.1f} s)")
+    print(f"(6) cs.top(\"neurons\"):     {neurons:.2f} s, {rows / neurons:,.0f} rows/s "
+          f"(CPU {np.median(cpu['neurons']):.1f} s), {by_neuron['latent'].n_unique()} latents")
+    print(f"ratio (5)/(4) rate: {bare / many:.2f}x (target >= {TARGET_LATENTS}x); "
+          f"(6)/(1): {raw / neurons:.2f}x (target >= {TARGET_NEURONS}x); "
+          f"(5) scores equal (4): {same}")
+    if bare / many < TARGET_LATENTS:
+        failures.append("cs.top(W) rate")
+    if raw / neurons < TARGET_NEURONS:
+        failures.append("cs.top(neurons) rate")
+    if not same:
+        failures.append("cs.top(W) scores")
+
+
+def rss_child(out: str, d: int, k: int, latents: int = 0) -> dict:
     """cs.top over `out` in a fresh interpreter; -> its ru_maxrss and time."""
     code = ("import json, resource, time, numpy as np, crowstream as cs\n"
             "def hwm():  # this process's own peak RSS (reset at exec), bytes\n"
             "    with open('/proc/self/status') as f:\n"
             "        return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM:'))\n"
-            f"w = np.random.default_rng(1).standard_normal({d}).astype(np.float32)\n"
+            f"w = np.random.default_rng(1).standard_normal(({d}, {latents}) if {latents} else "
+            f"{d}).astype(np.float32)\n"
             "import crowstream.reading.analysis, polars, pyarrow.parquet\n"
             "base = hwm()\n"
             "t = time.perf_counter()\n"
@@ -188,6 +265,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=None, help="rows (default 2,000,000; 40,000 with --tiny)")
     parser.add_argument("--d", type=int, default=None, help="vector width (default 768; 64 with --tiny)")
     parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--latents", type=int, default=None, help="L for (4)-(6) (default 4,096; 64 with --tiny)")
+    parser.add_argument("--latent-rows", type=int, default=None,
+                        help="rows for (4)-(6) (default: --rows); a part-file prefix of the data")
     parser.add_argument("--rss-factor", type=int, default=4, help="the RSS run's dataset, in multiples of --rows")
     parser.add_argument("--repeat", type=int, default=2, help="timed rounds; the best of each is shown")
     parser.add_argument("--tiny", action="store_true", help="a CI smoke run in seconds")
@@ -229,6 +309,15 @@ def main() -> int:
         if ratio < TARGET_RATIO:
             failures.append("cs.top rate")
 
+        latents = args.latents or (64 if args.tiny else 4096)
+        some = parts
+        if args.latent_rows:  # whole part files, at least one
+            some = parts[:max(1, args.latent_rows // rows_per_part)]
+        some_rows = sum(_rows(p) for p in some)
+        some_out = make_out(os.path.join(tmp, "some"), some, d) if some != parts else out
+        many_latents(some, some_out, some_rows, d, latents, args.k, args.repeat,
+                     raw * some_rows / rows, failures)
+
         big = make_out(os.path.join(tmp, "big"), parts, d, copies=args.rss_factor)
         rss = rss_child(big, d, args.k)
         print(f"peak RSS of cs.top over {rows * args.rss_factor:,} rows "
@@ -238,6 +327,10 @@ def main() -> int:
               f"(target < {TARGET_RSS >> 20} MiB)")
         if rss["peak"] >= TARGET_RSS:
             failures.append("peak RSS")
+        rss = rss_child(big, d, args.k, latents)
+        print(f"peak RSS of cs.top(W [d, {latents:,}]) over {rows * args.rss_factor:,} rows: "
+              f"ru_maxrss {rss['peak'] / 2**20:,.0f} MiB, VmHWM {rss['hwm'] / 2**20:,.0f} MiB "
+              f"(after imports {rss['base'] / 2**20:,.0f} MiB), {rss['seconds']:.1f} s")
         shutil.rmtree(big)
 
         print("cs.report scaling (two modules, fixed row budget per module):")

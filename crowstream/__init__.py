@@ -31,7 +31,8 @@ _EXPORTS = {
     "load": ".reading.readers", "scan": ".reading.readers", "vocab": ".reading.readers",
     "docs": ".reading.readers", "info": ".reading.readers",
     "stream": ".reading.loader", "Stream": ".reading.loader", "stats": ".reading.loader",
-    "top": ".reading.analysis", "contexts": ".reading.analysis", "report": ".reading.reporting",
+    "top": ".reading.analysis", "contexts": ".reading.windows", "report": ".reading.reporting",
+    "dashboard": ".reading.dashboard",
     "CrowstreamError": ".errors",
 }
 

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("out")
     r.add_argument("-o", "--output", default="report.html", help="HTML file to write")
     r.add_argument("--max-rows", type=int, default=None,
-                   help="rows read per module at most (default 200,000; sampled above that)")
+                   help="rows read per module at most (default: as many as 256 MiB of vectors)")
 
     d = commands.add_parser("demo", help="capture all-MiniLM-L6-v2 over Python's docs (offline)")
     d.add_argument("-o", "--out", default="crowstream-demo")

@@ -105,19 +105,23 @@ class ShardRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ModuleInfo:
-    """A captured module: width `d`, stored `dtype`, its partition directory `path`."""
+    """A captured module: width `d`, stored `dtype`, its partition directory `path`, and
+    `order`: its place in the model's execution order among the captured modules (None in
+    outputs written before crowstream 0.3)."""
 
     d: int
     dtype: str
     path: str
     type: str | None = None
+    order: int | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, value: dict) -> ModuleInfo:
-        return cls(value["d"], value["dtype"], value["path"], value.get("type"))
+        return cls(value["d"], value["dtype"], value["path"], value.get("type"),
+                   value.get("order"))
 
 
 @dataclasses.dataclass

@@ -112,8 +112,9 @@ class Session:
         config = self.config
         shard_size = config.shard_size or estimate_shard_size(
             [text for _, text in peek], Tokenizing(self.tokenizer, config))
+        order = {name: i for i, name in enumerate(self.tracer.order)}  # execution order
         modules = {name: ModuleInfo(self.tracer.dims[name], config.dtype, module_dir(name),
-                                       self.tracer.types[name])
+                                    self.tracer.types[name], order[name])
                    for name in config.modules}
         from .ranks import run_id
 

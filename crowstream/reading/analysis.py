@@ -1,7 +1,10 @@
 """Analysis. It owns finding and showing what a capture holds: `top` (the rows of one
 module with the highest score: a direction, a dimension, the norm or any function of the
-vectors) and `contexts` (the exact text around any `(doc_id, position)`, decoded from the
-docs table's token ids with the tokenizer saved in `OUT/tokenizer/`).
+vectors; or the best rows of each of many latents at once, see `latents.py`) and
+`contexts` (the exact tokens around any `(doc_id, position)` that the model saw in the
+forward that produced the row, decoded from the docs table's token ids with the tokenizer
+saved in `OUT/tokenizer/`). OUT may be a local directory or a URL: everything is read
+through the catalog.
 
 `top` streams: it reads pyarrow record batches, scores each batch in one vectorised call,
 and keeps a running candidate set of at most k rows, so memory is bounded by the batch
@@ -20,135 +23,97 @@ import numpy as np
 
 from crowstream.checks import check_positive
 from crowstream.errors import ConfigError
-from crowstream.format.layout import TOKENIZER_DIR
 from crowstream.reading.catalog import Catalog, ModuleFiles, vector_array
+from crowstream.reading.latents import LATENT_BATCH_ROWS, TopKLatents
+from crowstream.reading.latents import batch_rows as latent_batch_rows
+from crowstream.reading.windows import CONTEXT_COLUMNS, check_window, contexts, load_tokenizer  # noqa: F401
 
-MARK = ("«", "»")  # put around the scored token in `context`
 SCAN_BATCH_ROWS = 8192  # rows scored per call: ~25 MiB of float32 at d=768
+ROW_COLUMNS = ["doc_id", "position", "token", "token_text", "score"]
 
 
-def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | None = None):
+def top(out, module: str, score, k: int = 20, *, window=(16, 4), per_doc: int | None = None,
+        storage_options: dict | None = None):
     """The `k` rows of `module` with the highest score, as a `polars.DataFrame` with
-    doc_id, position, token, token_text, score (float64) and context.
+    doc_id, position, token, token_text, score (float64) and the context columns of
+    `contexts` (window_start, window_end, window_text, mark_start, mark_end, context).
 
-    `score` is a direction (a `[d]` tensor or array: the projection `vector @ direction`),
-    an int (that dimension's value), `"norm"` (the L2 norm), or a callable taking a
-    `[B, d]` float32 torch tensor and returning `[B]` scores (e.g. an SAE latent). Scores
-    are computed in float32; NaN ranks last. `per_doc` caps the hits per document. Rows
-    are ordered by (score descending, doc_id, position), which also breaks ties.
-    `context` is the decoded text of `window = (before, after)` tokens around the row,
-    the row's own token between « and » (see `contexts`); `window=None` skips it (and
-    works on outputs written before format 2). One streaming pass over the module's part
-    files: memory is bounded by the batch and k.
+    `score` is one latent: a direction (a `[d]` tensor or array: the projection
+    `vector @ direction`), an int (that dimension's value), `"norm"` (the L2 norm), or a
+    callable taking a `[B, d]` float32 torch tensor and returning `[B]` scores. Or many
+    latents at once: a `[d, L]` matrix (directions, an SAE encoder's weights), a callable
+    returning `[B, L]` (an SAE encoder with its bias and activation), or `"neurons"` (every
+    dimension, L = d); then the k best rows of every latent come from one pass (memory
+    k x L) in one frame with `latent` and `rank` columns first, ordered by latent then rank.
+    Scores are computed in float32; NaN ranks last. `per_doc` caps the hits per document
+    (one latent only). Rows are ordered by (score descending, doc_id, position), which
+    also breaks ties. `window = (before, after)` tokens of context, clipped to the forward
+    the row came from (see `contexts`); `window=None` skips contexts (and works on outputs
+    written before format 2). `out` may be a URL with fsspec `storage_options`.
     """
-    import polars as pl
-
     out = os.fspath(out)
     check_positive("k", k, allow_none=False)
     if per_doc is not None:
         check_positive("per_doc", per_doc)
-    catalog = Catalog(out)
-    files = catalog.module(module)
-    best = TopK(k, per_doc)
-    scorer = make_scorer(score, files.d)
-    for doc_id, position, token, batch in scan_batches(catalog, files):
-        best.add(scorer(batch), doc_id, position, token)
-    found = best.frame()
+    if window is not None:
+        check_window(window)  # before the pass, not after it
+    catalog = Catalog(out, storage_options)
+    best = scan_top(catalog, catalog.module(module), score, k, per_doc)
+    first = ["latent", "rank"] if isinstance(best, TopKLatents) else []
+    return _with_text(catalog, best.frame(), window, first)
+
+
+def scored_batches(catalog: Catalog, files: ModuleFiles, score):
+    """Yield (doc_id, position, token, scores [B] or [B, L]) over every row of `files`;
+    the first item is L (None for one latent or a callable, whose output decides)."""
+    scorer, n_latents = make_scorer(score, files.d)
+    yield n_latents
+    rows = SCAN_BATCH_ROWS if n_latents is None else latent_batch_rows(n_latents, SCAN_BATCH_ROWS)
+    if callable(score):  # it may return [B, L]: keep those scores small
+        rows = LATENT_BATCH_ROWS
+    for doc_id, position, token, batch in scan_batches(catalog, files, rows):
+        yield doc_id, position, token, scorer(batch)
+
+
+def scan_top(catalog: Catalog, files: ModuleFiles, score, k: int, per_doc=None, each=None):
+    """One pass: -> the filled `TopK` (one latent) or `TopKLatents`; `each(scores)` is
+    called on every batch's scores too."""
+    batches = scored_batches(catalog, files, score)
+    n_latents = next(batches)
+    best = None
+    for doc_id, position, token, scores in batches:
+        if best is None:
+            best = _accumulator(scores, k, per_doc)
+        best.add(scores, doc_id, position, token)
+        if each is not None:
+            each(scores)
+    if best is None:  # no rows yet
+        best = TopK(k) if n_latents is None else TopKLatents(k, n_latents)
+    return best
+
+
+def _accumulator(scores: np.ndarray, k: int, per_doc):
+    if scores.ndim == 1:
+        return TopK(k, per_doc)
+    if per_doc is not None:
+        raise ConfigError("per_doc works with one latent only; with many latents (a [d, L] "
+                          "matrix, \"neurons\" or a callable returning [B, L]) leave it None.")
+    return TopKLatents(k, scores.shape[1])
+
+
+def _with_text(catalog: Catalog, found, window, first: list[str]):
+    """The token's text (window=None) or the full context columns, in the documented order."""
+    import polars as pl
+
+    from crowstream.reading.readers import vocab
+
     if window is None:
-        from crowstream.reading.readers import vocab
-
-        texts = vocab(out).select(pl.col("token"), pl.col("text").alias("token_text"))
-        found = found.join(texts.collect(), on="token", how="left").sort(
-            "score", "doc_id", "position", descending=[True, False, False])
-        return found.select("doc_id", "position", "token", "token_text", "score")
-    found = contexts(out, found, window)
-    return found.select("doc_id", "position", "token", "token_text", "score", "context")
-
-
-def contexts(out, frame, window=(16, 4)):
-    """`frame` (any polars DataFrame with doc_id and position) plus `token_text` and
-    `context`: the text of `window = (before, after)` tokens around each row, decoded
-    exactly with the tokenizer saved in OUT (`tokenizer.decode` of the document's token
-    slice, special tokens included), with « and » inserted around the row's own token.
-    Removing the two marks gives exactly `tokenizer.decode(tokens[p - before : p + after + 1])`.
-    Needs format 2 output (crowstream 0.2+): older outputs raise `ConfigError`.
-    """
-    import polars as pl
-
-    out = os.fspath(out)
-    before, after = _check_window(window)
-    missing = {"doc_id", "position"} - set(frame.columns)
-    if missing:
-        raise ConfigError(f"contexts needs the columns doc_id and position; the frame lacks "
-                          f"{', '.join(sorted(missing))} (it has {', '.join(frame.columns)}).")
-    tokenizer = load_tokenizer(out)
-    wanted = frame["doc_id"].unique().to_list()
-    token_ids = doc_tokens(out, wanted)
-    pieces = []
-    for doc_id, position in zip(frame["doc_id"].to_list(), frame["position"].to_list()):
-        ids = token_ids.get(doc_id)
-        if ids is None or not 0 <= position < len(ids):
-            where = "is not in the docs table" if ids is None else f"has {len(ids)} tokens"
-            raise ConfigError(f"no token at doc_id {doc_id}, position {position}: the document "
-                              f"{where}. Pass rows of this OUT.")
-        lo, hi = max(0, position - before), min(len(ids), position + after + 1)
-        pieces += [ids[lo:position], ids[lo:position + 1], ids[lo:hi], ids[position:position + 1]]
-    decoded = tokenizer.batch_decode(pieces) if pieces else []
-    marked, token_texts = [], []
-    for i in range(0, len(decoded), 4):
-        head, through, full, own = decoded[i:i + 4]
-        marked.append(mark(full, head, through, own))
-        token_texts.append(own)
-    return frame.with_columns(pl.Series("token_text", token_texts, pl.String),
-                              pl.Series("context", marked, pl.String))
-
-
-def mark(full: str, head: str, through: str, own: str = "") -> str:
-    """Insert MARK into `full` (decode of the whole slice) around the scored token, whose
-    text ends `through` (decode up to and including it) after `head` (decode before it).
-    Decoding is not always additive (WordPiece joins, split UTF-8): the marks go where the
-    partial decodes stop agreeing with `full`, so removing them always gives `full`. A
-    space the decoder put between words stays outside unless the token's own text `own`
-    starts with one (byte-level BPE's " the")."""
-    start = len(os.path.commonprefix([full, head]))
-    end = max(start, len(os.path.commonprefix([full, through])))
-    if not own[:1].isspace():
-        while start < end and full[start].isspace():
-            start += 1
-    return full[:start] + MARK[0] + full[start:end] + MARK[1] + full[end:]
-
-
-def load_tokenizer(out: str):
-    """The tokenizer saved in OUT/tokenizer/ (cached per directory and its mtime)."""
-    path = os.path.join(os.fspath(out), TOKENIZER_DIR)
-    if not os.path.isdir(path):
-        raise ConfigError(f"{out!r} has no {TOKENIZER_DIR}/: it was written before format 2 "
-                          "(crowstream 0.1), which kept neither the tokenizer nor each document's "
-                          "token ids, so contexts cannot be rebuilt exactly. Capture again with "
-                          "this version, or pass window=None to cs.top.")
-    return _tokenizer_at(path, os.stat(path).st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_at(path: str, mtime_ns: int):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def doc_tokens(out: str, doc_ids: list[int]) -> dict[int, list[int]]:
-    """-> {doc_id: token ids} for the given documents, read from the docs table."""
-    import polars as pl
-
-    from crowstream.reading.readers import docs
-
-    table = docs(out)
-    if "tokens" not in table.collect_schema().names():
-        load_tokenizer(out)  # raises the format-1 explanation when the tokenizer is missing too
-        raise ConfigError(f"the docs table of {out!r} has no tokens column (format 1); capture "
-                          "again with this version, or pass window=None to cs.top.")
-    found = table.filter(pl.col("doc_id").is_in(doc_ids)).select("doc_id", "tokens").collect()
-    return dict(zip(found["doc_id"].to_list(), found["tokens"].to_list()))
+        texts = vocab(catalog.out, storage_options=catalog.storage_options).select(
+            pl.col("token"), pl.col("text").alias("token_text")).collect()
+        found = found.join(texts, on="token", how="left", maintain_order="left")
+        return found.select(*first, *ROW_COLUMNS)
+    found = contexts(catalog, found, window)
+    return found.select(*first, *ROW_COLUMNS, *CONTEXT_COLUMNS[1:])
 
 
 def scan_batches(catalog: Catalog, files: ModuleFiles, batch_rows: int | None = None,
@@ -169,43 +134,66 @@ def scan_batches(catalog: Catalog, files: ModuleFiles, batch_rows: int | None = 
 
 
 def make_scorer(score, d: int):
-    """-> a function [B, d] float32 array -> [B] scores, for the kinds `top` accepts."""
+    """-> (function [B, d] float32 array -> [B] or [B, L] scores, L or None for one latent
+    or a callable, whose output decides)."""
     if isinstance(score, str):
-        if score != "norm":
-            raise ConfigError(f"score {score!r} is not known; use \"norm\", a dimension (int), "
-                              "a [d] direction, or a callable on a [B, d] tensor.")
-        return lambda x: np.sqrt(np.einsum("ij,ij->i", x, x))
+        if score == "norm":
+            return (lambda x: np.sqrt(np.einsum("ij,ij->i", x, x))), None
+        if score == "neurons":
+            return (lambda x: x), d
+        raise ConfigError(f"score {score!r} is not known; use \"norm\", \"neurons\", a dimension "
+                          "(int), a [d] direction, a [d, L] matrix, or a callable on a [B, d] tensor.")
     if isinstance(score, (int, np.integer)) and not isinstance(score, bool):
         if not 0 <= score < d:
             raise ConfigError(f"dimension {score} is out of range for d={d}; use 0..{d - 1}.")
-        return lambda x: x[:, int(score)]
+        return (lambda x: x[:, int(score)]), None
     if callable(score):
-        return functools.partial(_call_scorer, score)
+        return functools.partial(_call_scorer, score), None
     values = score.detach().cpu().float().numpy() if hasattr(score, "detach") else score
-    direction = np.asarray(values, dtype=np.float32)
-    if direction.shape != (d,):
-        raise ConfigError(f"a direction must have shape ({d},) for this module; got "
-                          f"{direction.shape}.")
+    weights = np.asarray(values, dtype=np.float32)
+    if weights.ndim == 2 and weights.shape[0] == d and weights.shape[1] >= 1:
+        import torch
+
+        # torch's matmul: numpy's BLAS threads ran 2.5x slower than torch's on busy cores
+        return functools.partial(_matmul, torch.from_numpy(weights.copy())), weights.shape[1]
+    if weights.shape != (d,):
+        raise ConfigError(f"a direction must have shape ({d},) and a matrix of directions "
+                          f"({d}, L) for this module; got {weights.shape}.")
     # [B, d] . [d] -> [B]; einsum: 3x faster than BLAS's threaded x @ direction on 2 busy cores
-    return lambda x: np.einsum("ij,j->i", x, direction)
+    return (lambda x: np.einsum("ij,j->i", x, weights)), None
 
 
-def _call_scorer(function, x: np.ndarray) -> np.ndarray:
+def _tensor(x: np.ndarray):
     import warnings
 
     import torch
 
     with warnings.catch_warnings():  # Arrow's buffers are read-only; the scorer only reads them
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        tensor = torch.from_numpy(x)
+        return torch.from_numpy(x)
+
+
+def _matmul(weights, x: np.ndarray) -> np.ndarray:
+    """[B, d] @ [d, L] -> [B, L] float32."""
+    import torch
+
+    with torch.inference_mode():
+        return (_tensor(x) @ weights).numpy()
+
+
+def _call_scorer(function, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    tensor = _tensor(x)
     with torch.inference_mode():
         result = function(tensor)
     if hasattr(result, "detach"):  # a torch tensor
         result = result.detach().float().cpu().numpy()
     result = np.asarray(result)
-    if result.shape != (len(x),):
-        raise ConfigError(f"the score function must map a [B, d] tensor to [B] scores; for "
-                          f"B={len(x)} it returned shape {tuple(result.shape)}.")
+    if result.ndim not in (1, 2) or result.shape[0] != len(x):
+        raise ConfigError(f"the score function must map a [B, d] tensor to [B] scores (one "
+                          f"latent) or [B, L] (many); for B={len(x)} it returned shape "
+                          f"{tuple(result.shape)}.")
     return result
 
 
@@ -264,13 +252,3 @@ def _rank_within(groups: np.ndarray) -> np.ndarray:
     rank = np.empty(n, np.int64)
     rank[by_group] = np.arange(n) - first
     return rank
-
-
-def _check_window(window) -> tuple[int, int]:
-    ok = (isinstance(window, (tuple, list)) and len(window) == 2
-          and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 0
-                  for w in window))
-    if not ok:
-        raise ConfigError(f"window must be (tokens before, tokens after), two integers >= 0; "
-                          f"got {window!r}.")
-    return int(window[0]), int(window[1])

@@ -87,6 +87,27 @@ class Catalog:
         """A file of OUT as a path or full URL (what `datasets` takes)."""
         return storage.paths(self.out, [rel])[0] if self.remote else os.path.join(self.out, rel)
 
+    def exists(self, rel: str) -> bool:
+        """Whether OUT holds the file or directory `rel`."""
+        if not self.remote:
+            return os.path.exists(os.path.join(self.out, rel))
+        fs, root = self._fsspec
+        return fs.exists(f"{root}/{rel}")
+
+    def download(self, rel: str, dest: str) -> None:
+        """Copy the files under directory `rel` of OUT into the local directory `dest`."""
+        if not self.remote:
+            import shutil
+
+            shutil.copytree(os.path.join(self.out, rel), dest, dirs_exist_ok=True)
+            return
+        fs, root = self._fsspec
+        base = f"{root}/{rel}".rstrip("/")
+        for path in fs.find(base):
+            target = os.path.join(dest, *path[len(base):].strip("/").split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.get_file(path, target)
+
     @property
     def modules(self) -> dict[str, ModuleInfo]:
         return self.manifest.modules
