@@ -19,6 +19,7 @@ and prints rows/s and GB/s (of float32 vector payload) for each, and the ratio (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -36,12 +37,16 @@ from crowstream.pipeline.output import Output
 
 
 def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",),
-                    doc_tokens: int = 64, dtype: str = "float32", seed: int = 0) -> None:
+                    doc_tokens: int = 64, dtype: str = "float32", seed: int = 0,
+                    part_rows=None, position0: bool = True) -> None:
     """A crowstream output without a model: `files` shards of `rows` rows in all, per module,
     written by crowstream's PartWriter (its row groups and Parquet settings). Documents have
     `doc_tokens` rows each (positions 0..doc_tokens-1), rows are grouped by document as a
     capture writes them, and every module has the same (doc_id, position) rows. `d` is one
-    width, or {module: width}."""
+    width, or {module: width}. `part_rows` (one count or {module: count}) rolls a module's
+    part files over every that many rows, as a capture does by size (so modules of
+    different widths have different part files). `position0` also records the statistics
+    of the position-0 rows apart (the manifest's `position0`)."""
     from crowstream.format.layout import DATA_DIR, DOCS_DIR, TMP_DIR
     from crowstream.pipeline.flatten import to_record_batch
     from crowstream.schemas import row_schema
@@ -53,6 +58,7 @@ def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     widths = d if isinstance(d, dict) else {m: d for m in modules}
     parts, stats = {}, {}  # shard -> [manifest.Part], shard -> {module: ModuleStats}
+    p0 = {m: ModuleStats(widths[m]) for m in modules}  # position-0 rows, all shards
     bounds = np.linspace(0, rows, files + 1).astype(np.int64)
     for shard in range(files):
         index = np.arange(bounds[shard], bounds[shard + 1])
@@ -61,30 +67,36 @@ def write_synthetic(out: str, *, rows: int, d, files: int, modules=("synthetic",
         parts[shard] = []
         stats[shard] = {m: ModuleStats(widths[m]) for m in modules}
         for module in modules:
-            rel = f"{module_dir(module)}/{part_name(0, shard)}"
             d = widths[module]
-            writer = PartWriter(os.path.join(out, TMP_DIR, f"part-{shard}"),
-                                row_schema(d, dtype))
-            for start in range(0, len(index), 8192):
-                block = slice(start, start + 8192)
-                # a per-row offset that grows with the doc, so rows are not all alike
-                vectors = rng.standard_normal((len(index[block]), d), dtype=np.float32)
-                vectors += (doc_ids[block] % 17)[:, None].astype(np.float32) * 0.1
-                vectors = vectors.astype(dtype)
-                writer.write(to_record_batch(doc_ids[block], positions[block], tokens[block],
-                                             vectors, dtype))
-                stats[shard][module].update(vectors)
-            info = writer.close()
-            os.makedirs(os.path.join(out, module_dir(module)), exist_ok=True)
-            os.replace(info.tmp_path, os.path.join(out, rel))
-            parts[shard].append(Part(path=rel, bytes=info.bytes, sha256=info.sha256,
-                                        kind="module", module=module, rows=info.rows))
+            per = part_rows.get(module) if isinstance(part_rows, dict) else part_rows
+            edges = list(range(0, len(index), per or len(index))) + [len(index)]
+            for seq, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+                rel = f"{module_dir(module)}/{part_name(0, shard, seq)}"
+                writer = PartWriter(os.path.join(out, TMP_DIR, f"part-{shard}"),
+                                    row_schema(d, dtype))
+                for start in range(lo, hi, 8192):
+                    block = slice(start, min(start + 8192, hi))
+                    # a per-row offset that grows with the doc, so rows are not all alike
+                    vectors = rng.standard_normal((len(index[block]), d), dtype=np.float32)
+                    vectors += (doc_ids[block] % 17)[:, None].astype(np.float32) * 0.1
+                    vectors = vectors.astype(dtype)
+                    writer.write(to_record_batch(doc_ids[block], positions[block],
+                                                 tokens[block], vectors, dtype))
+                    stats[shard][module].update(vectors)
+                    first = positions[block] == 0
+                    if position0:
+                        p0[module].update(vectors[first])
+                info = writer.close()
+                os.makedirs(os.path.join(out, module_dir(module)), exist_ok=True)
+                os.replace(info.tmp_path, os.path.join(out, rel))
+                parts[shard].append(Part(path=rel, bytes=info.bytes, sha256=info.sha256,
+                                         kind="module", module=module, rows=info.rows))
         docs = len(np.unique(doc_ids))
         parts[shard] = (parts[shard], docs, len(index))
-    _write_manifest(out, modules, widths, dtype, parts, stats)
+    _write_manifest(out, modules, widths, dtype, parts, stats, p0 if position0 else None)
 
 
-def _write_manifest(out, modules, widths, dtype, parts, stats) -> None:
+def _write_manifest(out, modules, widths, dtype, parts, stats, p0=None) -> None:
     """Commit records and the consolidated manifest of a synthetic output (the one place
     this script knows the layout): each shard committed as a capture commits it."""
     import dataclasses
@@ -112,6 +124,14 @@ def _write_manifest(out, modules, widths, dtype, parts, stats) -> None:
                            stats={m: s.summary() for m, s in merged.items()})
     write_card(out, manifest)
     write_manifest(out, dataclasses.replace(manifest))
+    if p0 is not None:  # the reserved position0 statistics, beside each module's totals
+        path = os.path.join(out, "crowstream.json")
+        with open(path) as f:
+            value = json.load(f)
+        for m, summary in p0.items():
+            value["stats"][m]["position0"] = summary.summary().to_json()
+        with open(path, "w") as f:
+            json.dump(value, f, indent=1)
 
 
 def _timed(label, batches, row_bytes, limit=None):
