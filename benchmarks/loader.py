@@ -30,7 +30,8 @@ import uuid
 import numpy as np
 from crowstream.format.card import write_card
 from crowstream.format.layout import module_dir, part_name
-from crowstream.format.manifest import Counts, Manifest, ModuleInfo, Part, ShardRecord, write_manifest
+from crowstream.format.manifest import (Counts, Manifest, ModuleInfo, Part, ShardRecord,
+                                        manifest_digest, write_manifest)
 from crowstream.format.statistics import merged_stats
 from crowstream.pipeline.commit import commit_shard
 from crowstream.pipeline.output import Output
@@ -130,6 +131,7 @@ def _write_manifest(out, modules, widths, dtype, parts, stats, p0=None) -> None:
             value = json.load(f)
         for m, summary in p0.items():
             value["stats"][m]["position0"] = summary.summary().to_json()
+        value["digest"] = manifest_digest(value)
         with open(path, "w") as f:
             json.dump(value, f, indent=1)
 

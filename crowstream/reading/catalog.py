@@ -158,6 +158,10 @@ def shard_rows(catalog: Catalog, files: ModuleFiles, shard: int, start: int, sto
             meta = parquet.metadata
             if footers is not None:
                 footers[files.paths[i]] = meta
+            if meta.num_rows != files.rows[i]:
+                raise DataError(f"{files.paths[i]} holds {meta.num_rows} rows but its commit "
+                                f"record says {files.rows[i]}: it was changed after the "
+                                "capture. Run `crowstream verify OUT`.")
             edges = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
             first = int(np.searchsorted(edges, lo, side="right")) - 1
             last = int(np.searchsorted(edges, hi, side="left"))
