@@ -259,3 +259,57 @@ def test_stream_constructible_with_defaults_and_normalize_keeps_dtype(tmp_path):
     assert normal["vector"].dtype == torch.float16  # was float32
     assert next(iter(cs.stream(out, "synthetic", normalize="mean_norm",
                                dtype="float32")))["vector"].dtype == torch.float32
+
+
+# -- the matrix: workers x ranks x persistent x in_order x resume point ------------------------
+
+MATRIX = [(w, r, p, o, at) for w in (0, 2, 3) for r in (1, 2) for p in (False, True)
+          for o in (True, False) for at in ("mid", "boundary") if w or (not p and o)]
+
+
+def run_rank(out, rank, world, workers, persistent, in_order, at):
+    """Epochs 0 and 1 of one rank, interrupted and resumed: -> [(batch_index, keys)]."""
+    def make():
+        return ids(out, batch_size=100, shuffle_buffer=400, epochs=2, rank=rank,
+                   world_size=world)
+
+    def load(stream):
+        if not workers:
+            return stream
+        return DataLoader(stream, batch_size=None, num_workers=workers, in_order=in_order,
+                          persistent_workers=persistent)
+
+    stream = make()
+    per_epoch = stream.batches_per_epoch(0)
+    stop = per_epoch if at == "boundary" else per_epoch // 2 + 1
+    loader, head = load(stream), []
+    for batch in loader:
+        stream.record(batch)
+        head.append(batch)
+        if len(head) == stop:
+            break
+    state = stream.state_dict() if not workers or not in_order else \
+        stream.state_dict(batches=stop, num_workers=workers)
+    if not persistent:
+        stream = make()
+        loader = load(stream)
+    stream.load_state_dict(state)
+    rest = list(loader)
+    return [(int(b["batch_index"]), keys([b])) for b in head + rest], per_epoch
+
+
+@pytest.mark.parametrize("workers,world,persistent,in_order,at", MATRIX)
+def test_matrix_every_row_once_per_epoch(units12, workers, world, persistent, in_order, at):
+    epochs = [[], []]
+    with within(60):
+        for rank in range(world):
+            got, per_epoch = run_rank(units12, rank, world, workers, persistent, in_order, at)
+            assert len(got) == len({g for g, _ in got})  # no batch twice
+            for g, k in got:
+                epochs[int(g >= per_epoch)].append((rank, g, k))
+    for found in epochs:
+        rows = np.concatenate([k for _, _, k in sorted(found, key=lambda t: t[:2])])
+        assert np.array_equal(np.sort(rows), np.arange(3000))  # every row exactly once
+    first, second = (np.concatenate([k for _, _, k in sorted(f, key=lambda t: t[:2])])
+                     for f in epochs)
+    assert not np.array_equal(first, second)  # a different order in epoch 1
