@@ -25,16 +25,14 @@ Nothing here reads the manifest: the catalog (`reading/catalog.py`) does.
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import numpy as np
 
-from crowstream.checks import check_positive
 from crowstream.errors import ConfigError
 from crowstream.reading.catalog import Catalog
-from crowstream.reading.shuffle import (ID_COLUMNS, Consumed, batches_of_role, check_columns,
-                                        ddp, numpy_batches, resolve, row_bytes, torch_dtype,
+from crowstream.reading.shuffle import (ID_COLUMNS, Consumed, batches_of_role,
+                                        check_arguments, check_columns, ddp, numpy_batches,
+                                        resolve, row_bytes, torch_dtype, warn_if_large,
                                         worker_share)
 from crowstream.reading.units import Plan, Windows
 
@@ -44,9 +42,6 @@ NORMALIZE = ("mean_norm", "standardize")
 # Batch numbers taken ahead of the resume point that shared memory can hold (workers
 # with in_order=False hand batches out of order).
 MAX_EXTRA = 4096
-# Warn when a stream's pool (a window being emitted, the next being read) would take more
-# than this fraction of the machine's memory.
-POOL_RAM_FRACTION = 0.25
 _SLOTS = 6  # shared: epoch, pending resume, below, extra count, rotate, saved workers
 
 
@@ -156,7 +151,7 @@ class Stream(_iterable_dataset()):
                  read_threads: int = 4, storage_options: dict | None = None):
         import torch
 
-        _check_arguments(batch_size, shuffle_buffer, shuffle_buffer_bytes, seed, epochs,
+        check_arguments(batch_size, shuffle_buffer, shuffle_buffer_bytes, seed, epochs,
                          normalize, read_threads, min_position, exclude_tokens)
         catalog = Catalog(out, storage_options)
         self.out = catalog.out
@@ -181,7 +176,7 @@ class Stream(_iterable_dataset()):
         rows = shuffle_buffer if self.shuffle else unit
         self.window_rows = max(1, -(-rows // batch_size) if not self.shuffle
                                else rows // batch_size) * batch_size
-        _warn_if_large(2 * self.window_rows * per_row)
+        warn_if_large(2 * self.window_rows * per_row)
         self._norm = {m: _norm_arrays(self.out, m, normalize, min(min_position, 1),
                                       storage_options) for m in self.modules} \
             if normalize else {}
@@ -408,39 +403,3 @@ def _norm_arrays(out: str, module: str, normalize: str, min_position: int,
     if normalize == "mean_norm":
         return torch.tensor(recorded["scaling_factor"], dtype=torch.float32), None
     return (recorded["var"] + STANDARDIZE_EPS).rsqrt().float(), recorded["mean"].float()
-
-
-def _warn_if_large(nbytes: int) -> None:
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if nbytes > POOL_RAM_FRACTION * ram:
-        warnings.warn(f"the shuffle pool takes about {nbytes / 2**30:.1f} GiB per process "
-                      f"(a window and the next), over {POOL_RAM_FRACTION:.0%} of this machine's "
-                      f"{ram / 2**30:.0f} GiB; DataLoader workers each hold one. Pass a smaller "
-                      "shuffle_buffer_bytes.", ResourceWarning, stacklevel=4)
-
-
-def _check_arguments(batch_size, shuffle_buffer, shuffle_buffer_bytes, seed, epochs,
-                     normalize, read_threads, min_position, exclude_tokens) -> None:
-    check_positive("batch_size", batch_size, allow_none=False)
-    check_positive("read_threads", read_threads, allow_none=False)
-    check_positive("epochs", epochs)
-    check_positive("shuffle_buffer_bytes", shuffle_buffer_bytes)
-    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) \
-            or shuffle_buffer < 0:
-        raise ConfigError(f"shuffle_buffer must be a number of rows (0 for no shuffling), "
-                          f"got {shuffle_buffer!r}.")
-    if shuffle_buffer and shuffle_buffer_bytes is not None:
-        raise ConfigError("pass shuffle_buffer (rows) or shuffle_buffer_bytes, not both.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
-    if normalize is not None and normalize not in NORMALIZE:
-        raise ConfigError(f"normalize must be None, 'mean_norm' or 'standardize'; "
-                          f"got {normalize!r}.")
-    if isinstance(min_position, bool) or not isinstance(min_position, int) or min_position < 0:
-        raise ConfigError(f"min_position must be a non-negative integer, got {min_position!r}.")
-    if isinstance(exclude_tokens, (str, bytes)) or not all(
-            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in exclude_tokens):
-        raise ConfigError(f"exclude_tokens must be a list of token ids, got {exclude_tokens!r}.")

@@ -12,7 +12,9 @@ import collections
 import difflib
 import itertools
 import math
+import os
 import re
+import warnings
 
 import numpy as np
 
@@ -22,6 +24,9 @@ from crowstream.errors import ConfigError
 # Units read ahead of the consumer beyond one per reader thread, so none of them idles.
 READ_AHEAD_UNITS = 2
 ID_COLUMNS = ("doc_id", "position", "token")
+# Warn when a stream's pool (a window being emitted, the next being read) would take more
+# than this fraction of the machine's memory.
+POOL_RAM_FRACTION = 0.25
 
 
 class Consumed:
@@ -251,3 +256,39 @@ def torch_dtype(dtype):
         raise ConfigError(f"dtype must be a torch dtype or its name (e.g. 'float16'), "
                           f"got {dtype!r}.")
     return value
+
+
+def warn_if_large(nbytes: int) -> None:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > POOL_RAM_FRACTION * ram:
+        warnings.warn(f"the shuffle pool takes about {nbytes / 2**30:.1f} GiB per process "
+                      f"(a window and the next), over {POOL_RAM_FRACTION:.0%} of this machine's "
+                      f"{ram / 2**30:.0f} GiB; DataLoader workers each hold one. Pass a smaller "
+                      "shuffle_buffer_bytes.", ResourceWarning, stacklevel=4)
+
+
+def check_arguments(batch_size, shuffle_buffer, shuffle_buffer_bytes, seed, epochs,
+                     normalize, read_threads, min_position, exclude_tokens) -> None:
+    check_positive("batch_size", batch_size, allow_none=False)
+    check_positive("read_threads", read_threads, allow_none=False)
+    check_positive("epochs", epochs)
+    check_positive("shuffle_buffer_bytes", shuffle_buffer_bytes)
+    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) \
+            or shuffle_buffer < 0:
+        raise ConfigError(f"shuffle_buffer must be a number of rows (0 for no shuffling), "
+                          f"got {shuffle_buffer!r}.")
+    if shuffle_buffer and shuffle_buffer_bytes is not None:
+        raise ConfigError("pass shuffle_buffer (rows) or shuffle_buffer_bytes, not both.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
+    if normalize is not None and normalize not in ("mean_norm", "standardize"):
+        raise ConfigError(f"normalize must be None, 'mean_norm' or 'standardize'; "
+                          f"got {normalize!r}.")
+    if isinstance(min_position, bool) or not isinstance(min_position, int) or min_position < 0:
+        raise ConfigError(f"min_position must be a non-negative integer, got {min_position!r}.")
+    if isinstance(exclude_tokens, (str, bytes)) or not all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in exclude_tokens):
+        raise ConfigError(f"exclude_tokens must be a list of token ids, got {exclude_tokens!r}.")

@@ -13,11 +13,16 @@ same rows in every process, and a resume state is a set of batch indices.
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 
 from crowstream.errors import ConfigError, DataError
 from crowstream.reading.catalog import Catalog, aligned, shard_rows, vector_array
+
+# Decoded units kept per process: a unit split between two consecutive windows (and the
+# few units read ahead) decode once.
+RECENT_UNITS = 4
 
 
 class Plan:
@@ -58,6 +63,8 @@ class Plan:
                 offset += rows
         self.units = np.array(units, dtype=np.int64).reshape(-1, 3)
         self.footers: dict = {}
+        self._recent: dict = {}  # the last units read, decoded
+        self._lock = threading.Lock()
         self._kept: np.ndarray | None = None
 
     @property
@@ -96,12 +103,24 @@ class Plan:
 
     def read(self, unit, lo: int, hi: int, ids: list[str], *, vectors: bool,
              keyed: bool) -> dict[str, np.ndarray]:
-        """Kept rows [lo, hi) of one unit: {"vector" or module: [n, d], id column: [n]}."""
-        shard, start, stop = (int(v) for v in unit)
-        if not self.filtered:  # read only the rows asked for
-            unit, keep = (shard, start + lo, start + hi), None
+        """Kept rows [lo, hi) of one unit: {"vector" or module: [n, d], id column: [n]}.
+        The whole unit is decoded (a row group decodes whole anyway) and the last few
+        are kept, so a unit split between two consecutive windows decodes once."""
+        key = (tuple(int(v) for v in unit), tuple(ids), vectors, keyed)
+        with self._lock:
+            chunk = self._recent.pop(key, None)
+        if chunk is None:
+            chunk = self._read_unit(unit, ids, vectors=vectors, keyed=keyed)
+        with self._lock:
+            self._recent[key] = chunk
+            while len(self._recent) > RECENT_UNITS:
+                self._recent.pop(next(iter(self._recent)))
+        return {k: a[lo:hi] for k, a in chunk.items()}
+
+    def _read_unit(self, unit, ids: list[str], *, vectors: bool, keyed: bool) -> dict:
+        shard, start, _ = (int(v) for v in unit)
         chunk: dict[str, np.ndarray] = {}
-        reference = None
+        reference, keep = None, None
         filters = ["position", "token"] if self.filtered else []
         for m in self.parts:
             keys = list(dict.fromkeys([*ids, *filters])) if reference is None else []
@@ -112,15 +131,24 @@ class Plan:
             if reference is None:
                 reference = got
                 if self.filtered:
-                    keep = np.flatnonzero(self._keep(got["position"], got["token"]))[lo:hi]
+                    keep = np.flatnonzero(self._keep(got["position"], got["token"]))
                 chunk.update({k: got[k] if keep is None else got[k][keep] for k in ids})
             else:
-                aligned(next(iter(self.parts)), m, f"shard {shard} from row {unit[1]}",
+                aligned(next(iter(self.parts)), m, f"shard {shard} from row {start}",
                         reference, got)
             if vectors:
                 x = vector_array(table.column("vector"), self.parts[m].d)
                 chunk[m if keyed else "vector"] = x if keep is None else x[keep]
         return chunk
+
+    def __getstate__(self):  # to spawned workers: no lock, no cache
+        state = self.__dict__.copy()
+        state["_lock"], state["_recent"], state["footers"] = None, {}, {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 class Windows:
