@@ -127,7 +127,7 @@ class Stream(_iterable_dataset()):
     (an int64 scalar tensor: its number in this iteration; `record` takes it).
     `shuffle_buffer` (rows) or `shuffle_buffer_bytes`: the pool, a window of the rank's
     rows that is permuted as a whole (0: file order). Each process (each DataLoader worker)
-    holds one full window and reads the next: memory about 2 x pool.
+    holds one full window plus a few units read ahead (docs/training.md has the formula).
     `epochs`: 1 (default) or n; `None` repeats forever with only full batches.
     `drop_last`: drop each finite epoch's short last batch. `even`: every rank gets the
     same number of batches per epoch (the minimum over ranks), for DDP.
