@@ -184,7 +184,6 @@ class Stream(_iterable_dataset()):
         self._shared = torch.zeros(_SLOTS + MAX_EXTRA, dtype=torch.int64).share_memory_()
         self._consumed = Consumed()
         self._tracked = False  # has this process seen the batches taken (or been told)?
-        self._stored_dtype = {m: parts[m].dtype for m in self.modules}
 
     def __getstate__(self):  # to spawned DataLoader workers: the ranks resolved here
         state = self.__dict__.copy()
