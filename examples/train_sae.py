@@ -61,7 +61,8 @@ def train(out: str, module: str, *, expansion: int = 8, k: int = 32, steps: int 
     stream = cs.stream(out, module, batch_size=batch_size, shuffle_buffer=shuffle_buffer,
                        seed=seed, epochs=None, normalize="mean_norm", device=device)
     last_fired = torch.zeros(expansion * d, dtype=torch.long, device=device)
-    window = {"mse": 0.0, "ev": 0.0, "n": 0}
+    # summed on the device, read at each log line only: no host sync per step
+    window = {"mse": torch.zeros((), device=device), "ev": torch.zeros((), device=device), "n": 0}
     metrics = {}
     started = time.perf_counter()
     for step, batch in zip(range(1, steps + 1), stream):
@@ -76,17 +77,17 @@ def train(out: str, module: str, *, expansion: int = 8, k: int = 32, steps: int 
         with torch.no_grad():
             total = (x - x.mean(0)).pow(2).sum(-1).mean()
             last_fired[(z > 0).any(0)] = step
-            window["mse"] += loss.item() / d
-            window["ev"] += 1 - (loss / total).item()
+            window["mse"] += loss.detach() / d
+            window["ev"] += 1 - loss.detach() / total
             window["n"] += 1
         if step % log_every == 0 or step == steps:
             silent = step - last_fired >= dead_steps                # [m]
             dead = silent.float().mean().item() if step >= dead_steps else 0.0
-            metrics = {"step": step, "mse": window["mse"] / window["n"],
-                       "explained_variance": window["ev"] / window["n"], "dead_fraction": dead,
-                       "seconds": round(time.perf_counter() - started, 1)}
+            metrics = {"step": step, "mse": float(window["mse"]) / window["n"],
+                       "explained_variance": float(window["ev"]) / window["n"],
+                       "dead_fraction": dead, "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(metrics), flush=True)
-            window = {"mse": 0.0, "ev": 0.0, "n": 0}
+            window = {"mse": window["mse"].zero_(), "ev": window["ev"].zero_(), "n": 0}
     if save:
         from safetensors.torch import save_file
 

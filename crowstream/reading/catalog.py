@@ -163,17 +163,26 @@ def aligned(first: str, other: str, where: str, reference: dict, got: dict) -> N
 
 
 def shard_rows(catalog: Catalog, files: ModuleFiles, shard: int, start: int, stop: int,
-               columns: list[str]):
+               columns: list[str], *, index: dict | None = None, footers: dict | None = None):
     """Rows `[start, stop)` of `shard` (counted from the shard's first row, across its part
-    files) of one module, as one `pyarrow.Table`: what the paired-read rule pairs."""
+    files) of one module, as one `pyarrow.Table`: what the paired-read rule pairs.
+    `index`: `files.by_shard()` computed once by the caller; `footers`: a dict that caches
+    each file's Parquet footer (path -> metadata) across calls of one process."""
     import pyarrow as pa
 
     pieces, offset = [], 0
-    for i in files.by_shard().get(shard, []):
+    for i in (index if index is not None else files.by_shard()).get(shard, []):
         lo, hi = max(start - offset, 0), min(stop - offset, files.rows[i])
         if lo < hi:
-            parquet = catalog.open(files.paths[i])
+            cached = footers.get(files.paths[i]) if footers is not None else None
+            parquet = catalog.open(files.paths[i], metadata=cached)
             meta = parquet.metadata
+            if footers is not None:
+                footers[files.paths[i]] = meta
+            if meta.num_rows != files.rows[i]:
+                raise DataError(f"{files.paths[i]} holds {meta.num_rows} rows but its commit "
+                                f"record says {files.rows[i]}: it was changed after the "
+                                "capture. Run `crowstream verify OUT`.")
             edges = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
             first = int(np.searchsorted(edges, lo, side="right")) - 1
             last = int(np.searchsorted(edges, hi, side="left"))
