@@ -21,6 +21,7 @@ from crowstream.errors import Float16OverflowError
 from crowstream.pipeline.flatten import to_record_batch
 from crowstream.schemas import ROW_GROUP_BYTES, row_schema
 from crowstream.pipeline.parts import PartWriter, ShardParts
+from crowstream.pipeline.threads import EncoderPool
 from helpers import assert_same_rows, manifest_of, read_rows
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
@@ -81,10 +82,13 @@ def test_small_batches_fill_row_groups_and_are_copied(tmp_path):
 def test_part_files_roll_over_at_row_group_boundaries(tmp_path):
     schema = row_schema(1024, "float32")
     target = 3 * ROW_GROUP_BYTES  # about three row groups per file
-    parts = ShardParts(lambda seq: str(tmp_path / f"p-{seq:03d}.parquet"), schema, target)
+    pool = EncoderPool(2)
+    parts = ShardParts(lambda seq: str(tmp_path / f"p-{seq:03d}.parquet"), schema, pool,
+                       target_bytes=target)
     for i in range(5):
         parts.write(_record_batch(5_000, 1024, seed=i))
-    infos = parts.close()
+    infos = [future.result() for future in parts.close()]
+    pool.close()
     assert [i.seq for i in infos] == list(range(len(infos))) and len(infos) >= 3
     assert [i.rows for i in infos[:-1]] == [parts.file_rows] * (len(infos) - 1)
     assert sum(i.rows for i in infos) == 25_000

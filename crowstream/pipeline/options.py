@@ -175,6 +175,7 @@ class CaptureOptions:
     exclude_special_tokens: bool = False
     exclude_token_ids: tuple[int, ...] = ()
     store_text: bool = False
+    encoder_threads: int | None = None
     overwrite: bool = False
     resume: bool = False
     device: Any = None
@@ -211,7 +212,7 @@ class CaptureOptions:
         check_choice("float16_overflow", self.float16_overflow, ("error", "clamp"))
         check_positive("batch_size", self.batch_size, allow_none=False)
         for name in ("max_batch_tokens", "max_docs", "max_tokens", "sample", "shard_size",
-                     "context_size", "max_inflight_bytes"):
+                     "context_size", "max_inflight_bytes", "encoder_threads"):
             check_positive(name, getattr(self, name))
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"text_field must be a column name, got {self.text_field!r}.")

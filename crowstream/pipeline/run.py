@@ -118,7 +118,8 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
             max_inflight_bytes=options.max_inflight_bytes or default_inflight_bytes())
         tracer = ModelTracer(model, tokenizer, names, config.dtype, config.float16_overflow,
                              config.max_inflight_bytes)
-        session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0)
+        session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0,
+                          options.encoder_threads)
         _start_or_load(session, mode, recorded, peek, provenance(model, tokenizer))
         if not grouped:
             run = session.run(source)
