@@ -165,7 +165,7 @@ def measure(model, tokenizer, docs, d, dtype, target, threads, args) -> dict:
         with Meter() as c:
             raw_write(table_buffers(table), os.path.join(work, "raw.bin"))
         vector_type = table.schema.field("vector").type
-        return {"rows": table.num_rows, "tokens": run.manifest.counts.tokens,
+        return {"rows": table.num_rows, "tokens": run.manifest.counts.tokens_fed,
                 "row_bytes": vector_type.list_size * vector_type.value_type.bit_width // 8,
                 "payload": payload, "a": a, "b": b, "c": c}
     finally:
@@ -178,11 +178,11 @@ def rates(meter, payload: int) -> tuple[float, float]:
     return gb / max(meter.wall, 1e-9), meter.cpu / gb
 
 
-def report(d, dtype, where, threads, m) -> list[float]:
+def report(d, dtype, where, threads, m, expected_rows: int) -> list[float]:
     expect = d * (4 if dtype == "float32" else 2)
-    ok = m["rows"] == m["tokens"] and m["row_bytes"] == expect
+    ok = m["rows"] == m["tokens"] == expected_rows and m["row_bytes"] == expect
     print(f"d={d} {dtype} {where} encoder_threads={threads}: rows {m['rows']:,} "
-          f"(tokens {m['tokens']:,}), bytes per row {m['row_bytes']:,} (expected {expect:,}): "
+          f"(tokens fed {m['tokens']:,}, expected {expected_rows:,}), bytes per row {m['row_bytes']:,} (expected {expect:,}): "
           f"{'OK' if ok else 'WRONG'}")
     figures = []
     for key, what in (("a", "(a) crowstream.capture"), ("b", "(b) one ParquetWriter"),
@@ -195,11 +195,13 @@ def report(d, dtype, where, threads, m) -> list[float]:
     return figures + [ratio]
 
 
-def tokenize_rate(tokenizer, docs) -> float:
+def tokenize_rate(tokenizer, docs, context: int) -> tuple[float, int]:
+    """(t); -> (tokens/s, the rows a capture must store: every token up to `context`)."""
     with Meter() as t:
-        n = sum(len(ids) for ids in tokenizer(docs)["input_ids"])
+        lengths = [len(ids) for ids in tokenizer(docs)["input_ids"]]
+    n = sum(lengths)
     print(f"(t) tokenizing alone: {n / t.wall:,.0f} tokens/s, {t.cpu / n * 1e6:.2f} CPU-us/token")
-    return n / t.wall
+    return n / t.wall, sum(min(length, context) for length in lengths)
 
 
 def main(argv=None) -> int:
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer()
     docs = build_corpus(tokenizer, args.tokens, args.context)
     print(f"corpus: {len(docs)} documents, about {args.tokens:,} tokens, context {args.context}")
-    figures = [tokenize_rate(tokenizer, docs)]
+    rate, expected_rows = tokenize_rate(tokenizer, docs, args.context)
+    figures = [rate]
     dirs = {"disk": args.tmp or tempfile.gettempdir(), "shm": "/dev/shm"}
     for d in args.dims:
         model = build_model(d, tokenizer, args.device)
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
                 walls = {}
                 for threads in args.threads:
                     m = measure(model, tokenizer, docs, d, dtype, dirs[where], threads, args)
-                    figures += report(d, dtype, where, threads, m)
+                    figures += report(d, dtype, where, threads, m, expected_rows)
                     walls[threads] = m["a"].wall
                 base = walls[args.threads[0]]
                 print("  wall-clock speed-up of (a) over "

@@ -63,3 +63,19 @@ def test_loader_tiny_prints_every_number(tmp_path):
                  "rows/s", "GB/s", "ratio (a)/(d):", "(a)/(c):"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert out.count(" 20,000 rows  ") == 3, out  # (a), (b), (d) read every row
+
+
+def test_ceiling_tiny_prints_every_figure_and_the_right_rows(tmp_path):
+    import re
+
+    out = _run("ceiling.py", tmp_path)
+    for line in ("(t) tokenizing alone", "(a) crowstream.capture", "(b) one ParquetWriter",
+                 "(c) raw write+fsync", "CPU-s/GB ratio (a)/(b)", "wall-clock speed-up"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    lines = [line for line in out.splitlines() if "encoder_threads=" in line]
+    assert len(lines) == 2 * 2 * 2, out  # float32/16 x disk/shm x 1/2 encoder threads
+    assert all(line.endswith(": OK") for line in lines), out  # rows and bytes per row
+    assert "bytes per row 256 (expected 256)" in out and "bytes per row 128 (expected 128)" in out
+    figures = re.findall(r"([-\w.]+) (?:GB/s|CPU-s/GB|tokens/s)", out)
+    assert len(figures) >= 1 + 8 * 6 and "every figure finite: True" in out, out
+    assert not any(f in ("nan", "inf", "-inf") for f in figures), out
