@@ -105,18 +105,20 @@ class ModuleStats:
     def update(self, vectors: np.ndarray, clamped: int = 0, positions=None) -> None:
         """Add the rows of `vectors` [N, d] as stored (float32 or float16, after any clamp,
         of which there were `clamped`); `positions` [N] (optional) picks out the rows at
-        position 0 for `p0`."""
+        position 0 for `p0`. The rows at position 0 and the others are summed apart and
+        merged exactly, so sinks far from the rest cost no precision in either."""
+        first = None
         if positions is not None and self.p0 is not None:
             first = np.asarray(positions) == 0  # [N]
-            if first.any():
-                self.p0.update(vectors[first])
-        n = len(vectors)
-        if not n:
-            self.clamped += clamped
-            return
-        partial = ModuleStats.of(n, *_moments(vectors), clamped=clamped)
-        partial.p0 = ModuleStats(len(partial.mean), False)  # its position-0 rows went in above
-        self.merge(partial)
+            first = first if first.any() else None
+        d = vectors.shape[1]
+        partials = [_partial(vectors, first, d)]
+        if first is not None:
+            partials.append(_partial(vectors[first], None, d))  # a copy of few rows
+            self.p0.merge(partials[-1])
+        for partial in partials:
+            self.merge(partial)
+        self.clamped += clamped
 
     def merge(self, other: ModuleStats) -> None:
         """Combine with another partial (Chan, Golub and LeVeque's parallel update)."""
@@ -136,6 +138,25 @@ class ModuleStats:
         elif self.p0 is not None:
             self.p0.merge(other.p0)
 
+    def after_position0(self) -> ModuleStats:
+        """The statistics of the rows at position >= 1: the position-0 rows taken back out
+        of the totals (Chan's rule run backwards). Needs `p0`."""
+        if self.p0 is None:
+            raise ValueError("these statistics do not keep position 0 apart")
+        first, n = self.p0, self.count
+        rest = ModuleStats(len(self.mean), False)
+        rest.count = n - first.count
+        if rest.count:
+            with np.errstate(invalid="ignore", over="ignore"):
+                rest.mean = (self.mean * n - first.mean * first.count) / rest.count
+                delta = first.mean - rest.mean
+                rest.m2 = np.maximum(
+                    self.m2 - first.m2 - delta * delta * (first.count * rest.count / n), 0.0)
+        rest.norm_sum = self.norm_sum - first.norm_sum
+        rest.nonfinite = self.nonfinite - first.nonfinite
+        rest.clamped = self.clamped
+        return rest
+
     def summary(self):
         """-> `manifest.StatsSummary`: mean, population variance and mean norm."""
         from .manifest import StatsSummary
@@ -146,20 +167,38 @@ class ModuleStats:
                             self.norm_sum / n, self.nonfinite, self.clamped, position0)
 
 
-def _moments(vectors: np.ndarray):
-    """[N, d] float32/float16 (N > 0) -> (mean [d], m2 [d], norm_sum, nonfinite), in
-    float64. Slices of STATS_SLICE_ROWS rows are centred on the first slice's mean in
-    float32 (exact where values are close, so a large mean does not cancel the spread
-    away) and their sums accumulate in float64; no full-array copy is made."""
-    n, d = vectors.shape
-    shift = vectors[:STATS_SLICE_ROWS].astype(np.float32).mean(0).astype(np.float32)  # [d]
+def _partial(vectors: np.ndarray, skip, d: int) -> ModuleStats:
+    """The statistics of `vectors`' rows, less those where `skip` [N] (optional) is True."""
+    n = len(vectors) - (0 if skip is None else int(skip.sum()))
+    partial = ModuleStats(d, False)
+    if n:
+        partial = ModuleStats.of(n, *_moments(vectors, skip, n))
+    partial.p0 = ModuleStats(d, False)  # position 0 is merged by the caller
+    return partial
+
+
+def _moments(vectors: np.ndarray, skip, n: int):
+    """[N, d] float32/float16 less the rows where `skip` [N] is True (n > 0 left) ->
+    (mean [d], m2 [d], norm_sum, nonfinite), in float64. Slices of STATS_SLICE_ROWS rows
+    are centred on the mean of the first kept rows in float32 (exact where values are
+    close, so a large mean does not cancel the spread away) and their sums accumulate in
+    float64; skipped rows are zeroed in the slice's temporary; no full-array copy."""
+    d = vectors.shape[1]
+    head = vectors[:STATS_SLICE_ROWS] if skip is None else \
+        vectors[np.flatnonzero(~skip)[:STATS_SLICE_ROWS]]
+    shift = head.astype(np.float32).mean(0).astype(np.float32)  # [d]
     total, m2, norm_sum = np.zeros(d), np.zeros(d), 0.0
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: counted, not warned
-        for start in range(0, n, STATS_SLICE_ROWS):
+        for start in range(0, len(vectors), STATS_SLICE_ROWS):
             x = vectors[start:start + STATS_SLICE_ROWS].astype(np.float32, copy=False)  # [r, d]
+            drop = None if skip is None else skip[start:start + STATS_SLICE_ROWS]
             square = x * x
+            if drop is not None:
+                square[drop] = 0
             norm_sum += float(np.sqrt(square.sum(1, dtype=np.float64)).sum())
             np.subtract(x, shift, out=square)                       # centred, reusing the buffer
+            if drop is not None:
+                square[drop] = 0
             total += square.sum(0, dtype=np.float64)
             square *= square
             m2 += square.sum(0, dtype=np.float64)
@@ -168,5 +207,6 @@ def _moments(vectors: np.ndarray):
         m2 = np.maximum(m2 - n * offset * offset, 0.0)
     nonfinite = 0
     if not (np.isfinite(total).all() and np.isfinite(m2).all()):
-        nonfinite = int(vectors.size - np.count_nonzero(np.isfinite(vectors)))  # rare
+        kept = vectors if skip is None else vectors[~skip]  # rare: only then count
+        nonfinite = int(kept.size - np.count_nonzero(np.isfinite(kept)))
     return mean, m2, norm_sum, nonfinite
