@@ -145,6 +145,10 @@ class PartWriter:
         """Raw bytes held in the writer's own buffer (less than one row group)."""
         return self._buffered_rows * self.row_bytes
 
+    @property
+    def closed(self) -> bool:
+        return self._sink.closed
+
     def write(self, batch: pa.RecordBatch) -> None:
         n, offset = batch.num_rows, 0
         if self._buffered_rows:  # top up the open row group first
@@ -173,9 +177,13 @@ class PartWriter:
         self._buffer, self._buffered_rows = [], 0
 
     def close(self) -> PartInfo:
-        self._flush()
-        self._writer.close()
-        self._sink.close()  # fsync; the hash is already complete
+        try:
+            self._flush()
+            self._writer.close()
+            self._sink.close()  # fsync; the hash is already complete
+        except BaseException:
+            self._sink.discard()  # no open file left behind; the caller reports the error
+            raise
         return PartInfo(self.tmp_path, self.rows, self._sink.size,
                         self._sink.sha256.hexdigest(), self.seq)
 
@@ -261,11 +269,12 @@ class ShardParts:
             self._close_open()
         return self.closing
 
-    def abort(self) -> None:
-        """Delete every file of this shard, finished ones included. Call once the pool
-        has stopped (no lane still writes)."""
+    def abort(self, unfinished_only: bool = False) -> None:
+        """Delete every file of this shard, finished ones included (or only those never
+        closed). Call once the pool has stopped (no lane still writes)."""
         for part in self._made:
-            part.abort()
+            if not (unfinished_only and part.closed):
+                part.abort()
         self._made, self.closing, self._open = [], [], None
 
 

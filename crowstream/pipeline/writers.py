@@ -8,6 +8,7 @@ byte between the forward and the disk.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import CancelledError
 
 from crowstream.format.layout import (DOCS_DIR, FORMAT_VERSION, model_id, module_dir, part_name,
                                       staging_path)
@@ -46,6 +47,7 @@ class Writers:
         self.row_cost = {name: row_bytes(s) for name, s in self.schemas.items()}  # as stored
         self.stats_lanes = {name: self.pool.lane() for name in dims}
         self.parts: dict = {}            # module -> ShardParts of the open shard (dispatchers)
+        self.closing: dict = {}          # (module, shard) -> ShardParts closed, not committed
         self.shard_stats: dict = {}      # module -> ModuleStats of the open shard (its lane)
         # committed so far (committer thread only): records, and their statistics merged
         # in shard order, so a resumed run's totals equal an uninterrupted run's exactly
@@ -68,8 +70,7 @@ class Writers:
         for name, worker in self.workers.items():
             worker.submit(self._write_rows, name, batch.shard, batch, captured,
                           rows * self.row_cost[name])
-        self.committer.check()
-        self.pool.check()
+        self.check()
 
     def _write_rows(self, name, shard, batch, captured, charge) -> None:
         """Dispatch one batch's rows of module `name`: its pieces to the files' lanes, its
@@ -104,7 +105,9 @@ class Writers:
 
     def _close_part(self, name, shard):
         """-> (Futures of the shard's `PartInfo`s, Future of its statistics)."""
-        infos = self._part(name, shard).close()
+        parts = self._part(name, shard)
+        infos = parts.close()
+        self.closing[(name, shard)] = parts  # until committed: abort deletes its files
         del self.parts[name]
         stats = self.shard_stats.pop(name, None) or ModuleStats(self.dims[name])
         return infos, self.stats_lanes[name].submit(lambda: stats)
@@ -119,9 +122,13 @@ class Writers:
         """Commit one shard once every module's part is closed and fsynced in .tmp/: write
         its docs part there, then `commit_shard` (statistics, fence, record, publish)."""
         results = {}
-        for name, future in futures.items():
-            infos, stats = future.result()
-            results[name] = ([info.result() for info in infos], stats.result())
+        try:
+            for name, future in futures.items():
+                infos, stats = future.result()
+                results[name] = ([info.result() for info in infos], stats.result())
+        except CancelledError:  # skipped after an encoder failed: report that failure
+            self.pool.check()
+            raise
         docs_rel = f"{DOCS_DIR}/{part_name(self.rank, end.index)}"
         docs_info = write_table(staging_path(self.out, docs_rel), docs_table(end))
         parts = [Part(path=docs_rel, bytes=docs_info.bytes, sha256=docs_info.sha256,
@@ -136,6 +143,8 @@ class Writers:
                              parts=tuple(parts), world_size=self.output.world)
         stats = {m: shard_stats for m, (_, shard_stats) in results.items()}
         record = commit_shard(self.output, self.run_id, record, stats)
+        for name in futures:
+            self.closing.pop((name, end.index), None)
         self.shards.append(record)  # counted from here on, as on disk
         for module, shard_stats in stats.items():
             self.stats[module].merge(shard_stats)
@@ -150,15 +159,24 @@ class Writers:
         """Stop the threads: queued commits of complete shards finish, the open shard's
         part files are deleted. Background failures are left for `finish` to raise."""
         self._join()
-        for part in self.parts.values():
-            part.abort()
+
+    def _abort_unfinished(self) -> None:
+        """Delete the open shard's part files, and the unfinished ones of shards that were
+        closing (an encoder failed): no file is left open. Finished files of a shard whose
+        commit did not complete stay for the resume (it may roll the shard forward)."""
+        for parts in self.parts.values():
+            parts.abort()
+        for parts in self.closing.values():
+            parts.abort(unfinished_only=True)
         self.parts.clear()
+        self.closing.clear()
 
     def _join(self) -> None:
         for worker in self.workers.values():
             worker.close()
         self.committer.close()  # its last commit waits on the pool, so it ends first
         self.pool.close()
+        self._abort_unfinished()
 
 
 class _Countdown:
