@@ -79,3 +79,14 @@ def test_ceiling_tiny_prints_every_figure_and_the_right_rows(tmp_path):
     figures = re.findall(r"([-\w.]+) (?:GB/s|CPU-s/GB|tokens/s)", out)
     assert len(figures) >= 1 + 8 * 6 and "every figure finite: True" in out, out
     assert not any(f in ("nan", "inf", "-inf") for f in figures), out
+
+
+def test_compression_tiny_prints_the_table_and_a_choice(tmp_path):
+    out = _run("compression.py", tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith(("minilm", "gpt2-random"))]
+    assert len(rows) >= 2 * 3 and all(len(line.split()) == 9 for line in rows), out
+    for line in rows:  # bytes per row below the raw row for zstd, at most ~4% above for none
+        _, _, dtype, codec, per_row, raw, *figures = line.split()
+        assert float(per_row) < 1.04 * int(raw) + 40, line
+        assert all(float(f.replace(",", "")) > 0 for f in figures), line
+    assert "choice: " in out, out

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import crowstream as cs
+from crowstream.errors import ConfigError, ResumeMismatchError
 from crowstream.format.records import committed
 from crowstream.format.statistics import ModuleStats
 from crowstream.pipeline import parts as parts_module
@@ -107,3 +108,22 @@ def test_position0_statistics_survive_the_stats_file_and_the_merge(gpt2, corpus,
     np.testing.assert_allclose(summary.position0.mean, first.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(summary.position0.var, first.var(0), rtol=1e-5, atol=1e-7)
     assert summary.count == len(vectors)
+
+
+@pytest.mark.parametrize("codec, name", [("lz4", "LZ4_RAW"), ("none", "UNCOMPRESSED")])
+def test_compression_option_writes_that_codec_and_the_same_rows(gpt2, corpus, tmp_path, codec,
+                                                                 name):
+    from helpers import assert_same_rows
+
+    reference = _capture(gpt2, corpus[:12], tmp_path / "zstd")
+    run = _capture(gpt2, corpus[:12], tmp_path / codec, compression=codec)
+    assert run.manifest.config["compression"] == codec
+    assert reference.manifest.config["compression"] == "zstd"
+    assert_same_rows(run.path, reference.path)
+    for path in glob.glob(os.path.join(run.path, "data", "*", "*.parquet")):
+        column = pq.ParquetFile(path).metadata.row_group(0).column(3)
+        assert column.compression == name, path
+    with pytest.raises(ConfigError, match="compression"):
+        _capture(gpt2, corpus[:12], tmp_path / "bad", compression="gzip")
+    with pytest.raises(ResumeMismatchError, match="compression: manifest has '" + codec):
+        _capture(gpt2, corpus[:12], run.path, compression="zstd", resume=True)

@@ -127,7 +127,8 @@ class PartWriter:
     `Lane` calls it.
     """
 
-    def __init__(self, tmp_path: str, schema: pa.Schema, seq: int = 0):
+    def __init__(self, tmp_path: str, schema: pa.Schema, seq: int = 0,
+                 compression: str | None = None):
         self.tmp_path = tmp_path
         self.schema = schema
         self.seq = seq
@@ -138,7 +139,7 @@ class PartWriter:
         self._buffered_rows = 0
         dtype = "float16" if schema.field("vector").type.value_type == pa.float16() else "float32"
         self._sink = HashingFile(tmp_path)
-        self._writer = pq.ParquetWriter(self._sink, schema, **parquet_options(dtype))
+        self._writer = pq.ParquetWriter(self._sink, schema, **parquet_options(dtype, compression))
 
     @property
     def buffered_bytes(self) -> int:
@@ -214,7 +215,7 @@ class ShardParts:
     """
 
     def __init__(self, path_of, schema: pa.Schema, pool, settle=None,
-                 target_bytes: int | None = None):
+                 target_bytes: int | None = None, compression: str | None = None):
         rows_per_group = group_rows(schema)
         target = PART_TARGET_BYTES if target_bytes is None else target_bytes
         groups = max(1, min(PART_GROUPS, target // (rows_per_group * row_bytes(schema))))
@@ -224,6 +225,7 @@ class ShardParts:
         self._pool = pool
         self._settle = settle or (lambda written, change: None)
         self._path_of = path_of
+        self._compression = compression
         self._open = None  # (PartWriter, Lane, rows submitted to it)
         self._made: list[PartWriter] = []
 
@@ -251,7 +253,8 @@ class ShardParts:
 
     def _current(self):
         if self._open is None:
-            part = PartWriter(self._path_of(len(self.closing)), self.schema, len(self.closing))
+            part = PartWriter(self._path_of(len(self.closing)), self.schema, len(self.closing),
+                              self._compression)
             self._made.append(part)
             self._open = (part, self._pool.lane(), 0)
         return self._open

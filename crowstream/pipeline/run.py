@@ -41,7 +41,9 @@ def capture(model, data, modules, out, **options) -> Run:
     run unless `float16_overflow="clamp"`); `shard_size` is documents per commit (default:
     about SHARD_TARGET_TOKENS tokens); `max_batch_tokens` caps padded tokens per batch and
     `batch_size` documents; `max_inflight_bytes` bounds the bytes between the forward and
-    the disk (default min(2 GiB, 10% of RAM)); `revision` picks a hub model's revision.
+    the disk (default min(2 GiB, 10% of RAM)); `compression` is the part files' codec
+    ("zstd", "lz4" or "none"); `encoder_threads` (default: one per core) encode them, the
+    bytes identical whatever the count; `revision` picks a hub model's revision.
     `resume=True` continues an interrupted run in `out`; `overwrite=True` replaces one.
     `data_config`, `data_revision` and `data_files` pick a config (e.g.
     "wikitext-2-raw-v1"), revision and files of a dataset repository (hub id or local

@@ -100,7 +100,8 @@ class Writers:
                 rel = f"{module_dir(name)}/{part_name(self.rank, shard, seq)}"
                 return staging_path(self.out, rel)
             self.parts[name] = ShardParts(path_of, self.schemas[name], self.pool,
-                                          self.budget.settle)
+                                          self.budget.settle,
+                                          compression=self.config.compression)
         return self.parts[name]
 
     def _close_part(self, name, shard):
