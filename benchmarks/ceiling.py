@@ -34,7 +34,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not os.environ.get("PYTHONPATH"):  # else measure the crowstream it names (e.g. a release)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TARGET_CPU_RATIO = 1.5  # crowstream's CPU-s/GB at most 1.5x one plain ParquetWriter's
@@ -109,9 +110,10 @@ def build_corpus(tokenizer, tokens: int, context: int) -> list[str]:
 def capture_rows(model, tokenizer, docs, out, dtype, threads, args):
     import crowstream as cs
 
+    extra = {"encoder_threads": threads} if threads else {}  # 0: the default (older versions)
     run = cs.capture(model, docs, ["transformer.wte"], out, tokenizer=tokenizer,
                      context_size=args.context, batch_size=args.batch_size, dtype=dtype,
-                     encoder_threads=threads, progress=False, device=args.device)
+                     progress=False, device=args.device, **extra)
     return run
 
 
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=300_000)
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="encoder thread counts; 0 passes none (to measure older versions)")
     parser.add_argument("--targets", nargs="+", default=["disk", "shm"])
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)

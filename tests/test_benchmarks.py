@@ -90,3 +90,19 @@ def test_compression_tiny_prints_the_table_and_a_choice(tmp_path):
         assert float(per_row) < 1.04 * int(raw) + 40, line
         assert all(float(f.replace(",", "")) > 0 for f in figures), line
     assert "choice: " in out, out
+
+
+@pytest.mark.slow
+def test_gpu_script_cpu_form_prints_one_table(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHON": sys.executable, "LOGS": str(tmp_path / "logs")}
+    done = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu.sh"), "--device", "cpu", "--tiny",
+                           "--tmp", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, f"gpu.sh exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    out = done.stdout
+    for line in ("== crowstream on cpu", "-- throughput.py", "(1) crowstream.capture",
+                 "-- ceiling.py", "encoder_threads=1", "encoder_threads=2", "speed-up",
+                 "-- loader.py", "throughput:", "ceiling:", "loader:"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert sorted(os.listdir(tmp_path)) == ["logs"], "gpu.sh left files behind"
