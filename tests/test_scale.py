@@ -5,6 +5,7 @@ the in-flight byte budget, and big-model hygiene (eval mode, OOM retry, input de
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -408,17 +409,23 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     monkeypatch.setattr(writer_module, "ROW_GROUP_BYTES", 32 << 10)  # buffers matter too
     reference = _capture(gpt2, corpus[:30], tmp_path / "reference", shard_size=10, batch_size=8)
     budgets.clear()
-    run = _capture(gpt2, corpus[:30], tmp_path / "out", shard_size=10, batch_size=8,
-                   max_inflight_bytes=limit)
-    assert_same_rows(run.path, reference.path)
-    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots
+    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots, min_inflight_bytes
 
+    least = min_inflight_bytes(len(MODULES))  # one encoder + two row-group buffers a module
+    with pytest.warns(UserWarning, match=rf"max_inflight_bytes={limit:,} is below the "
+                                         rf"{least:,} bytes .* using {least:,}") \
+            if limit < least else contextlib.nullcontext():
+        run = _capture(gpt2, corpus[:30], tmp_path / "out", shard_size=10, batch_size=8,
+                       max_inflight_bytes=limit)
+    assert_same_rows(run.path, reference.path)
+    honoured = max(limit, least)
+    assert manifest_of(run.path).config["max_inflight_bytes"] == honoured
     (budget,) = budgets  # the rows' share: concurrent encoders take theirs first
-    assert budget.limit == max(1, limit - encoder_slots(limit) * ENCODER_BYTES)
+    assert budget.limit == max(1, honoured - encoder_slots(honoured) * ENCODER_BYTES)
     assert budget.used == 0  # everything written and handed back
     row_bytes = 2 * (16 + 64 * 4)
     biggest_batch = 8 * 64 * row_bytes
-    resident = 2 * (32 << 10)  # at most one row group per module stays buffered
+    resident = 2 * 2 * (32 << 10)  # at most two row groups per module stay buffered
     assert budget.peak <= max(budget.limit, biggest_batch) + resident
     if limit == 40_000:
         assert budget.peak > budget.limit  # row-group buffers and oversized batches count

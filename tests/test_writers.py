@@ -127,3 +127,18 @@ def test_compression_option_writes_that_codec_and_the_same_rows(gpt2, corpus, tm
         _capture(gpt2, corpus[:12], tmp_path / "bad", compression="gzip")
     with pytest.raises(ResumeMismatchError, match="compression: manifest has '" + codec):
         _capture(gpt2, corpus[:12], run.path, compression="zstd", resume=True)
+
+
+def test_default_budget_follows_a_cgroup_memory_limit(tmp_path, monkeypatch):
+    from crowstream.pipeline import options
+
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(options, "CGROUP_LIMIT_FILES", (str(tmp_path / "absent"), str(limit)))
+    limit.write_text("max\n")
+    unlimited = options.default_inflight_bytes()
+    assert options.cgroup_memory_limit() is None
+    limit.write_text(f"{4 << 30}\n")  # a 4 GiB container on a bigger machine
+    assert options.cgroup_memory_limit() == 4 << 30
+    assert options.default_inflight_bytes() == min(unlimited, int(0.1 * (4 << 30)))
+    limit.write_text("9223372036854771712\n")  # cgroup v1 without a limit
+    assert options.default_inflight_bytes() == unlimited

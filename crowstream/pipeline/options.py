@@ -132,14 +132,33 @@ def _jsonable(value):
 
 
 def default_inflight_bytes() -> int:
-    """min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION of physical RAM)."""
+    """min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION of the smaller of physical RAM and
+    the cgroup memory limit): a container's limit is the RAM the run really has."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
         ram = 8 << 30
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        ram = min(ram, limit)
     return int(min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION * ram))
 
 
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",                    # cgroup v2
+                      "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+
+
+def cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit in bytes, or None when there is none."""
+    for path in CGROUP_LIMIT_FILES:
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max", or v1's huge "no limit" value
+            return int(text)
+    return None
 
 
 def _short(value) -> str:

@@ -57,6 +57,14 @@ def encoder_slots(budget_bytes: int, threads: int | None = None) -> int:
     return max(1, min(threads or os.cpu_count() or 1, fits))
 
 
+def min_inflight_bytes(modules: int) -> int:
+    """The smallest in-flight budget the writers can honour: one encoder's working memory
+    (statistics temporaries, 3 x 256 x d x 4 bytes, fit inside it) and up to two
+    row-group buffers per module (the last file of a shard may still be closing while the
+    next shard's first file fills)."""
+    return ENCODER_BYTES + modules * 2 * ROW_GROUP_BYTES
+
+
 def row_bytes(schema: pa.Schema) -> int:
     """Raw bytes of one row: the fixed-width columns plus the d elements of `vector`."""
     total = 0

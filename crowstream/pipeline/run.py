@@ -117,7 +117,7 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
             tokenizer=models.tokenizer_fingerprint(tokenizer), source=source.fingerprint,
             modules=tuple(names),
             context_size=models.resolve_context_size(options.context_size, model, tokenizer),
-            max_inflight_bytes=options.max_inflight_bytes or default_inflight_bytes())
+            max_inflight_bytes=_budget(options.max_inflight_bytes, len(names)))
         tracer = ModelTracer(model, tokenizer, names, config.dtype, config.float16_overflow,
                              config.max_inflight_bytes)
         session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0,
@@ -204,3 +204,19 @@ def _run_grouped(session, source, lock) -> Run:
     if session.rank != 0:
         session.manifest = read_manifest(session.out)
     return session._result()
+
+
+def _budget(asked: int | None, modules: int) -> int:
+    """The in-flight budget: `asked` (or the default), raised to the smallest one the
+    writers can honour for `modules` modules, with a warning when the caller asked for less."""
+    import warnings
+
+    from .parts import min_inflight_bytes
+
+    least = min_inflight_bytes(modules)
+    budget = asked or default_inflight_bytes()
+    if budget < least and asked:
+        warnings.warn(f"max_inflight_bytes={asked:,} is below the {least:,} bytes the writers "
+                      f"need for {modules} module(s) (one encoder and two row-group buffers "
+                      f"per module); using {least:,}.", UserWarning, stacklevel=3)
+    return max(budget, least)
