@@ -36,7 +36,8 @@ def test_throughput_tiny_prints_every_number(tmp_path):
 @pytest.mark.slow
 def test_memory_tiny_prints_growth(tmp_path):
     out = _run("memory.py", tmp_path)
-    for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment"):
+    for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment",
+                 "smallest budget the writers honour: 1 module(s)", "working memory set aside"):
         assert line in out, f"missing {line!r} in:\n{out}"
 
 
