@@ -142,3 +142,15 @@ def test_default_budget_follows_a_cgroup_memory_limit(tmp_path, monkeypatch):
     assert options.default_inflight_bytes() == min(unlimited, int(0.1 * (4 << 30)))
     limit.write_text("9223372036854771712\n")  # cgroup v1 without a limit
     assert options.default_inflight_bytes() == unlimited
+
+
+def test_cli_takes_compression_and_encoder_threads():
+    from crowstream.cli import build_parser
+
+    base = ["capture", "m", "d", "-m", "x", "-o", "o"]
+    args = build_parser().parse_args(base + ["--compression", "none", "--encoder-threads", "3"])
+    assert (args.compression, args.encoder_threads) == ("none", 3)
+    args = build_parser().parse_args(base)
+    assert (args.compression, args.encoder_threads) == ("zstd", None)
+    with pytest.raises(ConfigError, match="encoder_threads"):
+        cs.capture("m", ["a"], ["x"], "o", encoder_threads=0)
