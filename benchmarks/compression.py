@@ -75,7 +75,8 @@ def _gpt2(tmp: str):
     _, tokenizer = build_tiny_gpt2(os.path.join(tmp, "tok"), n_layer=1)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=256, n_head=4, n_positions=256,
-                                       vocab_size=len(tokenizer))).eval()
+                                       vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id)).eval()
     return model, tokenizer
 
 

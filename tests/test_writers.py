@@ -110,9 +110,10 @@ def test_position0_statistics_survive_the_stats_file_and_the_merge(gpt2, corpus,
     assert summary.count == len(vectors)
 
 
-@pytest.mark.parametrize("codec, name", [("lz4", "LZ4_RAW"), ("none", "UNCOMPRESSED")])
+@pytest.mark.parametrize("codec, names", [("lz4", ("LZ4", "LZ4_RAW")),  # pyarrow names LZ4_RAW "LZ4"
+                                          ("none", ("UNCOMPRESSED",))])
 def test_compression_option_writes_that_codec_and_the_same_rows(gpt2, corpus, tmp_path, codec,
-                                                                 name):
+                                                                 names):
     from helpers import assert_same_rows
 
     reference = _capture(gpt2, corpus[:12], tmp_path / "zstd")
@@ -122,7 +123,7 @@ def test_compression_option_writes_that_codec_and_the_same_rows(gpt2, corpus, tm
     assert_same_rows(run.path, reference.path)
     for path in glob.glob(os.path.join(run.path, "data", "*", "*.parquet")):
         column = pq.ParquetFile(path).metadata.row_group(0).column(3)
-        assert column.compression == name, path
+        assert column.compression in names, path
     with pytest.raises(ConfigError, match="compression"):
         _capture(gpt2, corpus[:12], tmp_path / "bad", compression="gzip")
     with pytest.raises(ResumeMismatchError, match="compression: manifest has '" + codec):
