@@ -19,21 +19,15 @@ def python_paragraphs(n: int = 200, min_chars: int = 1) -> list[str]:
     return python_doc_paragraphs(n, min_chars=min_chars)
 
 
-def build_tiny_gpt2(path: str, *, n_layer: int = 3, n_embd: int = 64, n_positions: int = 64):
-    """A GPT-2 with random weights and a BPE tokenizer trained on Python's docs, saved with
+def build_tiny_gpt2(path: str, *, n_layer: int = 3, n_embd: int = 64, n_positions: int = 64,
+                    tokenizer=None):
+    """A GPT-2 with random weights and a BPE tokenizer trained on Python's docs (or
+    `tokenizer`, one this function made before: training costs seconds), saved with
     save_pretrained to `path`; -> (model, tokenizer). No pad token, like the real GPT-2."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(python_paragraphs(400), trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer = tokenizer or _tiny_tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, n_positions=n_positions,
                         vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
@@ -42,6 +36,20 @@ def build_tiny_gpt2(path: str, *, n_layer: int = 3, n_embd: int = 64, n_position
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(python_paragraphs(400), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")

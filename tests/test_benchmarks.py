@@ -1,8 +1,12 @@
-"""The benchmark scripts run (in their --tiny CI mode) and print every number they promise."""
+"""The benchmark scripts run (in their --tiny CI mode) and print every number they promise.
+Timing targets are judged by full benchmark runs only; what a tiny run can check without
+timing is checked here: row and token counts agree, bytes per row are what d and the
+dtype make them, and every figure printed is a finite number."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +22,23 @@ def _run(script: str, tmp_path) -> str:
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, f"{script} --tiny exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     assert not os.listdir(tmp_path), "the benchmark left files behind"
+    _every_figure_finite(done.stdout)
     return done.stdout
+
+
+def _every_figure_finite(out: str) -> None:
+    bad = re.findall(r"(?i)(?<![\w-])(nan|-?inf(?:inity)?)(?![\w-])", out)
+    assert not bad, f"non-finite figures {bad} in:\n{out}"
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _one(pattern: str, out: str) -> tuple:
+    found = re.search(pattern, out, re.M)
+    assert found, f"no {pattern!r} in:\n{out}"
+    return found.groups()
 
 
 @pytest.mark.slow
@@ -31,6 +51,26 @@ def test_throughput_tiny_prints_every_number(tmp_path):
     # all three phases saw the same documents, and (3) replayed crowstream's own batches
     assert "same real tokens in (1), (2), (3): True" in out, out
     assert "(doc_id order of the part files): True" in out, out
+    # every phase counts the same real tokens as the corpus line
+    (tokens,) = _one(r"^  corpus: .*?, ([\d,]+) tokens after truncation", out)
+    for phase in (r"\(1\) crowstream\.capture, end", r"\(2\) hand-written", r"\(3\) bare forward",
+                  r"\(1'\) crowstream\.capture, dtype=float16"):
+        (seen,) = _one(rf"^  {phase}.*?  ([\d,]+) (?:tokens|real of)", out)
+        assert seen == tokens, (phase, seen, tokens)
+    # bytes per token: raw payload is d * itemsize; disk holds the vector plus a few columns
+    (d,) = _one(r"d=(\d+), \d+ heads", out)
+    per_token = {}
+    for module, dtype, disk, vector, size, raw, within in re.findall(
+            r"^  (\S+) (float32|float16): ([\d.]+) B/token on disk; vector column ([\d.]+) B/token "
+            r"compressed; raw payload d\*(\d) = (\d+) B.*\n\s+within ([\d.]+)% of the compressed "
+            r"vector payload \(target <= 5%: met\)", out, re.M):
+        assert int(raw) == int(d) * int(size) == int(d) * {"float32": 4, "float16": 2}[dtype]
+        assert 0 < float(vector) <= float(disk) <= float(vector) * 1.05
+        assert abs(float(disk) / float(vector) - 1 - float(within) / 100) < 0.001
+        per_token[module, dtype] = float(disk)
+    assert len(per_token) == 4, out  # 2 modules x 2 dtypes, each within 5% of its payload
+    for module in {m for m, _ in per_token}:
+        assert per_token[module, "float16"] < 0.6 * per_token[module, "float32"]
 
 
 @pytest.mark.slow
@@ -39,6 +79,12 @@ def test_memory_tiny_prints_growth(tmp_path):
     for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment",
                  "smallest budget the writers honour: 1 module(s)", "working memory set aside"):
         assert line in out, f"missing {line!r} in:\n{out}"
+    runs = {}
+    for scale in (1, 8):
+        docs, tokens, shards = map(_number, _one(
+            rf"^  {scale}x:\s+([\d,]+) docs,\s+([\d,]+) tokens,\s+(\d+) shards", out))
+        runs[scale] = docs, tokens, shards
+    assert runs[8] == tuple(8 * x for x in runs[1]), runs  # 8x the corpus, all of it captured
 
 
 def test_commits_tiny_prints_constant_cost(tmp_path):
@@ -46,6 +92,11 @@ def test_commits_tiny_prints_constant_cost(tmp_path):
     for line in ("time per commit, first 10%", "ratio last/first", "record bytes: first",
                  "stats file bytes", "crowstream.json writes during the commits: 0"):
         assert line in out, f"missing {line!r} in:\n{out}"
+    # O(1) commits, by size: the last record and stats file are as small as the first
+    for what in ("record bytes", "stats file bytes"):
+        first, last, most = map(_number, _one(rf"^{what}: first ([\d,]+), last ([\d,]+), "
+                                               r"max ([\d,]+)", out))
+        assert 0 < first <= most <= first + 32 and last <= most, (what, first, last, most)
 
 
 @pytest.mark.slow
@@ -55,6 +106,10 @@ def test_scale_tiny_prints_every_number(tmp_path):
                  "total_byte_size", "documents per batch: [4] (batch_size 4: OK)",
                  "commit time first/last 10%", "targets:"):
         assert line in out, f"missing {line!r} in:\n{out}"
+    budgets = re.findall(r"^max_inflight_bytes ([\d.]+) MiB: peak RSS \+([\d.]+) MiB", out, re.M)
+    assert len(budgets) >= 2 and all(float(peak) > 0 for _, peak in budgets), out
+    assert out.count("(row_group_bytes 16.0 MiB: OK)") == len(budgets), out
+    assert out.count("documents per batch: [4] (batch_size 4: OK)") == len(budgets), out
 
 
 def test_loader_tiny_prints_every_number(tmp_path):
@@ -64,6 +119,10 @@ def test_loader_tiny_prints_every_number(tmp_path):
                  "rows/s", "GB/s", "ratio (a)/(d):", "(a)/(c):"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert out.count(" 20,000 rows  ") == 3, out  # (a), (b), (d) read every row
+    (rows,) = _one(r"^dataset: ([\d,]+) rows", out)
+    assert rows == "20,000"
+    rates = re.findall(r"([\d,]+) rows/s\s+([\d.]+) GB/s", out)
+    assert len(rates) == 4 and all(_number(r) > 0 for r, _ in rates), out
 
 
 def test_ceiling_tiny_prints_every_figure_and_the_right_rows(tmp_path):

@@ -151,10 +151,11 @@ def test_modules(slow_commands):
     result = slow_commands[1]("modules")
     assert result.returncode == 0, result.stderr
     listing = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert re.fullmatch(r"transformer\.h\.0\s+GPT2Block\s+\(1, \d+, 64\)", listing["transformer.h.0"])
-    assert re.fullmatch(r"transformer\.h\.2\.mlp\.c_fc\s+Conv1D\s+\(1, \d+, 256\)",
+    assert re.fullmatch(r"transformer\.h\.0\s+GPT2Block\s+\(2, \d+, 64\)", listing["transformer.h.0"])
+    assert re.fullmatch(r"transformer\.h\.2\.mlp\.c_fc\s+Conv1D\s+\(2, \d+, 256\)",
                         listing["transformer.h.2.mlp.c_fc"])
     assert "transformer.h" not in listing  # a ModuleList never runs: listed only with --all
+    assert "transformer.wpe" not in listing  # one row for the whole batch: not capturable
 
 
 def test_unknown_module_one_line_error(slow_commands):

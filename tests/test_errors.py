@@ -339,6 +339,8 @@ def test_disk_full_is_one_clear_error_committed_shards_intact_then_resume(
                              r"rerun the same command with --resume\.$"):
         capture(gpt2, docs, out)
     assert full.failed >= 1
+    staged = [n for n in os.listdir(os.path.join(out, ".tmp")) if n.endswith(".parquet")]
+    assert not staged, staged  # the space the message asks to free is not held by crowstream
     monkeypatch.undo()  # the disk has space again
     m = manifest_of(out)
     assert 1 <= len(m.shards) < N // 4

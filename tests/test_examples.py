@@ -21,7 +21,7 @@ def test_quickstart(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     text = result.stdout
-    assert "6 encoder blocks, e.g. encoder.layer.0 -> (1, " in text
+    assert "6 encoder blocks, e.g. encoder.layer.0 -> (2, " in text
     rows = re.search(r"captured 100 documents: encoder\.layer\.2 \(d=384\): ([\d,]+) rows, "
                      r"encoder\.layer\.5 \(d=384\): \1 rows", text)
     assert rows, text

@@ -1,8 +1,8 @@
 """Fuzzing the readers: seeded random byte flips and truncations of a committed part file,
 a docs part, the manifest and the dataset card. `verify` must report every one, and no
 reader may crash the process or silently return rows that differ from the intact
-output's. Each case runs in its own subprocess, so a crashing reader fails its case
-instead of killing the test run.
+output's. Each case runs in its own process, forked from one reader server that imported
+everything once, so a crashing reader fails its case instead of killing the test run.
 """
 
 from __future__ import annotations
@@ -26,13 +26,17 @@ PLAN = [("data/module=transformer.h.0/part-00000-000000-000.parquet", 4, 1),
         ("crowstream.json", 3, 1),
         ("README.md", 1, 1)]
 
-# Every reader, in a fresh process: -> {reader: "rows <sha256>" | "error <type>"}.
+# A reader server: imports once, then for each request line `[out, cache]` forks a child
+# that runs every reader (-> {reader: "rows <sha256>" | "error <type>"}) and answers one
+# line `{"status": <waitpid status>, "results": ...}`.
 READERS = r"""
-import hashlib, json, sys
+import hashlib, json, os, signal, sys
 import numpy as np
 import crowstream as cs
+import datasets, polars, pyarrow.parquet, torch  # imported once, before the forks
+from crowstream.reading import loader, readers  # noqa: F401
 
-out, cache, module = sys.argv[1:4]
+module = sys.argv[1]
 
 def digest(*columns):
     h = hashlib.sha256()
@@ -68,23 +72,51 @@ def verify():
     cs.verify(out)
     return "intact"
 
-results = {}
-for name, read in [("verify", verify), ("info", info), ("stream", stream), ("load", load),
-                   ("scan", scan), ("docs", docs)]:
-    try:
-        results[name] = read()
-    except Exception as error:
-        results[name] = f"error {type(error).__name__}"
-print(json.dumps(results))
+def read_every_way():
+    results = {}
+    for name, read in [("verify", verify), ("info", info), ("stream", stream), ("load", load),
+                       ("scan", scan), ("docs", docs)]:
+        try:
+            results[name] = read()
+        except Exception as error:
+            results[name] = f"error {type(error).__name__}"
+    return results
+
+for line in sys.stdin:
+    out, cache = json.loads(line)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout is the answer channel
+        signal.alarm(300)  # a hung reader dies and fails its case
+        os.write(w, json.dumps(read_every_way()).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as answer:
+        results = answer.read().decode()
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"status": status, "results": results}), flush=True)
 """
 
 
-def read_all(out, cache) -> dict:
-    done = subprocess.run([sys.executable, "-c", READERS, str(out), str(cache), MODULE],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert done.returncode == 0, f"a reader crashed the process (exit {done.returncode}): {done.stderr[-2000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def reader_server():
+    server = subprocess.Popen([sys.executable, "-c", READERS, MODULE], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    def read_all(out, cache) -> dict:
+        server.stdin.write(json.dumps([str(out), str(cache)]) + "\n")
+        server.stdin.flush()
+        answer = json.loads(server.stdout.readline())
+        assert answer["status"] == 0, f"a reader crashed the process (status {answer['status']})"
+        return json.loads(answer["results"])
+
+    yield read_all
+    server.stdin.close()
+    server.wait(timeout=60)
+    server.stdout.close()
 
 
 def cases():
@@ -100,14 +132,14 @@ CASES = list(cases())
 
 
 @pytest.fixture(scope="module")
-def intact(gpt2_dir, tmp_path_factory):
+def intact(gpt2_dir, tmp_path_factory, reader_server):
     from conftest import python_paragraphs
 
     root = tmp_path_factory.mktemp("fuzz")
     out = root / "out"
     cs.capture(gpt2_dir, python_paragraphs(16), [MODULE], out, shard_size=8, store_text=True,
                progress=False)
-    return out, read_all(out, root / "cache")
+    return out, reader_server(out, root / "cache")
 
 
 def damage(intact_out, root, name, target, kind, where, xor):
@@ -127,22 +159,24 @@ def damage(intact_out, root, name, target, kind, where, xor):
 
 
 @pytest.fixture(scope="module")
-def outcomes(intact, tmp_path_factory):
-    """Every case's reader results, the subprocesses run a few at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def outcomes(intact, tmp_path_factory, reader_server):
+    """Every case's reader results (or the crash of its reader process, raised by the case)."""
     root = tmp_path_factory.mktemp("fuzz-cases")
     damaged = {case[0]: damage(intact[0], root, *case) for case in CASES}
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(read_all, out, root / f"cache-{i}")
-                   for i, (name, (out, _)) in enumerate(damaged.items())}
-    return {name: (future.result, damaged[name][1]) for name, future in futures.items()}
+    found = {}
+    for i, (name, (out, unchanged)) in enumerate(damaged.items()):
+        try:
+            found[name] = reader_server(out, root / f"cache-{i}"), unchanged
+        except AssertionError as crash:  # raised by that case's test
+            found[name] = crash, unchanged
+    return found
 
 
 @pytest.mark.parametrize("name", [case[0] for case in CASES])
 def test_damage_is_reported_and_never_read_silently(intact, outcomes, name):
-    result_of, unchanged = outcomes[name]
-    results = result_of()  # re-raises a crashed reader process as this case's failure
+    results, unchanged = outcomes[name]
+    if isinstance(results, AssertionError):  # its reader process crashed
+        raise results
     if unchanged:
         pytest.skip("the flip turned whitespace into whitespace: the manifest is unchanged")
     assert results["verify"] != "intact", f"verify missed {name}"

@@ -305,3 +305,27 @@ def test_argument_errors(small):
     with pytest.raises(ConfigError, match="shuffle_buffer must be"):
         cs.stream(small, "synthetic", shuffle_buffer=-1)
     assert isinstance(cs.stream(small, "synthetic"), (Stream, torch.utils.data.IterableDataset))
+
+
+def test_each_epoch_visits_the_row_groups_in_a_new_order(small):
+    """The per-epoch permutation of row groups across files: with a pool smaller than a
+    row group, the order in which rows of each file first appear is the reading order.
+    Without the permutation it would be file order in every epoch."""
+    files = sorted(Catalog(small).module("synthetic").paths)
+    file_of = {}
+    for i, path in enumerate(files):
+        table = pq.read_table(path, columns=["doc_id", "position"])
+        for key in table["doc_id"].to_numpy() * DOC_TOKENS + table["position"].to_numpy():
+            file_of[int(key)] = i
+    assert len(files) == 5 and all(pq.ParquetFile(f).num_row_groups == 1 for f in files)
+
+    def visit_order(epoch):
+        stream = cs.stream(small, "synthetic", batch_size=500, shuffle_buffer=500, seed=7,
+                           columns=("doc_id", "position"))
+        stream.set_epoch(epoch)
+        seen = [file_of[int(k)] for k in np.concatenate(keys_of(stream))]
+        return tuple(dict.fromkeys(seen))  # files in order of first appearance
+
+    orders = [visit_order(epoch) for epoch in range(4)]
+    assert all(sorted(order) == list(range(5)) for order in orders)
+    assert len(set(orders)) >= 3 and orders[0] != tuple(range(5)), orders

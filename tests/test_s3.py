@@ -225,11 +225,12 @@ def test_interrupt_names_the_url_and_a_second_capture_is_refused(gpt2, docs, ser
     assert capture(gpt2, docs, url, storage_options=server, resume=True).manifest.status == "complete"
 
 
-def test_overwrite_replaces_the_bucket_output_and_stats_and_cli_read_it(gpt2, docs, local, server):
+def test_overwrite_replaces_the_bucket_output_and_stats_and_cli_read_it(gpt2, docs, local, server,
+                                                                        bucket_out):
     import glob
     import tempfile
 
-    url = "s3://bucket/run"  # written by the bucket_out fixture's capture
+    url = bucket_out  # its own fixture, so the test also passes alone
     spools = set(glob.glob(os.path.join(tempfile.gettempdir(), "crowstream-spool-*")))
     fs = s3fs.S3FileSystem(**server)
     fs.pipe("bucket/overwrite/data/stray.parquet", b"not ours")

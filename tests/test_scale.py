@@ -364,7 +364,10 @@ def test_the_budget_makes_the_forward_wait_and_admits_an_oversized_batch_alone()
     admitted = threading.Event()
     waiter = threading.Thread(target=lambda: (budget.acquire(60), admitted.set()))
     waiter.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not budget._changed._waiters:  # poll until the waiter is blocked in acquire
+        assert time.monotonic() < deadline, "the second acquire never waited"
+        time.sleep(0.001)
     assert not admitted.is_set()  # 120 > 100: waits
     budget.settle(60, resident_change=10)  # written; 10 bytes stay in a row-group buffer
     waiter.join(2)
@@ -479,7 +482,7 @@ def test_batches_reach_batch_size_when_the_token_budget_allows(gpt2, corpus):
     assert shard_size > 100  # a shard holds many batches, so sorting windows fill batches
     items = list(shard_stream([(0, list(enumerate(corpus[:100])))], tokenizing,
                               shard_size=shard_size, tokens_before=0))
-    sizes = [item.n_docs for item in items if isinstance(item, Batch)]
+    sizes = [item.n_pieces for item in items if isinstance(item, Batch)]
     assert sizes[:-1] == [32] * (len(sizes) - 1) and sum(sizes) == 100
 
 

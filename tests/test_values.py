@@ -269,7 +269,7 @@ def test_modules_listing_leaves_model_untouched(gpt2):
     listing = {name: (kind, shape) for name, kind, shape in cs.modules(model, tokenizer=tokenizer)}
     assert list(listing) == [name for name, _ in model.named_modules() if name]
     kind, shape = listing["transformer.h.0"]
-    assert kind == "GPT2Block" and len(shape) == 3 and shape[0] == 1 and shape[2] == 64
+    assert kind == "GPT2Block" and len(shape) == 3 and shape[0] == 2 and shape[2] == 64
     assert listing["transformer.h.1.mlp.c_fc"][1][2] == 256
     assert listing["transformer.h"][1] is None  # a ModuleList never runs
     assert_untouched(model, tokenizer, pad_token=None, padding_side="right")

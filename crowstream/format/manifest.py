@@ -16,6 +16,15 @@ from crowstream.schemas import validate_manifest
 from .files import dumps, now, read_json, write_atomic
 from .layout import FORMAT_VERSION, MANIFEST_NAME, manifest_path
 
+def _warn_mapping_access(key: str) -> None:
+    import warnings
+
+    warnings.warn(f"run.manifest[{key!r}] is deprecated (the manifest is a typed Manifest since "
+                  f"crowstream 0.2): use the attribute, run.manifest.{key} (or "
+                  f"run.manifest.to_json()[{key!r}] for the JSON form); mapping access goes "
+                  "away in 0.4.", DeprecationWarning, stacklevel=3)
+
+
 # -- the typed manifest ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +212,17 @@ class Manifest:
     @property
     def parts(self) -> list[Part]:
         return [part for shard in self.shards for part in shard.parts]
+
+    def __getitem__(self, key: str):
+        """Deprecated mapping access, for scripts written against 0.1's dict manifest
+        (`run.manifest["counts"]`): the JSON form of field `key`."""
+        _warn_mapping_access(key)
+        return self.to_json()[key]
+
+    def get(self, key: str, default=None):
+        """Deprecated, as `manifest[key]`."""
+        _warn_mapping_access(key)
+        return self.to_json().get(key, default)
 
     def module_parts(self, module: str) -> list[Part]:
         return [p for p in self.parts if p.kind == "module" and p.module == module]

@@ -27,6 +27,7 @@ from .layout import (
     record_path,
     staging_path,
 )
+from .files import fsync_dir
 from .manifest import Manifest
 from .records import consolidated, move_into_place
 
@@ -178,6 +179,7 @@ def create_out(out: str, mode: str) -> None:
     try:
         for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
+        fsync_dir(out)  # the new directories themselves are durable
     except OSError as error:
         raise OutputError(f"cannot create OUT {out!r}: {error}. Choose a writable path.") from error
 

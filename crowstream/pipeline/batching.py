@@ -37,7 +37,7 @@ class Batch:
     shard: int = 0                # the shard this batch belongs to
 
     @property
-    def n_docs(self) -> int:
+    def n_pieces(self) -> int:
         """Pieces (documents or chunks) in this batch."""
         return len(self.piece_starts)
 
@@ -53,14 +53,14 @@ class Batch:
 
     def split(self) -> tuple[Batch, Batch]:
         """Two half-size batches with the same rows (used to back off on OOM)."""
-        half = self.n_docs // 2
+        half = self.n_pieces // 2
         lengths = self.attention_mask.sum(1).numpy()
         ids = self.input_ids.numpy()
         keep = np.zeros(ids.size, dtype=bool)
         keep[self.keep_index.numpy()] = True
         keep = keep.reshape(ids.shape)
         halves = []
-        for rows in (slice(0, half), slice(half, self.n_docs)):
+        for rows in (slice(0, half), slice(half, self.n_pieces)):
             width = int(lengths[rows].max())
             halves.append(dataclasses.replace(
                 _assemble(ids[rows, :width], lengths[rows], keep[rows, :width],

@@ -2,7 +2,8 @@
 pipeline runs and `benchmarks/commits.py` times. Its steps, in order:
 
 1. **stage**: every part file of the shard (each module's, and the docs part) is closed
-   and fsynced in `.tmp/` at its `layout.staging_path` (done by the caller);
+   and fsynced in `.tmp/` at its `layout.staging_path` (done by the caller); `.tmp/`
+   itself is fsynced here, so the record never lists a file a power cut could lose;
 2. **statistics**: the shard's partial statistics go to `commits/shard-<k>.stats.parquet`;
 3. **fence**: `Output.check_fence` refuses a writer that no longer owns the run;
 4. **record**: `commits/shard-<k>.json` is written atomically. From here on the shard
@@ -17,6 +18,10 @@ forward. The bytes written do not depend on how many shards came before (O(1) co
 
 from __future__ import annotations
 
+import os
+
+from crowstream.format.files import fsync_dir
+from crowstream.format.layout import TMP_DIR
 from crowstream.format.manifest import ShardRecord
 from crowstream.format.records import write_record_json, write_stats_file
 
@@ -24,6 +29,7 @@ from crowstream.format.records import write_record_json, write_stats_file
 def commit_shard(output, run_id: str, record: ShardRecord, stats: dict) -> ShardRecord:
     """Commit shard `record` (its parts staged) with `stats` (module -> `ModuleStats`) to
     `output` (a `pipeline.output.Output`). -> the record as published."""
+    fsync_dir(os.path.join(output.path, TMP_DIR))             # 1. stage (the directory)
     record = write_stats_file(output.path, record, stats)   # 2. statistics
     output.check_fence()                                      # 3. fence
     write_record_json(output.path, run_id, record)            # 4. record

@@ -204,18 +204,27 @@ def resolve_context_size(context_size, model, tokenizer) -> int:
 def modules(model, *, tokenizer=None, device=None, trust_remote_code: bool = False):
     """List every capturable module of `model` as `(name, type, output shape)` tuples.
 
-    The shape comes from a probe forward on a two-token input (`None` for modules that
-    did not run or returned no tensor); `[batch, seq, d]` modules are what `capture`
-    can record. Names are what `capture(modules=...)` accepts.
+    The shape comes from a probe forward of 2 short sequences: a `(2, seq, d)` tuple for
+    the modules `capture` can record (one d-vector per token of each sequence); a string
+    for the others (their output's shape or type and why not: e.g. GPT-2's
+    `transformer.wpe` returns one row for the whole batch); `None` for modules that did
+    not run. Names are what `capture(modules=...)` accepts.
 
     >>> for name, kind, shape in crowstream.modules("gpt2"):  # doctest: +SKIP
     ...     print(name, kind, shape)
-    transformer.h.0 GPT2Block (1, 2, 768)
+    transformer.h.0 GPT2Block (2, 6, 768)
     """
-    from crowstream.pipeline.tracing import probe_shapes
+    from crowstream.pipeline.tracing import probe_ids, capturable, probe_shapes
 
     model, tokenizer = load_model(model, tokenizer, device=device,
                                   trust_remote_code=trust_remote_code)
     shapes = probe_shapes(model, tokenizer)
-    return [(name, type(module).__name__, shapes.get(name))
+    tokens = probe_ids(tokenizer, model).shape[1]
+
+    def shown(shape):
+        if shape is None or isinstance(shape, str) or capturable(shape, tokens):
+            return shape
+        return f"{shape}: not one vector per token of each sequence"
+
+    return [(name, type(module).__name__, shown(shapes.get(name)))
             for name, module in model.named_modules() if name]

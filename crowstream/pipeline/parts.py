@@ -272,6 +272,11 @@ class ShardParts:
         self.closing.append(lane.submit(self._finish, part))
         self._open = None
 
+    @property
+    def paths(self) -> list:
+        """Every file this shard's parts have created in `.tmp/`."""
+        return [part.tmp_path for part in self._made]
+
     def close(self) -> list:
         """Close the open file (or write the shard's one empty file); -> every file's
         Future of its `PartInfo`, in seq order."""

@@ -269,7 +269,7 @@ class Session:
 
     def _forward(self, batch):
         """-> [(batch, captured)]: one entry, or several after backing off on OOM."""
-        if self.oom_cap is not None and batch.n_docs > self.oom_cap:
+        if self.oom_cap is not None and batch.n_pieces > self.oom_cap:
             first, second = batch.split()
             return self._forward(first) + self._forward(second)
         try:
@@ -277,17 +277,17 @@ class Session:
         except Exception as error:
             if not is_oom(error):
                 raise
-            if batch.n_docs == 1:
+            if batch.n_pieces == 1:
                 raise OutOfMemory(f"out of memory on a single document of {batch.input_ids.shape[1]} "
                                   "tokens; lower --context-size (or use overflow='chunk' with a "
                                   "smaller one), or use a device with more memory.") from error
         # Out of the except block: its traceback no longer holds the failed forward's
         # frames, so collecting now really frees that batch's tensors before the retry.
         release_cached_memory()
-        self.oom_cap = batch.n_docs // 2
+        self.oom_cap = batch.n_pieces // 2
         log.warning("out of memory at a batch of %d documents; retrying with at most %d "
                     "(pass a smaller --batch-size or --max-batch-tokens to avoid this)",
-                    batch.n_docs, self.oom_cap)
+                    batch.n_pieces, self.oom_cap)
         return self._forward(batch)
 
     def _record_failure(self, error: BaseException, writers) -> None:

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from crowstream.format.files import fsync_dir
 from crowstream.format.layout import TMP_DIR, TOKENIZER_DIR, VOCAB_NAME
 from crowstream.schemas import docs_schema, vocab_schema
 
@@ -38,9 +39,17 @@ def write_vocab(out: str, tokenizer) -> None:
     tmp = os.path.join(out, TMP_DIR, VOCAB_NAME)
     write_table(tmp, table)
     os.replace(tmp, os.path.join(out, VOCAB_NAME))
+    fsync_dir(out)
 
 
 def write_tokenizer(out: str, tokenizer) -> None:
     """OUT/tokenizer/: the tokenizer's own files (save_pretrained), so the docs table's
     token ids decode exactly (byte-level BPE, WordPiece) without the model directory."""
-    tokenizer.save_pretrained(os.path.join(out, TOKENIZER_DIR))
+    path = os.path.join(out, TOKENIZER_DIR)
+    tokenizer.save_pretrained(path)
+    for name in os.listdir(path):  # durable before the manifest that points at them
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), "rb+") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+    fsync_dir(out)

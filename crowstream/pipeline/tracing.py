@@ -37,8 +37,9 @@ class Captured:
 
     `vectors[name]` is `[N, d]` in the stored dtype, or in the model's bf16/fp16 when
     float32 is stored (upcast by `rows` on the writer thread: half the device memory and
-    copy bytes). `peaks[name]` is the largest magnitude before a float16 cast (checked by
-    `rows`); `clamped[name]` counts values clamped to float16's range.
+    copy bytes). `peaks[name]` is the largest finite-or-infinite magnitude before a float16
+    cast, NaN ignored (see `check_float16`); `clamped[name]` counts values clamped to
+    float16's range.
     """
 
     vectors: dict[str, torch.Tensor]
@@ -53,15 +54,7 @@ class Captured:
             event.synchronize()
 
     def rows(self, name: str, dtype: torch.dtype) -> np.ndarray:
-        """[N, d] as stored; raises Float16OverflowError if the float16 cast overflowed."""
-        peak = self.peaks.get(name)
-        if peak is not None and not float(peak) <= FLOAT16_MAX:
-            raise Float16OverflowError(
-                f"module {name!r} has values of magnitude up to {float(peak):.6g}, beyond "
-                f"float16's range (±{FLOAT16_MAX:g}), so they cannot be stored as float16. "
-                "Store float32 instead (dtype='float32' / --dtype float32, in a new OUT or with "
-                "--overwrite), or clamp them (float16_overflow='clamp' / --float16-overflow "
-                "clamp, which --resume accepts).")
+        """[N, d] as stored (on the host, in `dtype`)."""
         vectors = self.vectors[name]
         return vectors.to(dtype).numpy() if vectors.dtype != dtype else vectors.numpy()
 
@@ -76,6 +69,19 @@ class Captured:
         buffer = self.buffers.pop(name, None)
         if buffer is not None and self.pool is not None:
             self.pool.give(buffer)
+
+
+def check_float16(name: str, peak) -> None:
+    """Raise Float16OverflowError if `peak` (the largest magnitude of rows about to be cast
+    to float16, NaN ignored) is beyond float16's range. NaN is not an overflow: it is
+    stored as NaN and counted as non-finite, as with float32."""
+    if peak is not None and float(peak) > FLOAT16_MAX:
+        raise Float16OverflowError(
+            f"module {name!r} has values of magnitude up to {float(peak):.6g}, beyond "
+            f"float16's range (±{FLOAT16_MAX:g}), so they cannot be stored as float16. "
+            "Store float32 instead (dtype='float32' / --dtype float32, in a new OUT or with "
+            "--overwrite), or clamp them (float16_overflow='clamp' / --float16-overflow "
+            "clamp, which --resume accepts).")
 
 
 class PinnedPool:
@@ -209,7 +215,7 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     handles += [m.register_forward_pre_hook(pre_hook(n), with_kwargs=True)
                 for n, m in inputs.items()]
     try:
-        ids = _probe_ids(tokenizer, model)
+        ids = probe_ids(tokenizer, model)
         with torch.inference_mode(), eval_mode(model):
             model(input_ids=ids, attention_mask=torch.ones_like(ids), **_no_cache(model))
     finally:
@@ -218,11 +224,15 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     return seen
 
 
-def _probe_ids(tokenizer, model) -> torch.Tensor:
+PROBE_ROWS = 2  # a module whose output keeps batch size 1 (position embeddings) shows
+
+
+def probe_ids(tokenizer, model) -> torch.Tensor:
+    """[PROBE_ROWS, T] token ids of a short text (the rows differ: the second is reversed)."""
     ids = tokenizer("Hello world, hello probe.", add_special_tokens=True)["input_ids"][:8]
     if len(ids) < 2:
         ids = list(ids) + [tokenizer.eos_token_id or 0] * (2 - len(ids))
-    return torch.tensor([ids], device=input_device(model))
+    return torch.tensor([ids, ids[::-1]], device=input_device(model))
 
 
 def _describe(output):
@@ -265,14 +275,15 @@ class ModelTracer:
     """
 
     def __init__(self, model, tokenizer, module_names: list[str], dtype: str,
-                 float16_overflow: str = "error", pinned_bytes: int = 1 << 30):
+                 float16_overflow: str = "error", inflight_bytes: int = 1 << 30):
         self.model = model
         self.dtype = getattr(torch, dtype)
         self.float16_overflow = float16_overflow
         self.device = input_device(model)
-        self.pool = PinnedPool(pinned_bytes // 4) if self.device.type == "cuda" else None
+        # pinned buffers kept for reuse: a quarter of the in-flight budget
+        self.pool = PinnedPool(inflight_bytes // 4) if self.device.type == "cuda" else None
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
-        tokens = _probe_ids(tokenizer, model).shape[1]
+        tokens = probe_ids(tokenizer, model).shape[1]
         self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
                      for name in module_names}
         self.types = {name: type(model.get_submodule(base_module(name))).__name__
@@ -320,8 +331,8 @@ class ModelTracer:
         with torch.inference_mode():
             kept, peaks, clamped = self._trace(ids, mask, index)
         gc.collect(1)  # a stopped trace leaves cycles holding its frames; young gen suffices
-        if not on_cuda:
-            return Captured(kept, peaks=peaks, clamped=clamped)
+        if not on_cuda:  # CPU, or an accelerator (MPS, XPU) copied synchronously
+            return Captured(on_cpu(kept), peaks=on_cpu(peaks), clamped=on_cpu(clamped))
         host, buffers = {}, {}
         for name, rows in kept.items():
             host[name], buffers[name] = self.pool.take(rows.shape, rows.dtype)
@@ -350,12 +361,12 @@ class ModelTracer:
                 # [B, T, d] -> [N_kept, d], cast on the output's device before the copy
                 rows = value.reshape(-1, value.shape[-1]).index_select(0, index.to(value.device))
                 if dtype == torch.float16 and rows.dtype != torch.float16:
-                    if clamp:  # counted and clamped on the device, in the model's dtype
+                    if clamp:  # on the device, in float32: bf16 rounds 65504 up to 65536
+                        rows = rows.float()
                         clamped[name] = nnsight.save((rows.abs() > FLOAT16_MAX).sum())
                         rows = rows.clamp(-FLOAT16_MAX, FLOAT16_MAX)
                     else:  # checked on the writer thread: no device sync here
-                        peaks[name] = nnsight.save(rows.abs().amax() if rows.numel() else
-                                                   rows.new_zeros(()))
+                        peaks[name] = nnsight.save(_peak(rows))
                 if rows.dtype != dtype and not _upcast_on_host(rows.dtype, dtype):
                     rows = rows.to(dtype)
                 kept[name] = nnsight.save(rows)
@@ -363,9 +374,21 @@ class ModelTracer:
         return kept, peaks, clamped
 
 
+def _peak(rows: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in `rows` (0-d, on their device), NaN ignored; infinities kept."""
+    if not rows.numel():
+        return rows.new_zeros(())
+    return rows.abs().nan_to_num_(nan=0.0, posinf=float("inf")).amax()
+
+
 def _upcast_on_host(have: torch.dtype, want: torch.dtype) -> bool:
     """16-bit rows stored as float32 travel in 16 bits and are upcast on the host."""
     return want == torch.float32 and have in (torch.bfloat16, torch.float16)
+
+
+def on_cpu(tensors: dict) -> dict:
+    """`tensors` with each one not on the CPU copied there (`.numpy()` needs host memory)."""
+    return {name: t if t.device.type == "cpu" else t.cpu() for name, t in tensors.items()}
 
 
 def _to_host(scalars: dict) -> dict:
@@ -391,10 +414,17 @@ def _wrapper_class():
     return Wrapped
 
 
+def capturable(shape, tokens: int) -> bool:
+    """Whether a probe output of `shape` (from `PROBE_ROWS` rows of `tokens` tokens) is one
+    d-vector per token of each row, the only thing crowstream stores."""
+    return isinstance(shape, tuple) and shape[:2] == (PROBE_ROWS, tokens) and len(shape) == 3
+
+
 def _check_shape(name: str, shape, model, tokens: int) -> int:
-    """-> d for a module whose probe output is `[1, tokens, d]`; anything else (no output,
-    not a tensor, another rank, or a changed sequence length) is refused."""
-    if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1 and shape[1] == tokens:
+    """-> d for a module whose probe output is `[PROBE_ROWS, tokens, d]`; anything else (no
+    output, not a tensor, another rank, one row for the whole batch, or a changed sequence
+    length) is refused."""
+    if capturable(shape, tokens):
         return int(shape[-1])
     is_input = name != base_module(name)
     children = [n for n, _ in model.named_modules() if n.startswith(base_module(name) + ".")][:5]
@@ -405,7 +435,12 @@ def _check_shape(name: str, shape, model, tokens: int) -> int:
                                 f"{'input' if is_input else 'output'} to capture (containers "
                                 f"such as ModuleList never run).{hint}")
     verb = "receives" if is_input else "returns"
-    if isinstance(shape, tuple) and len(shape) == 3 and shape[0] == 1:
+    if isinstance(shape, tuple) and len(shape) == 3 and shape[0] != PROBE_ROWS:
+        raise ModuleOutputError(f"module {name!r} {verb} {shape} for a batch of {PROBE_ROWS} "
+                                "sequences: one row shared by the whole batch (as position "
+                                "embeddings are), not one per document, so its rows cannot be "
+                                f"matched to documents.{hint}")
+    if isinstance(shape, tuple) and len(shape) == 3:
         raise ModuleOutputError(f"module {name!r} {verb} {shape} for an input of {tokens} tokens: "
                                 "it changes the sequence length, so its rows cannot be matched "
                                 f"to tokens.{hint}")

@@ -7,11 +7,13 @@ byte between the forward and the disk.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from concurrent.futures import CancelledError
 
 from crowstream.format.layout import (DOCS_DIR, FORMAT_VERSION, model_id, module_dir, part_name,
-                                      staging_path)
+                                      record_path, staging_path)
 from crowstream.format.manifest import Part, ShardRecord
 from crowstream.format.statistics import ModuleStats, merged_stats
 from crowstream.schemas import part_schema
@@ -21,6 +23,8 @@ from .options import CaptureConfig
 from .parts import ENCODER_BYTES, ShardParts, encoder_slots, row_bytes, write_table
 from .tables import docs_table
 from .threads import ByteBudget, EncoderPool, Worker
+
+log = logging.getLogger("crowstream")
 
 
 class Writers:
@@ -49,6 +53,8 @@ class Writers:
         self.parts: dict = {}            # module -> ShardParts of the open shard (dispatchers)
         self.closing: dict = {}          # (module, shard) -> ShardParts closed, not committed
         self.shard_stats: dict = {}      # module -> ModuleStats of the open shard (its lane)
+        self.staged: dict = {}           # shard -> its files closed in .tmp/, until committed
+        self._staged_lock = threading.Lock()
         # committed so far (committer thread only): records, and their statistics merged
         # in shard order, so a resumed run's totals equal an uninterrupted run's exactly
         self.shards = list(committed.shards)
@@ -56,7 +62,9 @@ class Writers:
         self.bytes_written = 0  # by this run (a resume starts again from zero)
 
     def admit(self, batch) -> None:
-        """Wait until `batch`'s kept rows fit in the in-flight budget, then count them."""
+        """Wait until `batch`'s kept rows fit in the in-flight budget, then count them.
+        A background failure is raised at once, before another forward is spent."""
+        self.check()
         rows = len(batch.keep_index)
         self.budget.acquire(rows * sum(self.row_cost.values()), check=self.check)
 
@@ -79,11 +87,13 @@ class Writers:
         import torch
 
         from .flatten import to_record_batch
+        from .tracing import check_float16
 
         done = _Countdown(lambda: (captured.release(name), self.budget.settle(charge)))
         futures: list = []
         try:
             captured.wait()
+            check_float16(name, captured.peaks.get(name))
             vectors = captured.rows(name, getattr(torch, self.config.dtype))  # [N, d]
             parts = self._part(name, shard)
             futures += parts.write(to_record_batch(batch.doc_ids, batch.positions, batch.tokens,
@@ -110,6 +120,7 @@ class Writers:
         infos = parts.close()
         self.closing[(name, shard)] = parts  # until committed: abort deletes its files
         del self.parts[name]
+        self._stage(shard, parts.paths)
         stats = self.shard_stats.pop(name, None) or ModuleStats(self.dims[name])
         return infos, self.stats_lanes[name].submit(lambda: stats)
 
@@ -131,6 +142,7 @@ class Writers:
             self.pool.check()
             raise
         docs_rel = f"{DOCS_DIR}/{part_name(self.rank, end.index)}"
+        self._stage(end.index, [staging_path(self.out, docs_rel)])
         docs_info = write_table(staging_path(self.out, docs_rel), docs_table(end))
         parts = [Part(path=docs_rel, bytes=docs_info.bytes, sha256=docs_info.sha256,
                       kind="docs", rows=docs_info.rows)]
@@ -146,6 +158,8 @@ class Writers:
         record = commit_shard(self.output, self.run_id, record, stats)
         for name in futures:
             self.closing.pop((name, end.index), None)
+        with self._staged_lock:
+            self.staged.pop(end.index, None)
         self.shards.append(record)  # counted from here on, as on disk
         for module, shard_stats in stats.items():
             self.stats[module].merge(shard_stats)
@@ -178,6 +192,28 @@ class Writers:
         self.committer.close()  # its last commit waits on the pool, so it ends first
         self.pool.close()
         self._abort_unfinished()
+
+        self._discard_staged()
+
+    def _stage(self, shard: int, paths: list) -> None:
+        with self._staged_lock:
+            self.staged.setdefault(shard, []).extend(paths)
+
+    def _discard_staged(self) -> None:
+        """Delete the closed files of shards whose commit failed or never ran (the bytes a
+        full disk needs back). A shard whose record was written keeps them: a resume rolls
+        it forward."""
+        for shard, paths in self.staged.items():
+            if os.path.exists(os.path.join(self.out, record_path(shard))):
+                continue
+            for path in paths:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as error:  # the failure that stopped the run matters more
+                    log.warning("could not remove the uncommitted file %s: %s", path, error)
+        self.staged.clear()
 
 
 class _Countdown:

@@ -1,0 +1,249 @@
+"""The nine defects found reading the hot path (issue 15), a regression test each: float16
+clamping, NaN and negative overflow; modules that keep batch size 1; numpy integers as
+options; rows on a non-CUDA accelerator; no thread leaked by an error before the loop; no
+closed part left in `.tmp/` by a failed commit (and the directories fsynced); a writer
+failure noticed before the next forward. Checked against the code before each fix: 1, 2, 4,
+6, 8 and 9 fail there; 5 and 7 were fixed earlier in the 0.3 refactor; 3 fails when `abs()`
+is removed from the overflow check."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import crowstream as cs
+from crowstream import errors
+from crowstream.pipeline.tracing import ModelTracer, on_cpu
+from crowstream.pipeline.writers import Writers
+from helpers import manifest_of, patch_everywhere, read_rows
+
+MODULE = "transformer.wte"  # the embedding: a token's row is exactly what we set
+KW = dict(shard_size=4, batch_size=4, progress=False)
+N = 12
+
+
+def hot_model(gpt2_dir, corpus, values, dtype=torch.float32):
+    """The tiny GPT-2 (in `dtype`) with the embedding of a token of the first document set
+    to `values` ([d] or a scalar); -> (model, tokenizer, times the token occurs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir, torch_dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    ids = [tokenizer(text, truncation=True, max_length=64)["input_ids"] for text in corpus[:N]]
+    token = ids[0][0]
+    with torch.no_grad():
+        model.transformer.wte.weight[token] = torch.as_tensor(values, dtype=torch.float32).to(dtype)
+    return model, tokenizer, sum(row.count(token) for row in ids)
+
+
+def run(model, tokenizer, corpus, out, **kw):
+    return cs.capture(model, corpus[:N], [MODULE], str(out), tokenizer=tokenizer, **{**KW, **kw})
+
+
+def strict_json(path) -> dict:
+    def refuse(constant):
+        raise AssertionError(f"{constant} in {path}")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+# 1. bf16 + float16 + clamp -------------------------------------------------------------------
+
+def test_bf16_model_clamped_to_float16_stores_65504_not_inf(gpt2_dir, corpus, tmp_path):
+    values = torch.full((64,), 1e5)
+    values[32:] = -1e5  # both signs
+    model, tokenizer, hits = hot_model(gpt2_dir, corpus, values, torch.bfloat16)
+    run(model, tokenizer, corpus, tmp_path / "out", dtype="float16", float16_overflow="clamp")
+    *_, vectors = read_rows(str(tmp_path / "out"))[MODULE]
+    assert np.isfinite(vectors).all()  # 0.2 clamped in bf16: 65504 -> 65536 -> inf
+    assert (vectors == np.float16(65504)).sum() == 32 * hits
+    assert (vectors == np.float16(-65504)).sum() == 32 * hits
+    stats = manifest_of(tmp_path / "out").stats[MODULE]
+    assert (stats.clamped, stats.nonfinite) == (64 * hits, 0)
+
+
+# 2. NaN with float16 storage -----------------------------------------------------------------
+
+def test_nan_stored_as_float16_is_counted_non_finite_not_an_overflow(gpt2_dir, corpus, tmp_path):
+    values = torch.zeros(64)
+    values[0] = float("nan")
+    model, tokenizer, hits = hot_model(gpt2_dir, corpus, values)
+    run(model, tokenizer, corpus, tmp_path / "out", dtype="float16")
+    *_, vectors = read_rows(str(tmp_path / "out"))[MODULE]
+    assert np.isnan(vectors).sum() == hits
+    assert manifest_of(tmp_path / "out").stats[MODULE].nonfinite == hits
+    strict_json(tmp_path / "out" / "crowstream.json")
+
+
+def test_nan_does_not_hide_an_overflow_beside_it(gpt2_dir, corpus, tmp_path):
+    values = torch.zeros(64)
+    values[0], values[1] = float("nan"), 1e5  # amax alone would answer NaN
+    model, tokenizer, _ = hot_model(gpt2_dir, corpus, values)
+    with pytest.raises(errors.Float16OverflowError, match=r"magnitude up to 100000,"):
+        run(model, tokenizer, corpus, tmp_path / "out", dtype="float16")
+
+
+# 3. a negative overflow ----------------------------------------------------------------------
+
+def test_negative_float16_overflow_is_refused_and_clamped(gpt2_dir, corpus, tmp_path):
+    model, tokenizer, hits = hot_model(gpt2_dir, corpus, -1e5)
+    with pytest.raises(errors.Float16OverflowError,
+                       match=rf"^module '{MODULE}' has values of magnitude up to 100000, beyond"):
+        run(model, tokenizer, corpus, tmp_path / "error", dtype="float16")
+    run(model, tokenizer, corpus, tmp_path / "clamp", dtype="float16", float16_overflow="clamp")
+    *_, vectors = read_rows(str(tmp_path / "clamp"))[MODULE]
+    assert (vectors == np.float16(-65504)).sum() == 64 * hits and vectors.max() < 65504
+
+
+# 4. modules whose output keeps batch size 1 --------------------------------------------------
+
+def test_module_shared_by_the_batch_is_refused_before_anything_is_written(gpt2, tmp_path):
+    model, tokenizer = gpt2
+    with pytest.raises(errors.ModuleOutputError,
+                       match=r"^module 'transformer\.wpe' returns \(1, \d+, 64\) for a batch of 2 "
+                             r"sequences: one row shared by the whole batch"):
+        cs.capture(model, ["one doc", "another doc"], "transformer.wpe", str(tmp_path / "out"),
+                   tokenizer=tokenizer, progress=False)
+    assert os.listdir(tmp_path) == []
+    listing = {name: shape for name, _, shape in cs.modules(model, tokenizer=tokenizer)}
+    assert isinstance(listing["transformer.wpe"], str) and "not one vector per token" in \
+        listing["transformer.wpe"]
+    assert isinstance(listing["transformer.wte"], tuple)
+
+
+# 5. numpy integers as options ----------------------------------------------------------------
+
+def test_numpy_integers_are_accepted_and_the_manifest_is_json(gpt2, corpus, tmp_path):
+    model, tokenizer = gpt2
+    excluded = tokenizer(corpus[0])["input_ids"][:2]
+    result = cs.capture(model, corpus[:6], [MODULE], str(tmp_path / "out"), tokenizer=tokenizer,
+                        context_size=np.int64(32), batch_size=np.int32(4),
+                        shard_size=np.int64(3), max_docs=np.uint16(6),
+                        exclude_token_ids=[np.int64(t) for t in excluded], progress=False)
+    manifest = strict_json(tmp_path / "out" / "crowstream.json")
+    assert manifest["status"] == "complete" and manifest["config"]["context_size"] == 32
+    assert manifest["config"]["exclude_token_ids"] == excluded
+    _, _, tokens, _ = read_rows(result.path)[MODULE]
+    assert not np.isin(tokens, excluded).any()
+
+
+# 6. rows on a non-CUDA accelerator -----------------------------------------------------------
+
+class _OnAccelerator:
+    """Stands for a tensor on an MPS/XPU device: `.numpy()` would fail, `.cpu()` copies."""
+
+    device = types.SimpleNamespace(type="xpu")
+
+    def __init__(self, value):
+        self.value = value
+
+    def cpu(self):
+        return self.value
+
+
+def test_rows_on_another_accelerator_are_copied_to_the_cpu():
+    rows, scalar = torch.ones(3, 2), torch.tensor(7)
+    moved = on_cpu({"a": _OnAccelerator(rows), "b": scalar})
+    assert moved["a"] is rows and moved["b"] is scalar  # on the CPU already: not copied
+    assert moved["a"].numpy().shape == (3, 2)
+
+
+# 7. an error before the loop -----------------------------------------------------------------
+
+def test_error_before_the_loop_leaks_no_thread_and_marks_the_run_failed(
+        gpt2, corpus, tmp_path, monkeypatch):
+    model, tokenizer = gpt2
+
+    def broken(self):
+        raise RuntimeError("nnsight could not wrap the model")
+
+    before = threading.active_count()
+    monkeypatch.setattr(ModelTracer, "__enter__", broken)
+    with pytest.raises(RuntimeError, match="could not wrap"):
+        run(model, tokenizer, corpus, tmp_path / "out")
+    assert threading.active_count() == before
+    assert manifest_of(tmp_path / "out").status == "failed"
+
+
+# 8. a failed commit leaves nothing closed in .tmp/; .tmp/ and tokenizer/ are fsynced --------
+
+def test_failed_commit_leaves_no_closed_part_in_tmp(gpt2, corpus, tmp_path, monkeypatch):
+    from crowstream.format.records import write_record_json
+
+    model, tokenizer = gpt2
+    calls = []
+
+    def full_on_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_record_json(*args)
+
+    patch_everywhere(monkeypatch, write_record_json, full_on_second)
+    out = tmp_path / "out"
+    with pytest.raises(errors.OutputError, match="^disk full"):
+        cs.capture(model, corpus[:N], [MODULE, "transformer.h.0"], str(out),
+                   tokenizer=tokenizer, **KW)
+    assert len(manifest_of(out).shards) == 1
+    assert os.listdir(out / ".tmp") == []  # 0.2 left the failed shard's closed parts here
+    monkeypatch.undo()
+    cs.capture(model, corpus[:N], [MODULE, "transformer.h.0"], str(out), tokenizer=tokenizer,
+               resume=True, **KW)
+    assert manifest_of(out).status == "complete"
+
+
+def test_tmp_and_tokenizer_directories_are_fsynced(gpt2, corpus, tmp_path, monkeypatch):
+    from crowstream.format.files import fsync_dir
+
+    synced = []
+
+    def record(path):
+        synced.append(os.path.normpath(path))
+        fsync_dir(path)
+
+    import crowstream.pipeline.run  # noqa: F401  (every module that binds it is imported)
+
+    patch_everywhere(monkeypatch, fsync_dir, record)
+    model, tokenizer = gpt2
+    run(model, tokenizer, corpus, tmp_path / "out")
+    out = tmp_path / "out"
+    assert {str(out / ".tmp"), str(out / "tokenizer"), str(out)} <= set(synced)
+
+
+# 9. a writer failure is noticed before the next forward -------------------------------------
+
+def test_writer_failure_is_raised_before_another_forward(gpt2, corpus, tmp_path, monkeypatch):
+    model, tokenizer = gpt2
+    forwards = []
+    real_run, real_admit = ModelTracer.run, Writers.admit
+
+    def counted(self, batch):
+        forwards.append(len(batch.keep_index))
+        return real_run(self, batch)
+
+    def failing(self, *args):
+        raise RuntimeError("encoder crashed")
+
+    def admit(self, batch):
+        if forwards:  # let the first batch's write fail on its thread before admitting
+            deadline = time.monotonic() + 10
+            while not any(w._error for w in self.workers.values()) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return real_admit(self, batch)
+
+    monkeypatch.setattr(ModelTracer, "run", counted)
+    monkeypatch.setattr(Writers, "_write_rows", failing)
+    monkeypatch.setattr(Writers, "admit", admit)
+    with pytest.raises(RuntimeError, match=r"crowstream-writer\[transformer\.wte\] failed: "
+                                           r"encoder crashed"):
+        run(model, tokenizer, corpus, tmp_path / "out", shard_size=N, batch_size=2)
+    assert len(forwards) == 1  # 0.2 ran one more forward before noticing
