@@ -42,10 +42,10 @@ run loader "$PYTHON" "$HERE/loader.py" "${TINY[@]}"
 
 echo "== crowstream on $DEVICE ($(nproc) cores); full logs in $LOGS"
 echo "-- throughput.py"
-grep -E "^\(|ratio|targets" "$LOGS/throughput.log" || true
+grep -E "^ *\(|ratio|targets" "$LOGS/throughput.log" || true
 echo "-- ceiling.py (to /dev/shm)"
 grep -E "encoder_threads=|\(a\)|\(b\)|ratio|speed-up|tokenizing" "$LOGS/ceiling.log" || true
 echo "-- loader.py"
-grep -E "^\(|rows/s|ratio" "$LOGS/loader.log" || true
+grep -E "^ *\(|rows/s|ratio" "$LOGS/loader.log" || true
 echo "-- wall time"
 cat "$LOGS/times.log"
