@@ -185,6 +185,7 @@ def main(argv=None) -> int:
         print(f"  capture's own increment (peak minus the high-water mark before capture): "
               f"{mib(added_small)} -> {mib(added_big)} ({(added_big - added_small) / 2**20:+,.1f} MiB "
               f"for {args.factor}x the documents)")
+        print_budget_floor()
         return 1 if (args.check and growth >= TARGET_GROWTH) else 0
     finally:
         for running in children.values():
@@ -192,6 +193,19 @@ def main(argv=None) -> int:
                 running.kill()
                 running.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_budget_floor() -> None:
+    """The smallest `max_inflight_bytes` the writers honour (a smaller one is raised to it
+    with a warning), and what the budget sets aside for the encoders by default."""
+    from crowstream.pipeline.options import default_inflight_bytes
+    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots, min_inflight_bytes
+
+    floors = ", ".join(f"{n} module(s) {mib(min_inflight_bytes(n))}" for n in (1, 4, 11, 32))
+    print(f"smallest budget the writers honour: {floors}")
+    default = default_inflight_bytes()
+    print(f"  default budget {mib(default)}: {encoder_slots(default)} encoder(s) x "
+          f"{mib(ENCODER_BYTES)} working memory set aside")
 
 
 if __name__ == "__main__":

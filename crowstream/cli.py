@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-inflight-bytes", type=_byte_size, metavar="BYTES",
                    help="bound on bytes between the forward and the disk, e.g. 512M or 4G "
                         "(default: min(2 GiB, 10%% of RAM))")
+    c.add_argument("--compression", choices=("zstd", "lz4", "none"), default="zstd",
+                   help="codec of the part files (default: zstd, level 1; see "
+                        "docs/performance.md)")
+    c.add_argument("--encoder-threads", type=int, metavar="N",
+                   help="threads encoding part files, shared by all modules; the output is "
+                        "the same whatever N (default: one per core)")
     c.add_argument("--shard-size", type=int,
                    help="documents per shard, the commit unit (default: enough for ~256k tokens)")
     c.add_argument("--exclude-special-tokens", action="store_true")
@@ -189,6 +195,7 @@ def _capture(args) -> None:
         max_docs=args.max_docs, max_tokens=args.max_tokens, sample=args.sample, seed=args.seed,
         dtype=args.dtype, float16_overflow=args.float16_overflow,
         max_inflight_bytes=args.max_inflight_bytes, shard_size=args.shard_size,
+        encoder_threads=args.encoder_threads, compression=args.compression,
         exclude_special_tokens=args.exclude_special_tokens, exclude_token_ids=args.exclude_token_ids,
         store_text=args.store_text, overwrite=args.overwrite, resume=args.resume,
         takeover=args.takeover, spool_dir=args.spool_dir,

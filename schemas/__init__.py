@@ -180,12 +180,18 @@ def vocab_schema() -> pa.Schema:
                       pa.field("special", pa.bool_(), nullable=False)])
 
 
-def parquet_options(dtype: str) -> dict:
+def parquet_options(dtype: str, compression: str | None = None) -> dict:
     """Keyword arguments for `pyarrow.parquet.ParquetWriter` of a module's part files whose
-    vectors are `dtype`, from rows.json (BYTE_STREAM_SPLIT on float32 only)."""
+    vectors are `dtype`, from rows.json (BYTE_STREAM_SPLIT on float32 only); `compression`
+    is one of rows.json's `compression_choices` (default: its `compression`)."""
     spec = rows_spec()["parquet"]
+    codec = compression or spec["compression"]
+    if codec not in spec["compression_choices"]:
+        raise ValueError(f"unknown compression {codec!r}")
+    base = {k: v for k, v in table_options().items() if not k.startswith("compression")}
     return {
-        **table_options(),
+        **base,
+        **spec["compression_choices"][codec],
         "use_byte_stream_split": spec["byte_stream_split"][dtype] or False,
         "use_dictionary": spec["dictionary"],
         "write_statistics": spec["statistics"],

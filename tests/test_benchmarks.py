@@ -76,7 +76,8 @@ def test_throughput_tiny_prints_every_number(tmp_path):
 @pytest.mark.slow
 def test_memory_tiny_prints_growth(tmp_path):
     out = _run("memory.py", tmp_path)
-    for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment"):
+    for line in ("1x:", "8x:", "peak RSS", "RSS growth 8x docs:", "capture's own increment",
+                 "smallest budget the writers honour: 1 module(s)", "working memory set aside"):
         assert line in out, f"missing {line!r} in:\n{out}"
     runs = {}
     for scale in (1, 8):
@@ -117,3 +118,46 @@ def test_loader_tiny_prints_every_number(tmp_path):
                  "stream/raw: rows/s", "resume cost:", "mixing P(two rows of a batch share",
                  "memory: peak RSS a stream adds", "targets:"):
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+def test_ceiling_tiny_prints_every_figure_and_the_right_rows(tmp_path):
+    import re
+
+    out = _run("ceiling.py", tmp_path)
+    for line in ("(t) tokenizing alone", "(a) crowstream.capture", "(b) one ParquetWriter",
+                 "(c) raw write+fsync", "CPU-s/GB ratio (a)/(b)", "wall-clock speed-up"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    lines = [line for line in out.splitlines() if "encoder_threads=" in line]
+    assert len(lines) == 2 * 2 * 2, out  # float32/16 x disk/shm x 1/2 encoder threads
+    assert all(line.endswith(": OK") for line in lines), out  # rows and bytes per row
+    assert "bytes per row 256 (expected 256)" in out and "bytes per row 128 (expected 128)" in out
+    figures = re.findall(r"([-\w.]+) (?:GB/s|CPU-s/GB|tokens/s)", out)
+    assert len(figures) >= 1 + 8 * 6 and "every figure finite: True" in out, out
+    assert not any(f in ("nan", "inf", "-inf") for f in figures), out
+
+
+def test_compression_tiny_prints_the_table_and_a_choice(tmp_path):
+    out = _run("compression.py", tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith(("minilm", "gpt2-random"))]
+    assert len(rows) >= 2 * 3 and all(len(line.split()) == 9 for line in rows), out
+    for line in rows:  # bytes per row below the raw row for zstd, at most ~4% above for none
+        _, _, dtype, codec, per_row, raw, *figures = line.split()
+        assert float(per_row) < 1.04 * int(raw) + 40, line
+        assert all(float(f.replace(",", "")) > 0 for f in figures), line
+    assert "choice: " in out, out
+
+
+@pytest.mark.slow
+def test_gpu_script_cpu_form_prints_one_table(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHON": sys.executable, "LOGS": str(tmp_path / "logs")}
+    done = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu.sh"), "--device", "cpu", "--tiny",
+                           "--tmp", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, f"gpu.sh exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    out = done.stdout
+    for line in ("== crowstream on cpu", "-- throughput.py", "(1) crowstream.capture",
+                 "-- ceiling.py", "encoder_threads=1", "encoder_threads=2", "speed-up",
+                 "-- loader.py", "throughput:", "ceiling:", "loader:"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert sorted(os.listdir(tmp_path)) == ["logs"], "gpu.sh left files behind"

@@ -305,8 +305,12 @@ def patch_disk_full(monkeypatch, site: str, after: int) -> DiskFull:
     full = DiskFull(after)
     if site == "PartWriter.write":
         monkeypatch.setattr(PartWriter, "write", full.wrap(PartWriter.write))
-    elif site == "fsync_and_hash":
+    elif site == "fsync":  # small files' fsync_and_hash, and the part files' fsync at close
+        from crowstream.pipeline.parts import HashingFile
+
         patch_everywhere(monkeypatch, fsync_and_hash, full.wrap(fsync_and_hash))
+        close = full.wrap(HashingFile.close)
+        monkeypatch.setattr(HashingFile, "close", lambda self: self.closed or close(self))
     elif site == "manifest":  # crowstream.json and the commit records
         patch_everywhere(monkeypatch, write_atomic, full.wrap(write_atomic))
     elif site == "every Parquet write":
@@ -319,7 +323,7 @@ DISK_SITES = {
     "PartWriter.write": 9,      # 2 writes per shard: shards 0-3 commit
     # the vocab, then 4 per shard (2 parts, docs, stats); writer threads may close the parts
     # of up to 3 later shards before the committer reaches shard 0's docs: >= 1 shard commits
-    "fsync_and_hash": 13,
+    "fsync": 13,
     "manifest": 4,              # start, "running", records 0 and 1; shard 2's record fails
     # a full disk stays full: the aborted part's close fails too (it must not mask the error)
     "every Parquet write": 14,  # writes and closes (docs, stats, vocab too): shard 0 commits

@@ -5,6 +5,7 @@ the in-flight byte budget, and big-model hygiene (eval mode, OOM retry, input de
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -21,6 +22,7 @@ from crowstream.errors import Float16OverflowError
 from crowstream.pipeline.flatten import to_record_batch
 from crowstream.schemas import ROW_GROUP_BYTES, row_schema
 from crowstream.pipeline.parts import PartWriter, ShardParts
+from crowstream.pipeline.threads import EncoderPool
 from helpers import assert_same_rows, manifest_of, read_rows
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
@@ -81,10 +83,13 @@ def test_small_batches_fill_row_groups_and_are_copied(tmp_path):
 def test_part_files_roll_over_at_row_group_boundaries(tmp_path):
     schema = row_schema(1024, "float32")
     target = 3 * ROW_GROUP_BYTES  # about three row groups per file
-    parts = ShardParts(lambda seq: str(tmp_path / f"p-{seq:03d}.parquet"), schema, target)
+    pool = EncoderPool(2)
+    parts = ShardParts(lambda seq: str(tmp_path / f"p-{seq:03d}.parquet"), schema, pool,
+                       target_bytes=target)
     for i in range(5):
         parts.write(_record_batch(5_000, 1024, seed=i))
-    infos = parts.close()
+    infos = [future.result() for future in parts.close()]
+    pool.close()
     assert [i.seq for i in infos] == list(range(len(infos))) and len(infos) >= 3
     assert [i.rows for i in infos[:-1]] == [parts.file_rows] * (len(infos) - 1)
     assert sum(i.rows for i in infos) == 25_000
@@ -407,17 +412,23 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     monkeypatch.setattr(writer_module, "ROW_GROUP_BYTES", 32 << 10)  # buffers matter too
     reference = _capture(gpt2, corpus[:30], tmp_path / "reference", shard_size=10, batch_size=8)
     budgets.clear()
-    run = _capture(gpt2, corpus[:30], tmp_path / "out", shard_size=10, batch_size=8,
-                   max_inflight_bytes=limit)
-    assert_same_rows(run.path, reference.path)
-    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots
+    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots, min_inflight_bytes
 
+    least = min_inflight_bytes(len(MODULES))  # one encoder + two row-group buffers a module
+    with pytest.warns(UserWarning, match=rf"max_inflight_bytes={limit:,} is below the "
+                                         rf"{least:,} bytes .* using {least:,}") \
+            if limit < least else contextlib.nullcontext():
+        run = _capture(gpt2, corpus[:30], tmp_path / "out", shard_size=10, batch_size=8,
+                       max_inflight_bytes=limit)
+    assert_same_rows(run.path, reference.path)
+    honoured = max(limit, least)
+    assert manifest_of(run.path).config["max_inflight_bytes"] == honoured
     (budget,) = budgets  # the rows' share: concurrent encoders take theirs first
-    assert budget.limit == max(1, limit - encoder_slots(limit) * ENCODER_BYTES)
+    assert budget.limit == max(1, honoured - encoder_slots(honoured) * ENCODER_BYTES)
     assert budget.used == 0  # everything written and handed back
     row_bytes = 2 * (16 + 64 * 4)
     biggest_batch = 8 * 64 * row_bytes
-    resident = 2 * (32 << 10)  # at most one row group per module stays buffered
+    resident = 2 * 2 * (32 << 10)  # at most two row groups per module stay buffered
     assert budget.peak <= max(budget.limit, biggest_batch) + resident
     if limit == 40_000:
         assert budget.peak > budget.limit  # row-group buffers and oversized batches count

@@ -164,18 +164,23 @@ class StatsSummary:
     mean_norm: float | None
     nonfinite: int = 0
     clamped: int = 0
+    position0: StatsSummary | None = None  # the same over the rows at position 0
 
     def to_json(self) -> dict:
-        return {"count": self.count, "mean": [_finite(x) for x in self.mean],
-                "var": [_finite(x) for x in self.var], "mean_norm": _finite(self.mean_norm),
-                "nonfinite": self.nonfinite, "clamped": self.clamped}
+        found = {"count": self.count, "mean": [_finite(x) for x in self.mean],
+                 "var": [_finite(x) for x in self.var], "mean_norm": _finite(self.mean_norm),
+                 "nonfinite": self.nonfinite, "clamped": self.clamped}
+        if self.position0 is not None:
+            found["position0"] = self.position0.to_json()
+        return found
 
     @classmethod
     def from_json(cls, value: dict) -> StatsSummary:
         nan = float("nan")
         return cls(value["count"], tuple(nan if x is None else x for x in value["mean"]),
                    tuple(nan if x is None else x for x in value["var"]),
-                   value["mean_norm"], value.get("nonfinite", 0), value.get("clamped", 0))
+                   value["mean_norm"], value.get("nonfinite", 0), value.get("clamped", 0),
+                   cls.from_json(value["position0"]) if "position0" in value else None)
 
 
 def _finite(x):

@@ -38,6 +38,10 @@ FLOAT16_MAX = 65504.0
 SORT_WINDOW_DOCS = 1024
 # Upper bound for the default context size (a model's max positions can be 128k).
 DEFAULT_CONTEXT_CAP = 1024
+# Codec of the part files; chosen by benchmarks/compression.py (the table is in
+# docs/performance.md and schemas/rows.json).
+Compression = Literal["zstd", "lz4", "none"]
+DEFAULT_COMPRESSION = "zstd"
 Dtype = Literal["float32", "float16"]
 Overflow = Literal["truncate", "chunk"]
 Float16Overflow = Literal["error", "clamp"]
@@ -49,6 +53,7 @@ RESUME_FIELDS = (
     "exclude_special_tokens", "exclude_token_ids", "source", "sample", "seed",
     "max_docs", "max_tokens", "text_field", "split", "store_text", "shard_size",
     "float16_overflow",  # except error -> clamp: a run stopped by an overflow may continue
+    "compression",  # the same rows either way, but one run's parts share one codec
 )
 
 
@@ -82,6 +87,7 @@ class CaptureConfig:
     store_text: bool = False
     text_field: str = "text"
     split: str = "train"
+    compression: Compression = DEFAULT_COMPRESSION
 
     @classmethod
     def of(cls, options: CaptureOptions, **resolved) -> CaptureConfig:
@@ -105,6 +111,8 @@ class CaptureConfig:
                 continue  # without sample, the seed changes nothing
             if field == "float16_overflow" and ((old, new) == ("error", "clamp") or old is None):
                 continue  # a manifest from before the option had the error behaviour
+            if field == "compression" and old is None and new == "zstd":
+                continue  # absent: zstd, as every output before the option
             if isinstance(old, dict) and isinstance(new, dict):  # fingerprints: name the keys
                 found += [f"{field}.{key}: manifest has {_short(old.get(key))}, this call has "
                           f"{_short(new.get(key))}" for key in sorted(set(old) | set(new))
@@ -124,14 +132,33 @@ def _jsonable(value):
 
 
 def default_inflight_bytes() -> int:
-    """min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION of physical RAM)."""
+    """min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION of the smaller of physical RAM and
+    the cgroup memory limit): a container's limit is the RAM the run really has."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
         ram = 8 << 30
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        ram = min(ram, limit)
     return int(min(INFLIGHT_CAP_BYTES, INFLIGHT_RAM_FRACTION * ram))
 
 
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",                    # cgroup v2
+                      "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+
+
+def cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit in bytes, or None when there is none."""
+    for path in CGROUP_LIMIT_FILES:
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max", or v1's huge "no limit" value
+            return int(text)
+    return None
 
 
 def _short(value) -> str:
@@ -175,6 +202,8 @@ class CaptureOptions:
     exclude_special_tokens: bool = False
     exclude_token_ids: tuple[int, ...] = ()
     store_text: bool = False
+    compression: Compression = DEFAULT_COMPRESSION
+    encoder_threads: int | None = None
     overwrite: bool = False
     resume: bool = False
     device: Any = None
@@ -212,9 +241,10 @@ class CaptureOptions:
         check_choice("overflow", self.overflow, ("truncate", "chunk"))
         check_choice("dtype", self.dtype, ("float32", "float16"))
         check_choice("float16_overflow", self.float16_overflow, ("error", "clamp"))
+        check_choice("compression", self.compression, ("zstd", "lz4", "none"))
         check_positive("batch_size", self.batch_size, allow_none=False)
         for name in ("max_batch_tokens", "max_docs", "max_tokens", "sample", "shard_size",
-                     "context_size", "max_inflight_bytes"):
+                     "context_size", "max_inflight_bytes", "encoder_threads"):
             check_positive(name, getattr(self, name))
         if isinstance(self.lease_s, bool) or not isinstance(self.lease_s, (int, float)) \
                 or not self.lease_s > 0:

@@ -1,16 +1,18 @@
 """Stage 5, write. It owns the part files: `PartWriter` writes one Parquet file under
 `OUT/.tmp/` with the format's settings, in row groups of at most ROW_GROUP_BYTES whatever
-the batch size; `ShardParts` rolls one module's rows of one shard over several such files
-of about PART_TARGET_BYTES each; `ModuleStats` keeps the running count, mean, variance
-and mean norm that SAE trainers normalise with. The pipeline runs one writer per module on
-its own background thread (pyarrow releases the GIL while encoding), so the forward loop
-never waits on IO.
+the batch size, hashing the bytes as they are written (no re-read after the fsync);
+`ShardParts` cuts one module's rows of one shard into part files by row ranges (file k
+holds rows [k * file_rows, (k + 1) * file_rows) of the shard) and hands each file's work
+to its own lane of the shared `threads.EncoderPool`, so the files of a shard encode in
+parallel on every core while their bytes depend only on the rows, never on the thread
+count or the batch boundaries.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
+import io
 import logging
 import os
 
@@ -25,6 +27,11 @@ from crowstream.format.layout import PART_TARGET_BYTES
 # compressed pages and the allocator's slack. Measured: 16 writers encoding 16 MiB groups
 # at once peaked ~780 MiB above their input, 2 at once ~255 MiB (same speed on 2 cores).
 ENCODER_BYTES = 3 * ROW_GROUP_BYTES
+# Row groups per part file. Files of a shard are the unit of parallel encoding (a file's
+# row groups are written in order), so they are smaller than PART_TARGET_BYTES: 4 groups
+# (~64 MiB) give 8 encoders work side by side from a 512 MiB run of rows, and still make
+# reads of whole files cheap against opening them.
+PART_GROUPS = 4
 from crowstream.errors import OutputError
 from crowstream.format.files import fsync_and_hash
 
@@ -43,11 +50,19 @@ class PartInfo:
     seq: int = 0
 
 
-def encoder_slots(budget_bytes: int) -> int:
-    """Row groups encoded at once: one per core, but encoders take at most a quarter of
-    the in-flight budget (ENCODER_BYTES each); at least one."""
+def encoder_slots(budget_bytes: int, threads: int | None = None) -> int:
+    """Row groups encoded at once: `threads` (default: one per core), but encoders take
+    at most a quarter of the in-flight budget (ENCODER_BYTES each); at least one."""
     fits = budget_bytes // (4 * ENCODER_BYTES)
-    return max(1, min(os.cpu_count() or 1, fits))
+    return max(1, min(threads or os.cpu_count() or 1, fits))
+
+
+def min_inflight_bytes(modules: int) -> int:
+    """The smallest in-flight budget the writers can honour: one encoder's working memory
+    (statistics temporaries, 3 x 256 x d x 4 bytes, fit inside it) and up to two
+    row-group buffers per module (the last file of a shard may still be closing while the
+    next shard's first file fills)."""
+    return ENCODER_BYTES + modules * 2 * ROW_GROUP_BYTES
 
 
 def row_bytes(schema: pa.Schema) -> int:
@@ -70,6 +85,44 @@ def group_rows(schema: pa.Schema) -> int:
     return max(1, (ROW_GROUP_BYTES - headroom) // row_bytes(schema))
 
 
+class HashingFile(io.RawIOBase):
+    """A file opened for writing that hashes (sha256) and counts what goes through it;
+    `close` fsyncs. pyarrow writes through it from its encoding thread."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "wb", buffering=0)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        written = 0
+        while written < view.nbytes:  # a raw write may be partial
+            written += self._file.write(view[written:])
+        self.sha256.update(view)  # hashlib releases the GIL on large buffers
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
+        super().close()
+
+    def discard(self) -> None:
+        """Close without the fsync (the file is about to be deleted)."""
+        self._file.close()
+        super().close()
+
+
 class PartWriter:
     """Writes one part file as row groups of `group_rows(schema)` rows (the last may be
     shorter), so a row group stays under ROW_GROUP_BYTES whatever the batch size.
@@ -78,27 +131,32 @@ class PartWriter:
     straight to the encoder (zero-copy slices, one write call per row group, since each
     call closes a row group), and a remainder is copied into the writer's own buffer. So
     a caller may reuse its host buffers at once, and the writer holds at most one row
-    group (`buffered_bytes`). The file exists from construction on.
+    group (`buffered_bytes`). The file exists from construction on. Not thread-safe: one
+    `Lane` calls it.
     """
 
-    def __init__(self, tmp_path: str, schema: pa.Schema, seq: int = 0, encoders=None):
+    def __init__(self, tmp_path: str, schema: pa.Schema, seq: int = 0,
+                 compression: str | None = None):
         self.tmp_path = tmp_path
         self.schema = schema
         self.seq = seq
-        # a semaphore shared by all writers: concurrent row-group encodes cost memory
-        self._encoders = encoders if encoders is not None else contextlib.nullcontext()
         self.group_rows = group_rows(schema)
         self.row_bytes = row_bytes(schema)
         self.rows = 0
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_rows = 0
         dtype = "float16" if schema.field("vector").type.value_type == pa.float16() else "float32"
-        self._writer = pq.ParquetWriter(tmp_path, schema, **parquet_options(dtype))
+        self._sink = HashingFile(tmp_path)
+        self._writer = pq.ParquetWriter(self._sink, schema, **parquet_options(dtype, compression))
 
     @property
     def buffered_bytes(self) -> int:
         """Raw bytes held in the writer's own buffer (less than one row group)."""
         return self._buffered_rows * self.row_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._sink.closed
 
     def write(self, batch: pa.RecordBatch) -> None:
         n, offset = batch.num_rows, 0
@@ -108,9 +166,8 @@ class PartWriter:
             if self._buffered_rows == self.group_rows:
                 self._flush()
         while n - offset >= self.group_rows:
-            with self._encoders:
-                self._writer.write_batch(batch.slice(offset, self.group_rows),
-                                         row_group_size=self.group_rows)
+            self._writer.write_batch(batch.slice(offset, self.group_rows),
+                                     row_group_size=self.group_rows)
             offset += self.group_rows
         if offset < n:
             self._keep(batch.slice(offset))
@@ -125,15 +182,19 @@ class PartWriter:
     def _flush(self) -> None:
         if self._buffer:  # one write call per row group: each call closes a row group
             table = pa.Table.from_batches(self._buffer, schema=self.schema)
-            with self._encoders:
-                self._writer.write_table(table, row_group_size=table.num_rows)
+            self._writer.write_table(table, row_group_size=table.num_rows)
         self._buffer, self._buffered_rows = [], 0
 
     def close(self) -> PartInfo:
-        self._flush()
-        self._writer.close()
-        return PartInfo(self.tmp_path, self.rows, os.path.getsize(self.tmp_path),
-                        fsync_and_hash(self.tmp_path), self.seq)
+        try:
+            self._flush()
+            self._writer.close()
+            self._sink.close()  # fsync; the hash is already complete
+        except BaseException:
+            self._sink.discard()  # no open file left behind; the caller reports the error
+            raise
+        return PartInfo(self.tmp_path, self.rows, self._sink.size,
+                        self._sink.sha256.hexdigest(), self.seq)
 
     def abort(self) -> None:
         """Drop the unfinished file. Called while another error is being reported."""
@@ -143,77 +204,100 @@ class PartWriter:
         except OSError as error:  # a disk that failed the write usually fails the close too
             log.debug("closing aborted %s: %s", self.tmp_path, error)
             self._writer.is_open = False  # or its __del__ retries the close and fails again
+        self._sink.discard()
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
 
 
 class ShardParts:
     """One module's rows of one shard, in part files of `file_rows` rows each (the last
-    may be shorter): whole row groups adding up to about PART_TARGET_BYTES raw. Where a
-    file ends depends only on the row count, never on batch boundaries, so a resumed run
-    (or one that backed off on OOM) cuts the same files. `path_of(seq)` names file `seq`
-    in `.tmp/`. A shard that stored no rows still gets one (empty) file.
+    may be shorter): PART_GROUPS whole row groups (at most about PART_TARGET_BYTES raw).
+    Where a file ends depends only on the row count, never on batch boundaries, so a
+    resumed run (or one that backed off on OOM) cuts the same files. `path_of(seq)` names
+    file `seq` in `.tmp/`. A shard that stored no rows still gets one (empty) file.
+
+    `write` is called from one thread (the module's dispatcher) and returns at once: each
+    file's writes and its close run in order on the file's own lane of `pool` (an
+    `EncoderPool`), different files in parallel. `settle(0, change)` is called from the
+    lanes as a file's row-group buffer grows or shrinks (`ByteBudget.settle`).
     """
 
-    def __init__(self, path_of, schema: pa.Schema, target_bytes: int | None = None,
-                 encoders=None):
+    def __init__(self, path_of, schema: pa.Schema, pool, settle=None,
+                 target_bytes: int | None = None, compression: str | None = None):
         rows_per_group = group_rows(schema)
         target = PART_TARGET_BYTES if target_bytes is None else target_bytes
-        groups = max(1, target // (rows_per_group * row_bytes(schema)))
+        groups = max(1, min(PART_GROUPS, target // (rows_per_group * row_bytes(schema))))
         self.file_rows = rows_per_group * groups
         self.schema = schema
-        self.finished: list[PartInfo] = []
-        self._encoders = encoders
+        self.closing: list = []  # Futures of PartInfo, in seq order
+        self._pool = pool
+        self._settle = settle or (lambda written, change: None)
         self._path_of = path_of
-        self._open: PartWriter | None = None
+        self._compression = compression
+        self._open = None  # (PartWriter, Lane, rows submitted to it)
+        self._made: list[PartWriter] = []
 
-    @property
-    def buffered_bytes(self) -> int:
-        return self._open.buffered_bytes if self._open is not None else 0
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        offset = 0
+    def write(self, batch: pa.RecordBatch) -> list:
+        """Queue `batch`'s rows; -> the Futures of its pieces (done once encoded)."""
+        futures, offset = [], 0
         while offset < batch.num_rows:
-            part = self._current()
-            take = min(batch.num_rows - offset, self.file_rows - part.rows)
-            part.write(batch.slice(offset, take))
+            part, lane, rows = self._current()
+            take = min(batch.num_rows - offset, self.file_rows - rows)
+            futures.append(lane.submit(self._write, part, batch.slice(offset, take)))
             offset += take
-            if part.rows == self.file_rows:  # full: the next row starts the next file
-                self.finished.append(part.close())
-                self._open = None
+            self._open = (part, lane, rows + take)
+            if rows + take == self.file_rows:  # full: the next row starts the next file
+                self._close_open()
+        return futures
 
-    def _current(self) -> PartWriter:
+    def _write(self, part: PartWriter, piece: pa.RecordBatch) -> None:
+        before = part.buffered_bytes
+        part.write(piece)
+        self._settle(0, part.buffered_bytes - before)
+
+    def _finish(self, part: PartWriter) -> PartInfo:
+        self._settle(0, -part.buffered_bytes)
+        return part.close()
+
+    def _current(self):
         if self._open is None:
-            seq = len(self.finished)
-            self._open = PartWriter(self._path_of(seq), self.schema, seq, self._encoders)
+            part = PartWriter(self._path_of(len(self.closing)), self.schema, len(self.closing),
+                              self._compression)
+            self._made.append(part)
+            self._open = (part, self._pool.lane(), 0)
         return self._open
 
-    def close(self) -> list[PartInfo]:
-        """Close the open file (or write the shard's one empty file); -> every file."""
-        if self._open is not None or not self.finished:
-            self.finished.append(self._current().close())
-            self._open = None
-        return self.finished
+    def _close_open(self) -> None:
+        part, lane, _ = self._open
+        self.closing.append(lane.submit(self._finish, part))
+        self._open = None
 
-    def abort(self) -> None:
-        """Delete every file of this shard, finished ones included."""
-        if self._open is not None:
-            self._open.abort()
-            self._open = None
-        for info in self.finished:
-            if os.path.exists(info.tmp_path):
-                os.remove(info.tmp_path)
-        self.finished = []
+    @property
+    def paths(self) -> list:
+        """Every file this shard's parts have created in `.tmp/`."""
+        return [part.tmp_path for part in self._made]
+
+    def close(self) -> list:
+        """Close the open file (or write the shard's one empty file); -> every file's
+        Future of its `PartInfo`, in seq order."""
+        if self._open is not None or not self.closing:
+            self._current()
+            self._close_open()
+        return self.closing
+
+    def abort(self, unfinished_only: bool = False) -> None:
+        """Delete every file of this shard, finished ones included (or only those never
+        closed). Call once the pool has stopped (no lane still writes)."""
+        for part in self._made:
+            if not (unfinished_only and part.closed):
+                part.abort()
+        self._made, self.closing, self._open = [], [], None
 
 
 def write_table(path: str, table: pa.Table) -> PartInfo:
     """Write a small table (docs, vocab) as one Parquet file; fsync; hash."""
     pq.write_table(table, path, **table_options())
     return PartInfo(path, table.num_rows, os.path.getsize(path), fsync_and_hash(path))
-
-
-
-
 
 
 def describe_os_error(error: OSError, out: str, bytes_written: int) -> OutputError:
@@ -226,7 +310,5 @@ def describe_os_error(error: OSError, out: str, bytes_written: int) -> OutputErr
                            "then rerun the same command with --resume.")
     return OutputError(f"cannot write to {out!r}: {error}. Committed shards are intact; fix the "
                        "problem, then rerun the same command with --resume.")
-
-
 
 

@@ -41,7 +41,9 @@ def capture(model, data, modules, out, **options) -> Run:
     run unless `float16_overflow="clamp"`); `shard_size` is documents per commit (default:
     about SHARD_TARGET_TOKENS tokens); `max_batch_tokens` caps padded tokens per batch and
     `batch_size` documents; `max_inflight_bytes` bounds the bytes between the forward and
-    the disk (default min(2 GiB, 10% of RAM)); `revision` picks a hub model's revision.
+    the disk (default min(2 GiB, 10% of RAM)); `compression` is the part files' codec
+    ("zstd", "lz4" or "none"); `encoder_threads` (default: one per core) encode them, the
+    bytes identical whatever the count; `revision` picks a hub model's revision.
     `resume=True` continues an interrupted run in `out`; `overwrite=True` replaces one.
     `data_config`, `data_revision` and `data_files` pick a config (e.g.
     "wikitext-2-raw-v1"), revision and files of a dataset repository (hub id or local
@@ -115,10 +117,11 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
             tokenizer=models.tokenizer_fingerprint(tokenizer), source=source.fingerprint,
             modules=tuple(names),
             context_size=models.resolve_context_size(options.context_size, model, tokenizer),
-            max_inflight_bytes=options.max_inflight_bytes or default_inflight_bytes())
+            max_inflight_bytes=_budget(options.max_inflight_bytes, len(names)))
         tracer = ModelTracer(model, tokenizer, names, config.dtype, config.float16_overflow,
                              config.max_inflight_bytes)
-        session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0)
+        session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0,
+                          options.encoder_threads)
         _start_or_load(session, mode, recorded, peek, provenance(model, tokenizer))
         if not grouped:
             run = session.run(source)
@@ -203,3 +206,19 @@ def _run_grouped(session, source, lock) -> Run:
     if session.rank != 0:
         session.manifest = read_manifest(session.out)
     return session._result()
+
+
+def _budget(asked: int | None, modules: int) -> int:
+    """The in-flight budget: `asked` (or the default), raised to the smallest one the
+    writers can honour for `modules` modules, with a warning when the caller asked for less."""
+    import warnings
+
+    from .parts import min_inflight_bytes
+
+    least = min_inflight_bytes(modules)
+    budget = asked or default_inflight_bytes()
+    if budget < least and asked:
+        warnings.warn(f"max_inflight_bytes={asked:,} is below the {least:,} bytes the writers "
+                      f"need for {modules} module(s) (one encoder and two row-group buffers "
+                      f"per module); using {least:,}.", UserWarning, stacklevel=3)
+    return max(budget, least)

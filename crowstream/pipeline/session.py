@@ -59,8 +59,10 @@ def provenance(model, tokenizer) -> dict:
 class Session:
     """One capture into one `Output`: owns the manifest, the writer threads and the commits."""
 
-    def __init__(self, output: Output, config: CaptureConfig, tracer, tokenizer, progress: bool):
+    def __init__(self, output: Output, config: CaptureConfig, tracer, tokenizer, progress: bool,
+                 encoder_threads: int | None = None):
         self.output, self.config, self.tracer, self.tokenizer = output, config, tracer, tokenizer
+        self.encoder_threads = encoder_threads  # None: one per core
         self.out, self.rank, self.world = output.path, output.rank, output.world
         self.progress = progress
         self.manifest: Manifest | None = None
@@ -154,7 +156,8 @@ class Session:
                       if s.index % self.world == self.rank)
         writers = stream = None
         try:
-            writers = Writers(self.output, self.config, self.tracer.dims, committed)
+            writers = Writers(self.output, self.config, self.tracer.dims, committed,
+                              self.encoder_threads)
             stream = prefetch(self._batches(source))
             with signals(self.stop_requested), self.tracer, \
                     Progress(total, initial, enabled=self.progress) as bar:

@@ -7,6 +7,7 @@ background thread is re-raised in the caller with its original cause.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from concurrent.futures import Future
@@ -143,3 +144,93 @@ def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch"):
                 items.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.1)
+
+
+class EncoderPool:
+    """A fixed set of threads shared by every module's part files. Work comes in `Lane`s:
+    calls submitted to one lane run in submission order, one at a time (a Parquet file's
+    row groups must be written in order), while different lanes run in parallel on up to
+    `threads` threads. So the files of a shard encode side by side, and what each file
+    holds depends only on the order of its own lane, never on the number of threads.
+
+    The first failure of any call is kept; every later call is skipped (its Future
+    cancelled) and `check` re-raises it, as `Worker` does.
+    """
+
+    def __init__(self, threads: int, name: str = "crowstream-encoder"):
+        self._ready: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for thread in self._threads:
+            thread.start()
+
+    def lane(self) -> Lane:
+        return Lane(self)
+
+    def check(self) -> None:
+        from crowstream.errors import CrowstreamError
+
+        if isinstance(self.error, CrowstreamError):
+            raise self.error
+        if self.error is not None:
+            raise RuntimeError(f"an encoder thread failed: {self.error}") from self.error
+
+    def close(self) -> None:
+        """Finish every queued call, then join the threads; idempotent."""
+        if any(thread.is_alive() for thread in self._threads):
+            for _ in self._threads:
+                self._ready.put(_STOP)
+            for thread in self._threads:
+                thread.join()
+
+    def _schedule(self, lane: Lane) -> None:
+        self._ready.put(lane)
+
+    def _loop(self) -> None:
+        while (lane := self._ready.get()) is not _STOP:
+            future, fn, args = lane.pop()
+            if self.error is not None:
+                future.cancel()
+            else:
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # crosses to the caller via check()/the Future
+                    with self._lock:
+                        self.error = self.error or error
+                    future.set_exception(error)
+            del future, fn, args  # drop the call's rows now (the budget counts them as written)
+            lane.done()
+
+
+class Lane:
+    """Calls that run in order on an `EncoderPool` (see there)."""
+
+    def __init__(self, pool: EncoderPool):
+        self._pool = pool
+        self._calls: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._calls.append((future, fn, args))
+            start = not self._scheduled
+            self._scheduled = True
+        if start:
+            self._pool._schedule(self)
+        return future
+
+    def pop(self):
+        with self._lock:
+            return self._calls.popleft()
+
+    def done(self) -> None:
+        """One call finished: hand the lane back to the pool if more are waiting."""
+        with self._lock:
+            again = bool(self._calls)
+            self._scheduled = again
+        if again:
+            self._pool._schedule(self)

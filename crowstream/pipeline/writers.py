@@ -1,5 +1,6 @@
-"""The writers. It owns `Writers`: one background thread per module that turns captured
-rows into part files in `.tmp/` (and their statistics), and a committer thread that
+"""The writers. It owns `Writers`: per module, a dispatcher thread that turns captured
+rows into Arrow batches and hands them to the shared `EncoderPool` (each part file of the
+shard on its own lane, the module's statistics on another), and a committer thread that
 commits shards in order through `commit.commit_shard`. One `ByteBudget` bounds every
 byte between the forward and the disk.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import CancelledError
 
 from crowstream.format.layout import (DOCS_DIR, FORMAT_VERSION, model_id, module_dir, part_name,
                                       record_path, staging_path)
@@ -20,31 +22,37 @@ from .commit import commit_shard
 from .options import CaptureConfig
 from .parts import ENCODER_BYTES, ShardParts, encoder_slots, row_bytes, write_table
 from .tables import docs_table
-from .threads import ByteBudget, Worker
+from .threads import ByteBudget, EncoderPool, Worker
 
 log = logging.getLogger("crowstream")
 
 
 class Writers:
-    """One background writer per module plus a committer thread that commits shards in
-    order. Part files are written in `.tmp/` and only appear in `data/` at commit. One
-    `ByteBudget` bounds every byte between the forward and the disk: a batch's kept rows
-    on the host, the writers' queues and their row-group buffers."""
+    """Per module a dispatcher thread, one `EncoderPool` of `encoder_threads` threads (at
+    most one per core, and no more than a quarter of the budget can feed) shared by all
+    modules, and a committer thread that commits shards in order. Part files are written
+    in `.tmp/` and only appear in `data/` at commit. One `ByteBudget` bounds every byte
+    between the forward and the disk: a batch's kept rows on the host (until every piece
+    of them is encoded and their statistics taken), the queues, the row-group buffers,
+    and each encoder's working memory (ENCODER_BYTES, set aside up front)."""
 
-    def __init__(self, output, config: CaptureConfig, dims: dict, committed):
+    def __init__(self, output, config: CaptureConfig, dims: dict, committed,
+                 encoder_threads: int | None = None):
         self.output, self.config, self.dims, self.run_id = output, config, dims, committed.run_id
         self.out, self.rank = output.path, output.rank
         self.workers = {name: Worker(f"crowstream-writer[{name}]") for name in dims}
         self.committer = Worker("crowstream-committer", 2)
         limit = config.max_inflight_bytes  # resolved by capture()
-        slots = encoder_slots(limit)  # concurrent encodes come out of the same budget
-        self.encoders = threading.BoundedSemaphore(slots)
+        slots = encoder_slots(limit, encoder_threads)  # their memory comes out of the budget
+        self.pool = EncoderPool(slots)
         self.budget = ByteBudget(max(1, limit - slots * ENCODER_BYTES))
         self.schemas = {name: part_schema(name, d, config.dtype, model_id(config.model),
                                           FORMAT_VERSION) for name, d in dims.items()}
         self.row_cost = {name: row_bytes(s) for name, s in self.schemas.items()}  # as stored
-        self.parts: dict = {}            # module -> ShardParts of the open shard (writer threads)
-        self.shard_stats: dict = {}      # module -> ModuleStats of the open shard
+        self.stats_lanes = {name: self.pool.lane() for name in dims}
+        self.parts: dict = {}            # module -> ShardParts of the open shard (dispatchers)
+        self.closing: dict = {}          # (module, shard) -> ShardParts closed, not committed
+        self.shard_stats: dict = {}      # module -> ModuleStats of the open shard (its lane)
         self.staged: dict = {}           # shard -> its files closed in .tmp/, until committed
         self._staged_lock = threading.Lock()
         # committed so far (committer thread only): records, and their statistics merged
@@ -61,6 +69,7 @@ class Writers:
         self.budget.acquire(rows * sum(self.row_cost.values()), check=self.check)
 
     def check(self) -> None:
+        self.pool.check()  # first: a failed encode also fails the commit that waits on it
         for worker in (*self.workers.values(), self.committer):
             worker.check()
 
@@ -69,43 +78,51 @@ class Writers:
         for name, worker in self.workers.items():
             worker.submit(self._write_rows, name, batch.shard, batch, captured,
                           rows * self.row_cost[name])
-        self.committer.check()
+        self.check()
 
     def _write_rows(self, name, shard, batch, captured, charge) -> None:
+        """Dispatch one batch's rows of module `name`: its pieces to the files' lanes, its
+        statistics to the module's lane. The rows leave flight (and their host buffer is
+        released) once the last of those calls is done."""
         import torch
 
         from .flatten import to_record_batch
         from .tracing import check_float16
 
-        parts = self._part(name, shard)
-        buffered = parts.buffered_bytes
+        done = _Countdown(lambda: (captured.release(name), self.budget.settle(charge)))
+        futures: list = []
         try:
             captured.wait()
             check_float16(name, captured.peaks.get(name))
             vectors = captured.rows(name, getattr(torch, self.config.dtype))  # [N, d]
-            parts.write(to_record_batch(batch.doc_ids, batch.positions, batch.tokens, vectors,
-                                        self.config.dtype))
+            parts = self._part(name, shard)
+            futures += parts.write(to_record_batch(batch.doc_ids, batch.positions, batch.tokens,
+                                                  vectors, self.config.dtype))
             stats = self.shard_stats.setdefault(name, ModuleStats(self.dims[name]))
-            stats.update(vectors, captured.clamped_count(name))
-        finally:  # written (or failed): the rows leave flight, the row-group buffer stays
-            captured.release(name)
-            self.budget.settle(charge, parts.buffered_bytes - buffered)
+            futures.append(self.stats_lanes[name].submit(
+                stats.update, vectors, captured.clamped_count(name), batch.positions))
+        finally:  # dispatched (or failed): the countdown settles once every call is done
+            done.wait_for(futures)
 
     def _part(self, name, shard):
         if name not in self.parts:
             def path_of(seq):
                 rel = f"{module_dir(name)}/{part_name(self.rank, shard, seq)}"
                 return staging_path(self.out, rel)
-            self.parts[name] = ShardParts(path_of, self.schemas[name], encoders=self.encoders)
+            self.parts[name] = ShardParts(path_of, self.schemas[name], self.pool,
+                                          self.budget.settle,
+                                          compression=self.config.compression)
         return self.parts[name]
 
     def _close_part(self, name, shard):
+        """-> (Futures of the shard's `PartInfo`s, Future of its statistics)."""
         parts = self._part(name, shard)
-        self.budget.settle(0, -parts.buffered_bytes)
         infos = parts.close()
+        self.closing[(name, shard)] = parts  # until committed: abort deletes its files
         del self.parts[name]
-        self._stage(shard, [info.tmp_path for info in infos])
-        return infos, self.shard_stats.pop(name, ModuleStats(self.dims[name]))
+        self._stage(shard, parts.paths)
+        stats = self.shard_stats.pop(name, None) or ModuleStats(self.dims[name])
+        return infos, self.stats_lanes[name].submit(lambda: stats)
 
     def commit(self, end) -> None:
         """Queue shard `end` for commit once every module has closed its part."""
@@ -116,7 +133,14 @@ class Writers:
     def _commit(self, end, futures) -> None:
         """Commit one shard once every module's part is closed and fsynced in .tmp/: write
         its docs part there, then `commit_shard` (statistics, fence, record, publish)."""
-        results = {name: future.result() for name, future in futures.items()}
+        results = {}
+        try:
+            for name, future in futures.items():
+                infos, stats = future.result()
+                results[name] = ([info.result() for info in infos], stats.result())
+        except CancelledError:  # skipped after an encoder failed: report that failure
+            self.pool.check()
+            raise
         docs_rel = f"{DOCS_DIR}/{part_name(self.rank, end.index)}"
         self._stage(end.index, [staging_path(self.out, docs_rel)])
         docs_info = write_table(staging_path(self.out, docs_rel), docs_table(end))
@@ -132,6 +156,8 @@ class Writers:
                              parts=tuple(parts), world_size=self.output.world)
         stats = {m: shard_stats for m, (_, shard_stats) in results.items()}
         record = commit_shard(self.output, self.run_id, record, stats)
+        for name in futures:
+            self.closing.pop((name, end.index), None)
         with self._staged_lock:
             self.staged.pop(end.index, None)
         self.shards.append(record)  # counted from here on, as on disk
@@ -142,21 +168,31 @@ class Writers:
     def finish(self) -> None:
         """Wait for every queued commit; re-raise the first background failure."""
         self._join()
-        for worker in (*self.workers.values(), self.committer):
-            worker.check()
+        self.check()
 
     def abort(self) -> None:
         """Stop the threads: queued commits of complete shards finish, the open shard's
         part files are deleted. Background failures are left for `finish` to raise."""
         self._join()
-        for part in self.parts.values():
-            part.abort()
+
+    def _abort_unfinished(self) -> None:
+        """Delete the open shard's part files, and the unfinished ones of shards that were
+        closing (an encoder failed): no file is left open. Finished files of a shard whose
+        commit did not complete stay for the resume (it may roll the shard forward)."""
+        for parts in self.parts.values():
+            parts.abort()
+        for parts in self.closing.values():
+            parts.abort(unfinished_only=True)
         self.parts.clear()
+        self.closing.clear()
 
     def _join(self) -> None:
         for worker in self.workers.values():
             worker.close()
-        self.committer.close()
+        self.committer.close()  # its last commit waits on the pool, so it ends first
+        self.pool.close()
+        self._abort_unfinished()
+
         self._discard_staged()
 
     def _stage(self, shard: int, paths: list) -> None:
@@ -178,3 +214,27 @@ class Writers:
                 except OSError as error:  # the failure that stopped the run matters more
                     log.warning("could not remove the uncommitted file %s: %s", path, error)
         self.staged.clear()
+
+
+class _Countdown:
+    """Runs `action` once, when every Future handed to `wait_for` is done (at once if
+    there are none); a failed or cancelled Future counts as done."""
+
+    def __init__(self, action):
+        self._action = action
+        self._lock = threading.Lock()
+        self._left = 1
+
+    def wait_for(self, futures) -> None:
+        with self._lock:
+            self._left += len(futures)
+        for future in futures:
+            future.add_done_callback(self._one)
+        self._one(None)
+
+    def _one(self, _future) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._action()
