@@ -56,7 +56,7 @@ def test_commit_bytes_do_not_grow_with_the_shard_index(monkeypatch, gpt2, corpus
     assert len(run.manifest.shards) == 60
     assert [rel for rel, _ in writes if not rel.startswith("commits/")] == ["README.md"] + ["crowstream.json"] * 3
     assert [rel for rel, _ in writes if rel.startswith("commits/") and "shard-" not in rel] \
-        == ["commits/end.json"]  # where the corpus ends, written once
+        == ["commits/run.json", "commits/end.json"]  # the run (for recover), where the corpus ends: once each
     records = [size for rel, size in writes if rel.startswith("commits/shard-")]
     assert len(records) == 60
     # only the digits of the numbers in a record vary (index, source range, rows, bytes)
