@@ -49,6 +49,7 @@ RESUME_FIELDS = (
     "exclude_special_tokens", "exclude_token_ids", "source", "sample", "seed",
     "max_docs", "max_tokens", "text_field", "split", "store_text", "shard_size",
     "float16_overflow",  # except error -> clamp: a run stopped by an overflow may continue
+    "tokens_field",
 )
 
 
@@ -82,6 +83,7 @@ class CaptureConfig:
     store_text: bool = False
     text_field: str = "text"
     split: str = "train"
+    tokens_field: str | None = None
 
     @classmethod
     def of(cls, options: CaptureOptions, **resolved) -> CaptureConfig:
@@ -159,6 +161,7 @@ class CaptureOptions:
 
     tokenizer: Any = None
     text_field: str = "text"
+    tokens_field: str | None = None
     split: str = "train"
     context_size: int | None = None
     overflow: Overflow = "truncate"
@@ -215,6 +218,15 @@ class CaptureOptions:
             check_positive(name, getattr(self, name))
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"text_field must be a column name, got {self.text_field!r}.")
+        if self.tokens_field is not None and (not isinstance(self.tokens_field, str)
+                                              or not self.tokens_field):
+            raise ConfigError(f"tokens_field must be a column name or None, got "
+                              f"{self.tokens_field!r}.")
+        if self.tokens_field is not None and self.store_text:
+            raise ConfigError(f"store_text=True keeps each document's text, but with "
+                              f"tokens_field={self.tokens_field!r} the corpus has token ids, no "
+                              "text; drop store_text (--store-text), or drop tokens_field to "
+                              "capture from text.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
         ids = self.exclude_token_ids

@@ -97,7 +97,8 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
         lock, mode = _lock(held, output, options)
         recorded = read_manifest(out) if mode == "resume" else None
         source = sources.open_source(
-            data, text_field=options.text_field, split=options.split, sample=options.sample,
+            data, text_field=options.text_field, tokens_field=options.tokens_field,
+            split=options.split, sample=options.sample,
             seed=options.seed, max_docs=options.max_docs, repository=sources.Repository(
                 options.data_config, options.data_revision, options.data_files))
         peek = []
