@@ -284,7 +284,6 @@ class ModelTracer:
         self._eval = None
 
     def __enter__(self) -> ModelTracer:
-        import nnsight
 
         self._eval = eval_mode(self.model)
         self._eval.__enter__()
