@@ -139,3 +139,67 @@ def test_readahead_reraises_the_readers_failure():
     assert next(stream) == 1
     with pytest.raises(ValueError, match="broken corpus"):
         next(stream)
+
+
+# -- OOM back-off in tokens ---------------------------------------------------------------
+
+def oom_above_tokens(monkeypatch, limit: int) -> list:
+    """ModelTracer._trace raises CUDA OOM on any batch of more than `limit` padded tokens;
+    -> the [B, T] shapes of every forward tried."""
+    import torch
+
+    from crowstream.pipeline.tracing import ModelTracer
+
+    original, shapes = ModelTracer._trace, []
+
+    def trace(self, ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        if ids.numel() > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ModelTracer, "_trace", trace)
+    return shapes
+
+
+LONG_AND_SHORT = ["alpha beta gamma delta " * 40] * 8 + ["short one"] * 8
+
+
+@pytest.fixture(scope="module")
+def no_oom_run(gpt2, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("no-oom") / "out")
+    cs.capture(gpt2[0], LONG_AND_SHORT, MODULES, out, tokenizer=gpt2[1], batch_size=8,
+               shard_size=16, progress=False)
+    return out
+
+
+def test_oom_caps_tokens_and_short_batches_after_it_are_not_cut(monkeypatch, gpt2, no_oom_run,
+                                                               tmp_path, caplog):
+    caplog.set_level("WARNING", logger="crowstream")
+    shapes = oom_above_tokens(monkeypatch, 300)
+    out = str(tmp_path / "out")
+    cs.capture(gpt2[0], LONG_AND_SHORT, MODULES, out, tokenizer=gpt2[1], batch_size=8,
+               shard_size=16, progress=False)
+    # [8, 64] = 512 tokens fails; the cap becomes 256: two [4, 64] forwards; then the batch
+    # of 8 short documents (8 x 2 tokens) runs whole (a cap in documents would cut it to 4)
+    assert shapes == [(8, 64), (4, 64), (4, 64), (8, shapes[-1][1])], shapes
+    assert "out of memory at a batch of 512 padded tokens (8 x 64); capping forwards at 256 " \
+           "padded tokens" in caplog.text
+    assert_same_rows(out, no_oom_run, atol=1e-5)
+
+
+def test_the_token_cap_doubles_after_clean_forwards_up_to_max_batch_tokens(
+        monkeypatch, gpt2, no_oom_run, tmp_path, caplog):
+    from crowstream.pipeline import session
+
+    caplog.set_level("INFO", logger="crowstream")
+    monkeypatch.setattr(session, "OOM_RECOVERY_BATCHES", 2)
+    shapes = oom_above_tokens(monkeypatch, 150)
+    out = str(tmp_path / "out")
+    cs.capture(gpt2[0], LONG_AND_SHORT * 2, MODULES, out, tokenizer=gpt2[1], batch_size=8,
+               shard_size=16, max_batch_tokens=1024, progress=False)
+    assert "capping forwards at 256 padded tokens" in caplog.text
+    assert "capping forwards at 128 padded tokens" in caplog.text
+    assert "no out of memory for 2 forwards: cap now 256 padded tokens" in caplog.text
+    # the second shard's long batch is tried at the doubled cap (256) before it OOMs again
+    assert shapes.count((4, 64)) >= 2 and shapes.count((2, 64)) >= 8

@@ -50,6 +50,11 @@ class Batch:
         return len(self.piece_starts)
 
     @property
+    def padded_tokens(self) -> int:
+        """B*T: what a forward costs in memory, padding included."""
+        return self.input_ids.numel()
+
+    @property
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
