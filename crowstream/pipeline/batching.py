@@ -43,10 +43,14 @@ class Batch:
     piece_doc_ids: np.ndarray     # [B] int64, the document of each batch row
     piece_starts: np.ndarray      # [B] int64, absolute position of each row's first token
     shard: int = 0                # the shard this batch belongs to
+    # packed batches (several documents per row, see packing.py); None otherwise
+    segments: torch.Tensor | None = None      # [B, T] int64, the piece of each token in its row
+    position_ids: torch.Tensor | None = None  # [B, T] int64, restarting at 0 per piece
+    packed_rows: list | None = None           # [B] lists of (doc_id, start, ids) pieces
 
     @property
     def n_docs(self) -> int:
-        """Pieces (documents or chunks) in this batch."""
+        """Pieces (documents or chunks) in this batch (several per row when packed)."""
         return len(self.piece_starts)
 
     @property
@@ -60,12 +64,17 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors, so host-to-GPU copies can be asynchronous."""
+        packed = {} if self.segments is None else {
+            "segments": self.segments.pin_memory(), "position_ids": self.position_ids.pin_memory()}
         return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(),
                                    attention_mask=self.attention_mask.pin_memory(),
-                                   keep_index=self.keep_index.pin_memory())
+                                   keep_index=self.keep_index.pin_memory(), **packed)
 
     def split(self) -> tuple[Batch, Batch]:
         """Two half-size batches with the same rows (used to back off on OOM)."""
+        if self.packed_rows is not None:
+            from .packing import split_packed
+            return split_packed(self)
         half = self.n_docs // 2
         lengths = self.attention_mask.sum(1).numpy()
         ids = self.input_ids.numpy()
@@ -101,9 +110,10 @@ class Tokenizing:
     or with `tokens_field` the corpus's own ids, fed as they are (only truncated to
     `context_size` under overflow="truncate"). Holds the ids to exclude."""
 
-    def __init__(self, tokenizer, config: CaptureConfig):
+    def __init__(self, tokenizer, config: CaptureConfig, *, pack: bool = False):
         self.tokenizer = tokenizer
         self.config = config
+        self.pack = pack  # several documents per row (packing.py), for models that allow it
         excluded = set(config.exclude_token_ids)
         if config.exclude_special_tokens:
             excluded |= set(tokenizer.all_special_ids)
@@ -220,7 +230,7 @@ def _shard(windows, tokenizing: Tokenizing, index: int, consumed: int, tokens_fe
             all_token_ids.append(np.concatenate(encoded).astype(np.int32))
         if config.store_text:
             all_texts.extend(documents)
-        for batch in batches_of(tokenizing.pieces(doc_ids, encoded), tokenizing):
+        for batch in _batches(tokenizing)(tokenizing.pieces(doc_ids, encoded), tokenizing):
             batch.shard = index
             yield batch
         if stop:
@@ -231,6 +241,13 @@ def _shard(windows, tokenizing: Tokenizing, index: int, consumed: int, tokens_fe
                    all_texts if config.store_text else None, skipped, stop)
     yield end
     return end
+
+
+def _batches(tokenizing: Tokenizing):
+    if tokenizing.pack:
+        from .packing import packed_batches
+        return packed_batches
+    return batches_of
 
 
 def _row_count_through(window, doc_id: int) -> int:

@@ -41,6 +41,7 @@ DEFAULT_CONTEXT_CAP = 1024
 Dtype = Literal["float32", "float16"]
 Overflow = Literal["truncate", "chunk"]
 Float16Overflow = Literal["error", "clamp"]
+Packing = Literal["off", "auto"]
 
 # Fields that must match between a run and its resume; the rest (batch size, device,
 # progress) may change freely because they do not change which rows are written.
@@ -84,6 +85,7 @@ class CaptureConfig:
     text_field: str = "text"
     split: str = "train"
     tokens_field: str | None = None
+    packing: Packing = "off"
 
     @classmethod
     def of(cls, options: CaptureOptions, **resolved) -> CaptureConfig:
@@ -165,6 +167,7 @@ class CaptureOptions:
     split: str = "train"
     context_size: int | None = None
     overflow: Overflow = "truncate"
+    packing: Packing = "off"
     batch_size: int = 32
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     max_docs: int | None = None
@@ -210,6 +213,7 @@ class CaptureOptions:
 
     def _check(self) -> None:
         check_choice("overflow", self.overflow, ("truncate", "chunk"))
+        check_choice("packing", self.packing, ("off", "auto"))
         check_choice("dtype", self.dtype, ("float32", "float16"))
         check_choice("float16_overflow", self.float16_overflow, ("error", "clamp"))
         check_positive("batch_size", self.batch_size, allow_none=False)

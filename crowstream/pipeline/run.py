@@ -118,7 +118,7 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
             context_size=models.resolve_context_size(options.context_size, model, tokenizer),
             max_inflight_bytes=options.max_inflight_bytes or default_inflight_bytes())
         tracer = ModelTracer(model, tokenizer, names, config.dtype, config.float16_overflow,
-                             config.max_inflight_bytes)
+                             config.max_inflight_bytes, config.packing)
         session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0)
         _start_or_load(session, mode, recorded, peek, provenance(model, tokenizer))
         if not grouped:

@@ -261,7 +261,9 @@ class Session:
 
         shards = source.shards(manifest.shard_size, lambda k: owns(k) and k not in done,
                                first=first, stop=stop, on_end=record_end)
-        stream = shard_stream(shards, Tokenizing(self.tokenizer, self.config),
+        tokenizing = Tokenizing(self.tokenizer, self.config,
+                                pack=getattr(self.tracer, "packs", False))
+        stream = shard_stream(shards, tokenizing,
                               shard_size=manifest.shard_size,
                               tokens_before=manifest.counts.tokens_fed)
         if self.tracer.device.type != "cuda":
