@@ -25,11 +25,12 @@ def _run(script: str, tmp_path) -> str:
 def test_throughput_tiny_prints_every_number(tmp_path):
     out = _run("throughput.py", tmp_path)
     for line in ("(1) crowstream.capture", "(2) hand-written", "(3) bare forward",
-                 "ratio (1)/(2)", "ratio (1)/(3)", "ru_maxrss", "float32:", "float16:",
+                 "(4) bare forward, packed", "ratio (1)/(2)", "ratio (1)/(3)", "ratio (1)/(4)",
+                 "(1)/(4): ", "ru_maxrss", "float32:", "float16:",
                  "of the compressed vector payload", "targets:"):
         assert line in out, f"missing {line!r} in:\n{out}"
-    # all three phases saw the same documents, and (3) replayed crowstream's own batches
-    assert "same real tokens in (1), (2), (3): True" in out, out
+    # all four phases saw the same documents, and (3) replayed crowstream's own batches
+    assert "same real tokens in (1), (2), (3), (4): True" in out, out
     assert "(doc_id order of the part files): True" in out, out
 
 
