@@ -203,3 +203,27 @@ def test_the_token_cap_doubles_after_clean_forwards_up_to_max_batch_tokens(
     assert "no out of memory for 2 forwards: cap now 256 padded tokens" in caplog.text
     # the second shard's long batch is tried at the doubled cap (256) before it OOMs again
     assert shapes.count((4, 64)) >= 2 and shapes.count((2, 64)) >= 8
+
+
+def test_oom_splits_packed_batches_down_to_one_row_and_rows_stay_equal(
+        monkeypatch, gpt2, no_oom_run, tmp_path):
+    import torch
+
+    from crowstream.pipeline.tracing import ModelTracer
+
+    original, seen = ModelTracer.run, []
+
+    def run(self, batch):  # OOM on more than 4 documents in a forward, packed or not
+        seen.append((tuple(batch.input_ids.shape), batch.n_docs))
+        if batch.n_docs > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(ModelTracer, "run", run)
+    out = str(tmp_path / "out")
+    cs.capture(gpt2[0], LONG_AND_SHORT, MODULES, out, tokenizer=gpt2[1], batch_size=8,
+               shard_size=16, packing="auto", progress=False)
+    # the 8 short documents (6 tokens each) share one packed row: backing off splits that
+    # row's documents into two rows of 4
+    assert seen[-3:] == [((1, 48), 8), ((1, 24), 4), ((1, 24), 4)], seen
+    assert_same_rows(out, no_oom_run, atol=1e-5)
