@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import threading
 from collections.abc import Iterator
 
@@ -168,6 +167,7 @@ class _Window:
     doc_ids: list[int]          # rows that are documents (None rows dropped)
     documents: list             # their texts or ids
     encoded: list[np.ndarray]   # their ids as fed
+    last: bool                  # the shard's last window
 
     @property
     def tokens(self) -> int:
@@ -181,28 +181,43 @@ def _windows(shards, tokenizing: Tokenizing) -> Iterator[_Window]:
             window = block[w:w + SORT_WINDOW_DOCS]
             doc_ids = [d for d, doc in window if doc is not None]
             documents = [doc for _, doc in window if doc is not None]
-            yield _Window(index, window, doc_ids, documents, tokenizing.encode(documents, doc_ids))
+            yield _Window(index, window, doc_ids, documents, tokenizing.encode(documents, doc_ids),
+                          last=w + SORT_WINDOW_DOCS >= len(block))
 
 
-def shard_stream(shards, tokenizing: Tokenizing, *, shard_size: int,
-                 tokens_before: int) -> Iterator[Batch | ShardEnd]:
+def shard_stream(shards, tokenizing: Tokenizing, *, shard_size: int, tokens_before: int,
+                 on_end=None) -> Iterator[Batch | ShardEnd]:
     """Batches of each `(index, rows)` shard in turn, each shard followed by its
     `ShardEnd`. Shard k starts at source row k * shard_size. Reading and tokenizing run
     on a reader thread up to PREFETCH_TOKENS ahead, so the next window is ready when the
-    forward finishes this one's batches."""
+    forward finishes this one's batches. `on_end()` is called after the last shard's
+    `ShardEnd` when the shards ran out (not when max_tokens stopped them)."""
     config = tokenizing.config
     tokens_fed = tokens_before
     windows = readahead(_windows(shards, tokenizing), PREFETCH_TOKENS, lambda w: w.tokens)
     try:
-        for index, group in itertools.groupby(windows, key=lambda w: w.shard):
+        for first in windows:
             if config.max_tokens is not None and tokens_fed >= config.max_tokens:
                 return
-            end = yield from _shard(group, tokenizing, index, index * shard_size, tokens_fed)
+            end = yield from _shard(_rest_of_shard(first, windows), tokenizing, first.shard,
+                                    first.shard * shard_size, tokens_fed)
             tokens_fed += int(end.n_tokens.sum())
             if end.last:  # max_tokens reached
                 return
+        if on_end is not None:
+            on_end()
     finally:
         windows.close()
+
+
+def _rest_of_shard(first: _Window, windows) -> Iterator[_Window]:
+    """`first` and the windows after it up to its shard's last; never reads past that, so a
+    failure reading the next shard comes only after this shard's `ShardEnd`."""
+    window = first
+    yield window
+    while not window.last:
+        window = next(windows)
+        yield window
 
 
 def _shard(windows, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed: int):

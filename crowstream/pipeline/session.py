@@ -255,17 +255,19 @@ class Session:
             stop = max((k for k in range(first, end) if owns(k) and k not in done),
                        default=first - 1) + 1
 
-        def record_end(shards: int, rows: int) -> None:
-            with write_errors(self.out):
-                write_end(self.out, manifest.run_id, shards, rows)
+        seen_end = []  # (shards, rows) once the reader thread sees the corpus end
+
+        def record_end() -> None:  # in stream order, once the last shard's batches are out
+            if seen_end:
+                with write_errors(self.out):
+                    write_end(self.out, manifest.run_id, *seen_end[0])
 
         shards = source.shards(manifest.shard_size, lambda k: owns(k) and k not in done,
-                               first=first, stop=stop, on_end=record_end)
+                               first=first, stop=stop, on_end=lambda *end: seen_end.append(end))
         tokenizing = Tokenizing(self.tokenizer, self.config,
                                 pack=getattr(self.tracer, "packs", False))
-        stream = shard_stream(shards, tokenizing,
-                              shard_size=manifest.shard_size,
-                              tokens_before=manifest.counts.tokens_fed)
+        stream = shard_stream(shards, tokenizing, shard_size=manifest.shard_size,
+                              tokens_before=manifest.counts.tokens_fed, on_end=record_end)
         if self.tracer.device.type != "cuda":
             return stream
         # pinned on the prefetch thread, so the forward loop's copies to the GPU are async
