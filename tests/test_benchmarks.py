@@ -64,3 +64,11 @@ def test_loader_tiny_prints_every_number(tmp_path):
                  "rows/s", "GB/s", "ratio (a)/(d):", "(a)/(c):"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert out.count(" 20,000 rows  ") == 3, out  # (a), (b), (d) read every row
+
+
+@pytest.mark.slow
+def test_pretokenized_tiny_prints_the_ratio_and_equal_rows(tmp_path):
+    out = _run("pretokenized.py", tmp_path)
+    for line in ("d=64 round 0: text", "pre-tokenized", "per 1M tokens", "median text/pre-tokenized"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert "rows equal: True" in out, out
