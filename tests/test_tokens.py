@@ -59,6 +59,16 @@ def test_parquet_and_dataset_of_ids_equal_text(gpt2, token_ids, text_run, tmp_pa
         assert_same_rows(out, text_run)
 
 
+def test_pandas_frame_of_ids_equals_text(gpt2, token_ids, text_run, tmp_path):
+    import pandas as pd
+
+    out = str(tmp_path / "out")
+    frame = pd.DataFrame({"input_ids": token_ids})
+    cs.capture(gpt2[0], frame, MODULES, out, tokenizer=gpt2[1], overflow="chunk",
+               tokens_field="input_ids", **KW)
+    assert_same_rows(out, text_run)
+
+
 def test_truncate_applies_to_ids(gpt2, corpus, token_ids, tmp_path):
     kw = dict(tokenizer=gpt2[1], context_size=16, **KW)
     text, ids = str(tmp_path / "text"), str(tmp_path / "ids")

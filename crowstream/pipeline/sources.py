@@ -228,7 +228,12 @@ def _open_pandas(frame, text_field: str, tokens: bool = False):
         raise DataError(f"{what} {text_field!r} is not a column of the DataFrame; available "
                         f"columns: {', '.join(map(str, frame.columns))}. Pass {option}.")
     column = frame[text_field]
-    digest = hashlib.sha256(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
+    if tokens:  # lists of ids are unhashable for pandas: digest each row's ids
+        digest = hashlib.sha256()
+        for ids in column:
+            digest.update(b"-" if ids is None else np.asarray(ids, dtype=np.int64).tobytes() + b";")
+    else:
+        digest = hashlib.sha256(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
 
     def rows(skip):
         return enumerate(column.iloc[skip:].tolist(), start=skip)
