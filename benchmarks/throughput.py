@@ -17,6 +17,12 @@ spaced over all of them, so lengths range from one line to ~1k tokens), it times
   (3) the bare model forward over crowstream's own batches (rebuilt with
       crowstream.pipeline.batching from the run's recorded CaptureConfig), stopped after the
       deepest block by a hook: the cost floor for that batching. Tokenizing is not timed.
+  (4) the packed floor: the bare forward over crowstream's packed batches (several
+      documents per row, a block-diagonal causal mask, positions restarting per document:
+      crowstream.pipeline.packing), stopped the same way; no padding left to remove.
+
+Rounds are interleaved (the order rotates each round); the targets are judged on the
+median over rounds of each round's ratios, and every round's figures are printed.
 
 and prints real (non-pad) tokens/s for each, the ratios (1)/(2) and (1)/(3), RSS, and
 the bytes per token on disk per module in float32 and float16 (a second, smaller capture) against
@@ -47,6 +53,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 TARGET_VS_BASELINE = 1.5   # (1)/(2)
 TARGET_VS_FLOOR = 0.95     # (1)/(3)
+TARGET_VS_PACKED = 0.97    # (1)/(4), median of per-round ratios
 TARGET_DISK_OVERHEAD = 0.05  # on-disk bytes/token vs. the compressed vector column
 
 
@@ -187,9 +194,9 @@ def _hooked(model, modules, save: dict | None):
     return [model.get_submodule(n).register_forward_hook(hook(n)) for n in modules]
 
 
-def _forward_stopped(model, ids, mask):
+def _forward_stopped(model, ids, mask, **extra):
     try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
     except _Stop:
         return
     raise AssertionError("the forward ran past the deepest block: the stop hook did not fire")
@@ -225,8 +232,10 @@ def run_baseline(model, tokenizer, docs, modules, *, batch_size, ctx, device) ->
     return {"seconds": seconds, "cpu": cpu, "tokens": real, "padded": total}
 
 
-def crowstream_batches(tokenizer, docs, config_json: dict, shard_size: int) -> list:
-    """The Batches crowstream builds for `docs` under the run's recorded config."""
+def crowstream_batches(tokenizer, docs, config_json: dict, shard_size: int, *,
+                       pack: bool = False) -> list:
+    """The Batches crowstream builds for `docs` under the run's recorded config (packed
+    ones with `pack`)."""
     from crowstream.pipeline.batching import Batch, Tokenizing, shard_stream
     from crowstream.pipeline.options import CaptureConfig
 
@@ -236,8 +245,8 @@ def crowstream_batches(tokenizer, docs, config_json: dict, shard_size: int) -> l
     rows = list(enumerate(docs))
     shards = ((k, rows[k * shard_size:(k + 1) * shard_size])
               for k in range(-(-len(rows) // shard_size)))
-    stream = shard_stream(shards, Tokenizing(tokenizer, config), shard_size=shard_size,
-                          tokens_before=0)
+    stream = shard_stream(shards, Tokenizing(tokenizer, config, pack=pack),
+                          shard_size=shard_size, tokens_before=0)
     return [item for item in stream if isinstance(item, Batch)]
 
 
@@ -251,7 +260,15 @@ def run_floor(model, batches, modules, *, device) -> dict:
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for batch in batches:
-                _forward_stopped(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+                if batch.segments is None:
+                    _forward_stopped(model, batch.input_ids.to(device),
+                                     batch.attention_mask.to(device))
+                    continue
+                from crowstream.pipeline.packing import packed_mask
+
+                mask = packed_mask(batch.segments.to(device), model.dtype)
+                _forward_stopped(model, batch.input_ids.to(device), mask,
+                                 position_ids=batch.position_ids.to(device))
         _sync(device)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
@@ -287,7 +304,8 @@ def _timed_traces(times: list):
         tracing.ModelTracer.run = original
 
 
-def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, device) -> dict:
+def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, device,
+                packing: str = "off") -> dict:
     """(1): crowstream end to end, to `out`."""
     import crowstream
 
@@ -296,7 +314,8 @@ def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, devi
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         run = crowstream.capture(model, docs, modules, out, tokenizer=tokenizer, batch_size=batch_size,
-                                 dtype=dtype, device=device, progress=False)
+                                 dtype=dtype, device=device, progress=False,
+                                 **({} if packing == "off" else {"packing": packing}))
         _sync(device)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"seconds": seconds, "cpu": cpu, "tokens": run.manifest.counts.tokens_fed, "run": run,
@@ -359,6 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own; 1 with --tiny)")
     parser.add_argument("--tmp", default=None, help="directory for the capture outputs (default: system temp)")
+    parser.add_argument("--packing", choices=["off", "auto"], default="off",
+                        help="crowstream's packing option for (1) (default off, its default)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
 
@@ -412,11 +433,13 @@ def main(argv=None) -> int:
         warm = docs[:args.batch_size]
         out = new_out()
         warm_capture = run_capture(model, tokenizer, warm, modules, out, batch_size=args.batch_size,
-                                   dtype="float32", device=device)
+                                   dtype="float32", device=device, packing=args.packing)
         run_baseline(model, tokenizer, warm, modules, batch_size=args.batch_size, ctx=ctx, device=device)
         warm_config = warm_capture["run"].manifest
-        run_floor(model, crowstream_batches(tokenizer, warm, warm_config.config, warm_config.shard_size),
-                  modules, device=device)
+        for pack in (False, True):
+            run_floor(model, crowstream_batches(tokenizer, warm, warm_config.config,
+                                                warm_config.shard_size, pack=pack),
+                      modules, device=device)
         shutil.rmtree(out)
         # A one-document capture: crowstream's fixed cost per run (probe forward, nnsight
         # wrapping, vocab.parquet, manifest and card, thread start-up, fsyncs).
@@ -425,26 +448,28 @@ def main(argv=None) -> int:
                             dtype="float32", device=device)["seconds"]
         shutil.rmtree(out)
 
-        results: dict[str, list[dict]] = {"capture": [], "baseline": [], "floor": []}
-        batches = None
+        results: dict[str, list[dict]] = {"capture": [], "baseline": [], "floor": [], "packed": []}
+        batches = packed = None
         keep_out = None
-        order = ["capture", "baseline", "floor"]
+        order = ["capture", "baseline", "floor", "packed"]
         for r in range(args.repeat):
             # rotate the order each round; round 0 starts with (1), whose recorded config
-            # the batches of (3) are rebuilt from
-            for phase in order[r % 3:] + order[:r % 3]:
+            # the batches of (3) and (4) are rebuilt from
+            for phase in order[r % 4:] + order[:r % 4]:
                 record: dict = {}
                 with sampler.phase(record):
                     if phase == "capture":
                         out = new_out()
                         record.update(run_capture(model, tokenizer, docs, modules, out,
                                                   batch_size=args.batch_size, dtype="float32",
-                                                  device=device))
+                                                  device=device, packing=args.packing))
                     elif phase == "baseline":
                         record.update(run_baseline(model, tokenizer, docs, modules,
                                                    batch_size=args.batch_size, ctx=ctx, device=device))
-                    else:
+                    elif phase == "floor":
                         record.update(run_floor(model, batches, modules, device=device))
+                    else:
+                        record.update(run_floor(model, packed, modules, device=device))
                 results[phase].append(record)
                 if phase == "capture" and keep_out is None:
                     keep_out = out  # kept for the disk numbers and the batch check
@@ -452,6 +477,8 @@ def main(argv=None) -> int:
                     t = time.perf_counter()
                     batches = crowstream_batches(tokenizer, docs, manifest.config, manifest.shard_size)
                     batching_seconds = time.perf_counter() - t
+                    packed = crowstream_batches(tokenizer, docs, manifest.config,
+                                                manifest.shard_size, pack=True)
                 elif phase == "capture":
                     shutil.rmtree(out)
 
@@ -464,11 +491,11 @@ def main(argv=None) -> int:
             fp16 = record
 
         best = {phase: min(records, key=lambda x: x["seconds"]) for phase, records in results.items()}
-        cap, base, floor = best["capture"], best["baseline"], best["floor"]
+        cap, base, floor, pack = best["capture"], best["baseline"], best["floor"], best["packed"]
 
         # Same documents, same truncation: every phase must see the same real tokens, and
         # the rebuilt batches must be crowstream's (row order of the part files).
-        same_tokens = cap["tokens"] == base["tokens"] == floor["tokens"]
+        same_tokens = cap["tokens"] == base["tokens"] == floor["tokens"] == pack["tokens"]
         import numpy as np
         same_batches = all(np.array_equal(written_doc_ids(keep_out, m),
                                           np.concatenate([b.doc_ids for b in batches])) for m in modules)
@@ -487,6 +514,9 @@ def main(argv=None) -> int:
         line("(3) bare forward on crowstream's batches", floor,
              f"{floor['tokens']:,} real of {floor['padded']:,} padded ({floor['tokens'] / floor['padded']:.0%} real), "
              f"{len(batches)} batches")
+        line("(4) bare forward, packed (the packed floor)", pack,
+             f"{pack['tokens']:,} real of {pack['padded']:,} in rows ({pack['tokens'] / pack['padded']:.0%} real), "
+             f"{len(packed)} batches")
         if fp16 is not None:
             line("(1') crowstream.capture, dtype=float16", fp16,
                  f"{fp16['tokens']:,} tokens (first {fp16_docs} docs; for bytes/token, not a ratio)")
@@ -502,22 +532,32 @@ def main(argv=None) -> int:
                   f"final commit) {rest:.2f} s = {rest / cap['seconds']:.1%} of (1)")
         print(f"  crowstream fixed cost per run (one-document capture): {fixed:.2f} s; "
               f"tokenizing + batching alone (crowstream.batching, untimed in (3)): {batching_seconds:.2f} s")
-        print(f"  same real tokens in (1), (2), (3): {same_tokens}; "
+        print(f"  same real tokens in (1), (2), (3), (4): {same_tokens}; "
               f"(3) replays crowstream's batches (doc_id order of the part files): {same_batches}")
 
-        vs_base, vs_floor = rate(cap) / rate(base), rate(cap) / rate(floor)
+        # per-round ratios (the phases of one round ran minutes apart at most): medians
+        rounds = list(zip(*(results[p] for p in order)))
+        per_round = {name: [rate(r[0]) / rate(r[i]) for r in rounds]
+                     for name, i in (("(1)/(2)", 1), ("(1)/(3)", 2), ("(1)/(4)", 3))}
+        medians = {name: statistics.median(values) for name, values in per_round.items()}
+        vs_base, vs_floor, vs_packed = medians["(1)/(2)"], medians["(1)/(3)"], medians["(1)/(4)"]
         print()
+        print(f"median over {len(rounds)} interleaved round(s) of each round's ratio (every round printed):")
+        for name, values in per_round.items():
+            print(f"  {name}: " + ", ".join(f"{v:.3f}" for v in values) + f"; median {medians[name]:.3f}")
         print(f"ratio (1)/(2) crowstream vs hand-written baseline: {vs_base:.2f}x "
               f"(target >= {TARGET_VS_BASELINE}: {verdict(vs_base >= TARGET_VS_BASELINE)})")
         print(f"ratio (1)/(3) crowstream vs bare forward on its batches: {vs_floor:.3f} "
               f"(target >= {TARGET_VS_FLOOR}: {verdict(vs_floor >= TARGET_VS_FLOOR)})")
+        print(f"ratio (1)/(4) crowstream vs the packed floor: {vs_packed:.3f} "
+              f"(target >= {TARGET_VS_PACKED}: {verdict(vs_packed >= TARGET_VS_PACKED)})")
         print(f"  in CPU seconds (less sensitive to other processes): (2)/(1) {base['cpu'] / cap['cpu']:.2f}x, "
-              f"(3)/(1) {floor['cpu'] / cap['cpu']:.3f}")
+              f"(3)/(1) {floor['cpu'] / cap['cpu']:.3f}, (4)/(1) {pack['cpu'] / cap['cpu']:.3f}")
 
         print()
         print("memory (RSS of this one process; model weights and libraries included):")
         for label, phase in (("(1) capture", cap), ("(2) baseline", base), ("(3) floor", floor),
-                             ("(1') capture fp16", fp16)):
+                             ("(4) packed floor", pack), ("(1') capture fp16", fp16)):
             if phase is not None and "rss_peak" in phase:
                 print(f"  {label:<18} start {mib(phase['rss_start'])}, peak {mib(phase['rss_peak'])} "
                       f"(+{mib(phase['rss_peak'] - phase['rss_start'])}; sampled every 25 ms)")
@@ -547,6 +587,7 @@ def main(argv=None) -> int:
 
         missed = [name for name, ok in (("(1)/(2)", vs_base >= TARGET_VS_BASELINE),
                                         ("(1)/(3)", vs_floor >= TARGET_VS_FLOOR),
+                                        ("(1)/(4)", vs_packed >= TARGET_VS_PACKED),
                                         ("disk overhead", disk_ok),
                                         ("consistency", same_tokens and same_batches)) if not ok]
         print()

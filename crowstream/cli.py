@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output directory")
     c.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
     c.add_argument("--text-field", default="text")
+    c.add_argument("--tokens-field", help="column of token-id lists of a pre-tokenized corpus "
+                                          "(fed as they are; instead of --text-field)")
     c.add_argument("--split", default="train")
     c.add_argument("--data-config", help="config of a dataset repository, e.g. wikitext-2-raw-v1")
     c.add_argument("--data-revision", help="branch, tag or commit of a hub dataset")
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"token budget (padded) per batch (default {DEFAULT_MAX_BATCH_TOKENS})")
     c.add_argument("--context-size", type=int)
     c.add_argument("--overflow", choices=["truncate", "chunk"], default="truncate")
+    c.add_argument("--packing", choices=["off", "auto"], default="off",
+                   help="auto: several documents per row, each attending only to itself "
+                        "(GPT-2 and Llama); padded batches for other models")
     c.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     c.add_argument("--float16-overflow", choices=["error", "clamp"], default="error",
                    help="values beyond float16's range: stop with an error, or clamp and "
@@ -190,8 +195,8 @@ def _capture(args) -> None:
 
     run = capture(
         args.model, args.data, args.modules, args.out, tokenizer=args.tokenizer,
-        text_field=args.text_field, split=args.split, context_size=args.context_size,
-        overflow=args.overflow, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+        text_field=args.text_field, tokens_field=args.tokens_field, split=args.split, context_size=args.context_size,
+        overflow=args.overflow, packing=args.packing, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
         max_docs=args.max_docs, max_tokens=args.max_tokens, sample=args.sample, seed=args.seed,
         dtype=args.dtype, float16_overflow=args.float16_overflow,
         max_inflight_bytes=args.max_inflight_bytes, shard_size=args.shard_size,

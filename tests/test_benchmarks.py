@@ -45,11 +45,12 @@ def _one(pattern: str, out: str) -> tuple:
 def test_throughput_tiny_prints_every_number(tmp_path):
     out = _run("throughput.py", tmp_path)
     for line in ("(1) crowstream.capture", "(2) hand-written", "(3) bare forward",
-                 "ratio (1)/(2)", "ratio (1)/(3)", "ru_maxrss", "float32:", "float16:",
+                 "(4) bare forward, packed", "ratio (1)/(2)", "ratio (1)/(3)", "ratio (1)/(4)",
+                 "(1)/(4): ", "ru_maxrss", "float32:", "float16:",
                  "of the compressed vector payload", "targets:"):
         assert line in out, f"missing {line!r} in:\n{out}"
-    # all three phases saw the same documents, and (3) replayed crowstream's own batches
-    assert "same real tokens in (1), (2), (3): True" in out, out
+    # all four phases saw the same documents, and (3) replayed crowstream's own batches
+    assert "same real tokens in (1), (2), (3), (4): True" in out, out
     assert "(doc_id order of the part files): True" in out, out
     # every phase counts the same real tokens as the corpus line
     (tokens,) = _one(r"^  corpus: .*?, ([\d,]+) tokens after truncation", out)
@@ -161,3 +162,11 @@ def test_gpu_script_cpu_form_prints_one_table(tmp_path):
                  "-- loader.py", "throughput:", "ceiling:", "loader:"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert sorted(os.listdir(tmp_path)) == ["logs"], "gpu.sh left files behind"
+
+
+@pytest.mark.slow
+def test_pretokenized_tiny_prints_the_ratio_and_equal_rows(tmp_path):
+    out = _run("pretokenized.py", tmp_path)
+    for line in ("d=64 round 0: text", "pre-tokenized", "per 1M tokens", "median text/pre-tokenized"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert "rows equal: True" in out, out

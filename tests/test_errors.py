@@ -413,10 +413,9 @@ def test_oom_backs_off_logs_the_new_batch_size_and_values_match(monkeypatch, gpt
     sizes = oom_above(monkeypatch, 3)
     run = capture(gpt2, docs, tmp_path / "out", batch_size=8, shard_size=8)
     assert run.docs == N
-    assert "out of memory at a batch of 8 documents; retrying with at most 4" in caplog.text
-    assert "out of memory at a batch of 4 documents; retrying with at most 2" in caplog.text
-    assert "--batch-size" in caplog.text
-    assert max(s for s in sizes[3:]) <= 2  # the smaller size sticks for the rest of the run
+    assert "out of memory at a batch of" in caplog.text and "capping forwards at" in caplog.text
+    assert "--max-batch-tokens" in caplog.text
+    assert max(sizes) > 3 and sizes[-1] <= 3  # backed off (by tokens: tests/test_tokens.py)
     assert_same_rows(tmp_path / "out", reference_batch8, atol=1e-5)
     cs.verify(tmp_path / "out")
 
@@ -438,7 +437,7 @@ def test_oom_inside_the_real_forward_pass_is_recognised(gpt2, docs, reference_ba
         capture(gpt2, docs, tmp_path / "out", batch_size=8, shard_size=8)
     finally:
         handle.remove()
-    assert "retrying with at most 2" in caplog.text
+    assert "capping forwards at" in caplog.text
     assert_same_rows(tmp_path / "out", reference_batch8, atol=1e-5)
 
 

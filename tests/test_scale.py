@@ -271,7 +271,7 @@ def test_the_oom_retry_runs_after_the_failed_batch_is_freed(gpt2, fresh_gpt2, co
     finally:
         handle.remove()
     assert seen["alive_at_retry"] is False, "the failed forward's tensors were still alive"
-    assert "out of memory at a batch of 8 documents; retrying with at most 4" in caplog.text
+    assert "out of memory at a batch of" in caplog.text and "capping forwards at" in caplog.text
     reference = _capture(gpt2, corpus[:12], tmp_path / "reference")
     assert_same_rows(run.path, reference.path, atol=1e-5)  # other batch shapes: ulps differ
 

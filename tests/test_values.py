@@ -370,3 +370,92 @@ def test_minilm_float16(minilm, minilm_texts, minilm_expected, tmp_path):
     run = capture(model, tokenizer, list(minilm_texts.values()), MINILM_MODULES, tmp_path / "out",
                   dtype="float16", batch_size=16)
     check_capture(run, minilm_expected, MINILM_MODULES, dtype="float16")
+
+
+# -- packing: several documents per row, each attending only to itself -------------------
+
+def spy_forwards(monkeypatch) -> list:
+    """-> [(rows, pieces, packed)] of every traced forward."""
+    from crowstream.pipeline.tracing import ModelTracer
+
+    original, seen = ModelTracer.run, []
+
+    def run(self, batch):
+        seen.append((batch.input_ids.shape[0], batch.n_docs, batch.segments is not None))
+        return original(self, batch)
+
+    monkeypatch.setattr(ModelTracer, "run", run)
+    return seen
+
+
+def assert_packed(seen) -> None:
+    assert seen and all(packed for _, _, packed in seen)
+    assert sum(pieces for _, pieces, _ in seen) > sum(rows for rows, _, _ in seen), \
+        "no row held two documents: packing was not exercised"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_gpt2_packed_rows_equal_unpadded_forward(gpt2_dir, gpt2_texts, gpt2_expected, attention,
+                                                 monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_implementation=attention).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    seen = spy_forwards(monkeypatch)
+    run = capture(model, tokenizer, list(gpt2_texts.values()), GPT2_MODULES, tmp_path / "out",
+                  packing="auto", batch_size=4)
+    assert_packed(seen)
+    check_capture(run, gpt2_expected, GPT2_MODULES)
+    assert_untouched(model, tokenizer, pad_token=None, padding_side="right")
+
+
+def test_gpt2_packed_chunks_keep_absolute_positions(gpt2, gpt2_ref, gpt2_texts, monkeypatch,
+                                                    tmp_path):
+    model, tokenizer = gpt2
+    texts = dict(list(gpt2_texts.items())[:16])
+    expected = gpt2_ref.expected(tokenizer, texts, context_size=20, overflow="chunk")
+    seen = spy_forwards(monkeypatch)
+    run = capture(model, tokenizer, list(texts.values()), GPT2_MODULES, tmp_path / "out",
+                  context_size=20, overflow="chunk", packing="auto", max_batch_tokens=60)
+    assert_packed(seen)
+    check_capture(run, expected, GPT2_MODULES)
+
+
+@pytest.fixture(scope="module")
+def llama(gpt2):
+    """A tiny Llama (random weights, GQA, RoPE) sharing the tiny GPT-2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = gpt2[1]
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+LLAMA_MODULES = ["model.layers.1", "model.layers.0.self_attn", "model.layers.0"]
+
+
+@pytest.mark.parametrize("packing", ["off", "auto"])
+def test_llama_rows_equal_unpadded_forward(llama, gpt2_texts, packing, monkeypatch, tmp_path):
+    model, tokenizer = llama
+    expected = Reference(model, LLAMA_MODULES).expected(tokenizer, gpt2_texts, context_size=64,
+                                                        overflow="truncate")
+    seen = spy_forwards(monkeypatch)
+    run = capture(model, tokenizer, list(gpt2_texts.values()), LLAMA_MODULES, tmp_path / "out",
+                  context_size=64, packing=packing, batch_size=4)
+    if packing == "auto":
+        assert_packed(seen)
+    check_capture(run, expected, LLAMA_MODULES)
+
+
+def test_packing_auto_pads_for_other_architectures(minilm, monkeypatch, tmp_path):
+    from crowstream.pipeline.packing import supports_packing
+
+    assert not supports_packing(minilm[0])
+    seen = spy_forwards(monkeypatch)
+    capture(minilm[0], minilm[1], ["short one", "a longer document here"], ["encoder.layer.0"],
+            tmp_path / "out", packing="auto")
+    assert seen and not any(packed for _, _, packed in seen)

@@ -12,14 +12,21 @@ models see the positions they would see unpadded.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import itertools
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from crowstream.errors import DataError
 from crowstream.pipeline.options import SORT_WINDOW_DOCS, CaptureConfig
+
+# Tokens read and tokenized ahead of the forward (on the reader thread): a few windows of
+# documents, so the next window is ready before the current one's batches are done (with a
+# prefetch of 2 batches the forward waited for every window). ~16 bytes per token queued.
+PREFETCH_TOKENS = 1 << 20
 
 
 @dataclasses.dataclass
@@ -35,11 +42,20 @@ class Batch:
     piece_doc_ids: np.ndarray     # [B] int64, the document of each batch row
     piece_starts: np.ndarray      # [B] int64, absolute position of each row's first token
     shard: int = 0                # the shard this batch belongs to
+    # packed batches (several documents per row, see packing.py); None otherwise
+    segments: torch.Tensor | None = None      # [B, T] int64, the piece of each token in its row
+    position_ids: torch.Tensor | None = None  # [B, T] int64, restarting at 0 per piece
+    packed_rows: list | None = None           # [B] lists of (doc_id, start, ids) pieces
 
     @property
     def n_pieces(self) -> int:
-        """Pieces (documents or chunks) in this batch."""
+        """Pieces (documents or chunks) in this batch (several per row when packed)."""
         return len(self.piece_starts)
+
+    @property
+    def padded_tokens(self) -> int:
+        """B*T: what a forward costs in memory, padding included."""
+        return self.input_ids.numel()
 
     @property
     def real_tokens(self) -> int:
@@ -47,12 +63,17 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors, so host-to-GPU copies can be asynchronous."""
+        packed = {} if self.segments is None else {
+            "segments": self.segments.pin_memory(), "position_ids": self.position_ids.pin_memory()}
         return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(),
                                    attention_mask=self.attention_mask.pin_memory(),
-                                   keep_index=self.keep_index.pin_memory())
+                                   keep_index=self.keep_index.pin_memory(), **packed)
 
     def split(self) -> tuple[Batch, Batch]:
         """Two half-size batches with the same rows (used to back off on OOM)."""
+        if self.packed_rows is not None:
+            from .packing import split_packed
+            return split_packed(self)
         half = self.n_pieces // 2
         lengths = self.attention_mask.sum(1).numpy()
         ids = self.input_ids.numpy()
@@ -84,11 +105,14 @@ class ShardEnd:
 
 
 class Tokenizing:
-    """Turns texts into token-id lists under one config; holds the ids to exclude."""
+    """Turns documents into token-id arrays under one config: texts through the tokenizer,
+    or with `tokens_field` the corpus's own ids, fed as they are (only truncated to
+    `context_size` under overflow="truncate"). Holds the ids to exclude."""
 
-    def __init__(self, tokenizer, config: CaptureConfig):
+    def __init__(self, tokenizer, config: CaptureConfig, *, pack: bool = False):
         self.tokenizer = tokenizer
         self.config = config
+        self.pack = pack  # several documents per row (packing.py), for models that allow it
         excluded = set(config.exclude_token_ids)
         if config.exclude_special_tokens:
             excluded |= set(tokenizer.all_special_ids)
@@ -97,18 +121,34 @@ class Tokenizing:
         if pad is None:  # e.g. GPT-2: any valid id works, the attention mask hides it
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = int(pad)
+        self.vocab_size = len(tokenizer)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
+    def encode(self, documents: list, doc_ids: list[int] | None = None) -> list[np.ndarray]:
+        """-> one int64 array of ids per document (texts, or id arrays with tokens_field)."""
+        if not documents:
             return []
         truncate = self.config.overflow == "truncate"
-        return self.tokenizer(
-            texts, add_special_tokens=True, truncation=truncate,
+        if self.config.tokens_field is not None:
+            self._check_ids(documents, doc_ids)
+            size = self.config.context_size
+            return [ids[:size] for ids in documents] if truncate else list(documents)
+        encoded = self.tokenizer(
+            documents, add_special_tokens=True, truncation=truncate,
             max_length=self.config.context_size if truncate else None,
             return_attention_mask=False, return_token_type_ids=False, verbose=False,
         )["input_ids"]
+        return [np.array(ids, dtype=np.int64) for ids in encoded]
 
-    def pieces(self, doc_ids: list[int], encoded: list[list[int]]):
+    def _check_ids(self, documents: list[np.ndarray], doc_ids) -> None:
+        for i, ids in enumerate(documents):
+            if ids.size and int(ids.max()) >= self.vocab_size:
+                which = f"document {doc_ids[i]}" if doc_ids is not None else "a document"
+                raise DataError(
+                    f"{which} holds token id {int(ids.max())}, beyond the tokenizer's "
+                    f"{self.vocab_size} ids: the corpus was tokenized with another tokenizer. "
+                    "Pass the tokenizer it was made with (tokenizer=), or capture from text.")
+
+    def pieces(self, doc_ids: list[int], encoded: list[np.ndarray]):
         """-> list of (doc_id, start position, ids) windows of at most context_size."""
         size = self.config.context_size
         out = []
@@ -118,49 +158,94 @@ class Tokenizing:
         return out
 
 
-def shard_stream(shards, tokenizing: Tokenizing, *, shard_size: int,
-                 tokens_before: int) -> Iterator[Batch | ShardEnd]:
+@dataclasses.dataclass
+class _Window:
+    """Up to SORT_WINDOW_DOCS source rows of one shard, tokenized (on the reader thread)."""
+
+    shard: int
+    rows: list                  # (doc_id, text or ids or None) as read
+    doc_ids: list[int]          # rows that are documents (None rows dropped)
+    documents: list             # their texts or ids
+    encoded: list[np.ndarray]   # their ids as fed
+    last: bool                  # the shard's last window
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.encoded)
+
+
+def _windows(shards, tokenizing: Tokenizing) -> Iterator[_Window]:
+    """Read and tokenize each shard's windows in turn (runs on the reader thread)."""
+    for index, block in shards:
+        for w in range(0, len(block), SORT_WINDOW_DOCS):  # a window never crosses the shard
+            window = block[w:w + SORT_WINDOW_DOCS]
+            doc_ids = [d for d, doc in window if doc is not None]
+            documents = [doc for _, doc in window if doc is not None]
+            yield _Window(index, window, doc_ids, documents, tokenizing.encode(documents, doc_ids),
+                          last=w + SORT_WINDOW_DOCS >= len(block))
+
+
+def shard_stream(shards, tokenizing: Tokenizing, *, shard_size: int, tokens_before: int,
+                 on_end=None) -> Iterator[Batch | ShardEnd]:
     """Batches of each `(index, rows)` shard in turn, each shard followed by its
-    `ShardEnd`. Shard k starts at source row k * shard_size."""
+    `ShardEnd`. Shard k starts at source row k * shard_size. Reading and tokenizing run
+    on a reader thread up to PREFETCH_TOKENS ahead, so the next window is ready when the
+    forward finishes this one's batches. `on_end()` is called after the last shard's
+    `ShardEnd` when the shards ran out (not when max_tokens stopped them)."""
     config = tokenizing.config
     tokens_fed = tokens_before
-    for index, block in shards:
-        if config.max_tokens is not None and tokens_fed >= config.max_tokens:
-            return
-        end = yield from _shard(block, tokenizing, index, index * shard_size, tokens_fed)
-        tokens_fed += int(end.n_tokens.sum())
-        if end.last:  # max_tokens reached
-            return
+    windows = readahead(_windows(shards, tokenizing), PREFETCH_TOKENS, lambda w: w.tokens)
+    try:
+        for first in windows:
+            if config.max_tokens is not None and tokens_fed >= config.max_tokens:
+                return
+            end = yield from _shard(_rest_of_shard(first, windows), tokenizing, first.shard,
+                                    first.shard * shard_size, tokens_fed)
+            tokens_fed += int(end.n_tokens.sum())
+            if end.last:  # max_tokens reached
+                return
+        if on_end is not None:
+            on_end()
+    finally:
+        windows.close()
 
 
-def _shard(block, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed: int):
+def _rest_of_shard(first: _Window, windows) -> Iterator[_Window]:
+    """`first` and the windows after it up to its shard's last; never reads past that, so a
+    failure reading the next shard comes only after this shard's `ShardEnd`."""
+    window = first
+    yield window
+    while not window.last:
+        window = next(windows)
+        yield window
+
+
+def _shard(windows, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed: int):
     config = tokenizing.config
     all_ids, all_counts, all_texts, skipped, stop, used = [], [], [], 0, False, 0
     all_token_ids = []
-    for w in range(0, len(block), SORT_WINDOW_DOCS):  # a window never crosses the shard
-        window = block[w:w + SORT_WINDOW_DOCS]
-        doc_ids = [d for d, text in window if text is not None]
-        texts = [text for _, text in window if text is not None]
-        encoded = tokenizing.encode(texts)
+    for window in windows:
+        doc_ids, documents, encoded = window.doc_ids, window.documents, window.encoded
         counts = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
-        used_rows = len(window)
+        used_rows = len(window.rows)
         if config.max_tokens is not None:
             crossing = np.flatnonzero(tokens_fed + np.cumsum(counts) >= config.max_tokens)
             if crossing.size:  # keep the crossing document whole, then stop
                 cut = int(crossing[0]) + 1
-                used_rows = _row_count_through(window, doc_ids[cut - 1])
-                doc_ids, texts, encoded, counts = doc_ids[:cut], texts[:cut], encoded[:cut], counts[:cut]
+                used_rows = _row_count_through(window.rows, doc_ids[cut - 1])
+                doc_ids, documents, encoded, counts = (doc_ids[:cut], documents[:cut],
+                                                       encoded[:cut], counts[:cut])
                 stop = True
         tokens_fed += int(counts.sum())
-        skipped += sum(1 for _, text in window[:used_rows] if text is None)
+        skipped += sum(1 for _, doc in window.rows[:used_rows] if doc is None)
         used += used_rows
         all_ids.extend(doc_ids)
         all_counts.append(counts)
-        all_token_ids.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32,
-                                         count=int(counts.sum())))
+        if encoded:
+            all_token_ids.append(np.concatenate(encoded).astype(np.int32))
         if config.store_text:
-            all_texts.extend(texts)
-        for batch in batches_of(tokenizing.pieces(doc_ids, encoded), tokenizing):
+            all_texts.extend(documents)
+        for batch in _batches(tokenizing)(tokenizing.pieces(doc_ids, encoded), tokenizing):
             batch.shard = index
             yield batch
         if stop:
@@ -173,6 +258,13 @@ def _shard(block, tokenizing: Tokenizing, index: int, consumed: int, tokens_fed:
     return end
 
 
+def _batches(tokenizing: Tokenizing):
+    if tokenizing.pack:
+        from .packing import packed_batches
+        return packed_batches
+    return batches_of
+
+
 def _row_count_through(window, doc_id: int) -> int:
     for i, (d, _) in enumerate(window):
         if d == doc_id:
@@ -180,11 +272,64 @@ def _row_count_through(window, doc_id: int) -> int:
     raise AssertionError("crossing document not in its window")
 
 
+def readahead(iterable, budget: int, cost, name: str = "crowstream-reader"):
+    """Iterate `iterable` on a background thread while the items waiting total under
+    `budget` (by `cost(item)`; one item is always let through). Closing the returned
+    generator stops and joins the thread; a failure there is re-raised here."""
+    waiting: collections.deque = collections.deque()
+    state = {"cost": 0, "closed": False}
+    changed = threading.Condition()
+
+    def produce():
+        try:
+            for item in iterable:
+                price = cost(item)
+                with changed:
+                    while waiting and state["cost"] >= budget and not state["closed"]:
+                        changed.wait()
+                    if state["closed"]:
+                        return
+                    waiting.append(("item", item, price))
+                    state["cost"] += price
+                    changed.notify_all()
+            end = ("done", None, 0)
+        except BaseException as error:  # crosses to the consumer
+            end = ("error", error, 0)
+        with changed:
+            waiting.append(end)
+            changed.notify_all()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    return _consume(waiting, state, changed, thread)
+
+
+def _consume(waiting, state, changed, thread):
+    try:
+        while True:
+            with changed:
+                while not waiting:
+                    changed.wait()
+                kind, value, price = waiting.popleft()
+                state["cost"] -= price
+                changed.notify_all()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        with changed:
+            state["closed"] = True
+            changed.notify_all()
+        thread.join()
+
+
 def batches_of(pieces, tokenizing: Tokenizing) -> Iterator[Batch]:
     """Sort pieces longest-first (stable, so ties keep source order) and cut batches of
     `batch_size` pieces, smaller when `max_batch_tokens` (padded B*T) would be exceeded."""
     config = tokenizing.config
-    pieces = sorted((p for p in pieces if p[2]), key=lambda p: -len(p[2]))
+    pieces = sorted((p for p in pieces if len(p[2])), key=lambda p: -len(p[2]))
     budget = config.max_batch_tokens
     i = 0
     while i < len(pieces):
@@ -229,6 +374,6 @@ def estimate_shard_size(texts: list[str], tokenizing: Tokenizing) -> int:
     batches whatever d is; the result is recorded once and a resume reuses it."""
     from crowstream.pipeline.options import SHARD_TARGET_TOKENS
 
-    encoded = tokenizing.encode([t for t in texts if t is not None])
+    encoded = tokenizing.encode([t for t in texts if t is not None])  # texts or ids
     mean_tokens = max(1.0, float(np.mean([len(e) for e in encoded])) if encoded else 1.0)
     return max(1, int(SHARD_TARGET_TOKENS / mean_tokens))

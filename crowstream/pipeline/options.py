@@ -45,6 +45,7 @@ DEFAULT_COMPRESSION = "zstd"
 Dtype = Literal["float32", "float16"]
 Overflow = Literal["truncate", "chunk"]
 Float16Overflow = Literal["error", "clamp"]
+Packing = Literal["off", "auto"]
 
 # Fields that must match between a run and its resume; the rest (batch size, device,
 # progress) may change freely because they do not change which rows are written.
@@ -54,6 +55,7 @@ RESUME_FIELDS = (
     "max_docs", "max_tokens", "text_field", "split", "store_text", "shard_size",
     "float16_overflow",  # except error -> clamp: a run stopped by an overflow may continue
     "compression",  # the same rows either way, but one run's parts share one codec
+    "tokens_field",
 )
 
 
@@ -88,6 +90,8 @@ class CaptureConfig:
     text_field: str = "text"
     split: str = "train"
     compression: Compression = DEFAULT_COMPRESSION
+    tokens_field: str | None = None
+    packing: Packing = "off"
 
     @classmethod
     def of(cls, options: CaptureOptions, **resolved) -> CaptureConfig:
@@ -186,9 +190,11 @@ class CaptureOptions:
 
     tokenizer: Any = None
     text_field: str = "text"
+    tokens_field: str | None = None
     split: str = "train"
     context_size: int | None = None
     overflow: Overflow = "truncate"
+    packing: Packing = "off"
     batch_size: int = 32
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     max_docs: int | None = None
@@ -239,6 +245,7 @@ class CaptureOptions:
 
     def _check(self) -> None:
         check_choice("overflow", self.overflow, ("truncate", "chunk"))
+        check_choice("packing", self.packing, ("off", "auto"))
         check_choice("dtype", self.dtype, ("float32", "float16"))
         check_choice("float16_overflow", self.float16_overflow, ("error", "clamp"))
         check_choice("compression", self.compression, ("zstd", "lz4", "none"))
@@ -251,6 +258,15 @@ class CaptureOptions:
             raise ConfigError(f"lease_s must be a positive number of seconds, got {self.lease_s!r}.")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ConfigError(f"text_field must be a column name, got {self.text_field!r}.")
+        if self.tokens_field is not None and (not isinstance(self.tokens_field, str)
+                                              or not self.tokens_field):
+            raise ConfigError(f"tokens_field must be a column name or None, got "
+                              f"{self.tokens_field!r}.")
+        if self.tokens_field is not None and self.store_text:
+            raise ConfigError(f"store_text=True keeps each document's text, but with "
+                              f"tokens_field={self.tokens_field!r} the corpus has token ids, no "
+                              "text; drop store_text (--store-text), or drop tokens_field to "
+                              "capture from text.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
         ids = self.exclude_token_ids

@@ -99,7 +99,8 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
         lock, mode = _lock(held, output, options)
         recorded = read_manifest(out) if mode == "resume" else None
         source = sources.open_source(
-            data, text_field=options.text_field, split=options.split, sample=options.sample,
+            data, text_field=options.text_field, tokens_field=options.tokens_field,
+            split=options.split, sample=options.sample,
             seed=options.seed, max_docs=options.max_docs, repository=sources.Repository(
                 options.data_config, options.data_revision, options.data_files))
         peek = []
@@ -119,7 +120,7 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
             context_size=models.resolve_context_size(options.context_size, model, tokenizer),
             max_inflight_bytes=_budget(options.max_inflight_bytes, len(names)))
         tracer = ModelTracer(model, tokenizer, names, config.dtype, config.float16_overflow,
-                             config.max_inflight_bytes)
+                             config.max_inflight_bytes, config.packing)
         session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0,
                           options.encoder_threads)
         _start_or_load(session, mode, recorded, peek, provenance(model, tokenizer))

@@ -29,6 +29,10 @@ from .tables import write_tokenizer, write_vocab
 from .writers import Writers
 
 log = logging.getLogger("crowstream")
+# Forwards without an OOM before the token cap doubles again: long enough that a cap that
+# only just fits is not raised straight back into the OOM, short enough to recover within
+# a shard (~30 batches at the default token budget).
+OOM_RECOVERY_BATCHES = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +71,8 @@ class Session:
         self.progress = progress
         self.manifest: Manifest | None = None
         self.stop_requested = threading.Event()
-        self.oom_cap: int | None = None
+        self.token_cap: int | None = None  # padded tokens per forward, after an OOM
+        self.clean_forwards = 0  # forwards since the cap last changed
 
     # -- set-up -----------------------------------------------------------------------
     def load(self, manifest: Manifest) -> None:
@@ -251,27 +256,35 @@ class Session:
             stop = max((k for k in range(first, end) if owns(k) and k not in done),
                        default=first - 1) + 1
 
-        def record_end(shards: int, rows: int) -> None:
-            with write_errors(self.out):
-                write_end(self.out, manifest.run_id, shards, rows)
+        seen_end = []  # (shards, rows) once the reader thread sees the corpus end
+
+        def record_end() -> None:  # in stream order, once the last shard's batches are out
+            if seen_end:
+                with write_errors(self.out):
+                    write_end(self.out, manifest.run_id, *seen_end[0])
 
         shards = source.shards(manifest.shard_size, lambda k: owns(k) and k not in done,
-                               first=first, stop=stop, on_end=record_end)
-        stream = shard_stream(shards, Tokenizing(self.tokenizer, self.config),
-                              shard_size=manifest.shard_size,
-                              tokens_before=manifest.counts.tokens_fed)
+                               first=first, stop=stop, on_end=lambda *end: seen_end.append(end))
+        tokenizing = Tokenizing(self.tokenizer, self.config,
+                                pack=getattr(self.tracer, "packs", False))
+        stream = shard_stream(shards, tokenizing, shard_size=manifest.shard_size,
+                              tokens_before=manifest.counts.tokens_fed, on_end=record_end)
         if self.tracer.device.type != "cuda":
             return stream
         # pinned on the prefetch thread, so the forward loop's copies to the GPU are async
         return (item.pin_memory() if hasattr(item, "pin_memory") else item for item in stream)
 
     def _forward(self, batch):
-        """-> [(batch, captured)]: one entry, or several after backing off on OOM."""
-        if self.oom_cap is not None and batch.n_pieces > self.oom_cap:
+        """-> [(batch, captured)]: one entry, or several after backing off on OOM. After an
+        OOM, forwards are capped at half the failed batch's padded tokens (B*T); each OOM
+        halves the cap, OOM_RECOVERY_BATCHES clean forwards double it, up to
+        max_batch_tokens (then no cap). Batches under the cap are never cut."""
+        cap = self.token_cap
+        if cap is not None and batch.padded_tokens > cap and batch.n_pieces > 1:
             first, second = batch.split()
             return self._forward(first) + self._forward(second)
         try:
-            return [(batch, self.tracer.run(batch))]
+            captured = self.tracer.run(batch)
         except Exception as error:
             if not is_oom(error):
                 raise
@@ -279,14 +292,29 @@ class Session:
                 raise OutOfMemory(f"out of memory on a single document of {batch.input_ids.shape[1]} "
                                   "tokens; lower --context-size (or use overflow='chunk' with a "
                                   "smaller one), or use a device with more memory.") from error
+        else:
+            self._clean_forward()
+            return [(batch, captured)]
         # Out of the except block: its traceback no longer holds the failed forward's
         # frames, so collecting now really frees that batch's tensors before the retry.
         release_cached_memory()
-        self.oom_cap = batch.n_pieces // 2
-        log.warning("out of memory at a batch of %d documents; retrying with at most %d "
-                    "(pass a smaller --batch-size or --max-batch-tokens to avoid this)",
-                    batch.n_pieces, self.oom_cap)
+        self.token_cap, self.clean_forwards = max(1, batch.padded_tokens // 2), 0
+        log.warning("out of memory at a batch of %d padded tokens (%d x %d); capping forwards at "
+                    "%d padded tokens (pass a smaller --max-batch-tokens to avoid this)",
+                    batch.padded_tokens, *batch.input_ids.shape, self.token_cap)
         return self._forward(batch)
+
+    def _clean_forward(self) -> None:
+        if self.token_cap is None:
+            return
+        self.clean_forwards += 1
+        if self.clean_forwards < OOM_RECOVERY_BATCHES:
+            return
+        limit, self.clean_forwards = self.config.max_batch_tokens, 0
+        self.token_cap = None if limit is not None and self.token_cap * 2 >= limit \
+            else self.token_cap * 2
+        log.info("no out of memory for %d forwards: cap now %s padded tokens",
+                 OOM_RECOVERY_BATCHES, "no" if self.token_cap is None else self.token_cap)
 
     def _record_failure(self, error: BaseException, writers) -> None:
         if self.world > 1 or writers is None:  # shared by the ranks, or nothing started

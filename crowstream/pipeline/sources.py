@@ -1,12 +1,15 @@
 """Stage 1, the source. It owns turning whatever the user has (a list of strings or dicts,
 a `datasets.Dataset`/`IterableDataset`, a local file or directory, a hub dataset id) into
 a stream of `(doc_id, text)`, where `doc_id` is the document's 0-based row index in the
-source. Sampling, `max_docs`, and skipping already-committed documents (resume) live here,
+source, or, for a pre-tokenized corpus (`tokens_field`), `(doc_id, token ids)` with the ids
+as a 1-D int64 array, fed to the model as they are. Sampling, `max_docs`, and skipping already-committed documents (resume) live here,
 so a resumed run never even reads the skipped documents into the model.
 
 Policy for bad texts: `None` is skipped and counted (the manifest's `skipped_docs`);
 an empty string is a document with zero tokens; any other non-string is an error,
-because it almost always means the wrong `text_field`.
+because it almost always means the wrong `text_field`. The same for token ids: `None` is
+skipped, an empty list is a zero-token document, anything but a flat list of non-negative
+integers is an error.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ _REPLAY_ROWS = 1024  # rows of a one-shot iterable kept to read again (>= SORT_W
 
 @dataclasses.dataclass
 class Source:
-    """A corpus, ready to stream. `rows(skip)` yields `(doc_id, text or None)`."""
+    """A corpus, ready to stream. `rows(skip)` yields `(doc_id, text or None)`, or with
+    `tokens_field` `(doc_id, ids or None)`."""
 
     fingerprint: dict
     _rows: Any  # callable () -> iterator of (index, item)
@@ -42,6 +46,7 @@ class Source:
     n_docs: int | None  # documents this run will see (after sample/max_docs), if known
     _indices: np.ndarray | None = None
     _max_docs: int | None = None
+    tokens_field: str | None = None
 
     def rows(self, skip: int = 0) -> Iterator[tuple[int, str | None]]:
         """Documents in order, the first `skip` of them left out unread where possible."""
@@ -51,6 +56,10 @@ class Source:
         else:
             limit = None if self._max_docs is None else max(self._max_docs - skip, 0)
             stream = itertools.islice(self._rows(skip), limit)
+        if self.tokens_field is not None:
+            for index, item in stream:
+                yield index, _ids_of(item, self.tokens_field, index)
+            return
         for index, item in stream:
             yield index, _text_of(item, self.text_field, index)
 
@@ -95,10 +104,15 @@ class Repository:
 
 def open_source(data, *, text_field: str = "text", split: str = "train",
                 sample: int | None = None, seed: int = 0, max_docs: int | None = None,
-                repository: Repository | None = None) -> Source:
+                repository: Repository | None = None, tokens_field: str | None = None) -> Source:
     """Wrap `data` as a `Source`. See the module docstring for what `data` may be;
-    `repository` picks a config, revision or data files of a dataset repository."""
-    rows, n_total, fingerprint = _open(data, text_field, split, repository or Repository())
+    `repository` picks a config, revision or data files of a dataset repository;
+    `tokens_field` names a column of token-id lists to read instead of text."""
+    if tokens_field is not None:
+        data = _docs_of_output(data)
+    field = text_field if tokens_field is None else tokens_field
+    rows, n_total, fingerprint = _open(data, field, split, repository or Repository(),
+                                       tokens=tokens_field is not None)
     indices = None
     if sample is not None:
         if fingerprint["kind"] == "iterable":
@@ -118,10 +132,20 @@ def open_source(data, *, text_field: str = "text", split: str = "train",
     else:
         n_docs = n_total if max_docs is None or n_total is None else min(n_total, max_docs)
     fingerprint = {**fingerprint, "text_field": text_field}
-    return Source(fingerprint, rows, text_field, n_docs, indices, max_docs)
+    if tokens_field is not None:
+        fingerprint["tokens_field"] = tokens_field
+    return Source(fingerprint, rows, text_field, n_docs, indices, max_docs, tokens_field)
 
 
-def _open(data, text_field: str, split: str, repository: Repository):
+def _docs_of_output(data):
+    """A crowstream output given as a pre-tokenized corpus: read its `docs/` table."""
+    if isinstance(data, (str, os.PathLike)) and os.path.isfile(
+            os.path.join(os.fspath(data), "crowstream.json")):
+        return os.path.join(os.fspath(data), "docs")
+    return data
+
+
+def _open(data, text_field: str, split: str, repository: Repository, *, tokens: bool = False):
     """-> (rows(skip) -> iterator of (index, item), total count or None, fingerprint)."""
     import datasets
 
@@ -132,11 +156,15 @@ def _open(data, text_field: str, split: str, repository: Repository):
                         f"repository (a hub id or a local directory), not from {_kind(data)}; "
                         "drop them or pass the repository.")
     if isinstance(data, str):
+        if tokens and os.path.isfile(data) and data.lower().endswith(".txt"):
+            raise DataError(f"{data!r} is a text file: it has no column of token ids. Drop "
+                            "tokens_field (--tokens-field) to tokenize it, or pass a .parquet, "
+                            ".jsonl or datasets corpus with a column of token-id lists.")
         return _open_path_or_hub(data, split, repository)
     if _is_pandas_frame(data):
-        return _open_pandas(data, text_field)
+        return _open_pandas(data, text_field, tokens)
     if isinstance(data, datasets.Dataset):
-        return _open_dataset(data, text_field)
+        return _open_dataset(data, text_field, tokens)
     if isinstance(data, datasets.IterableDataset):
         return _streaming_rows(data), None, {
             "kind": "datasets.IterableDataset", "name": str(data.info.dataset_name),
@@ -166,10 +194,16 @@ def _open(data, text_field: str, split: str, repository: Repository):
     )
 
 
-def _open_dataset(ds, text_field: str):
+def _field_words(tokens: bool) -> tuple[str, str]:
+    """How an error names the column option: ("text field", "text_field=") or the tokens'."""
+    return ("tokens field", "tokens_field=") if tokens else ("text field", "text_field=")
+
+
+def _open_dataset(ds, text_field: str, tokens: bool = False):
     if text_field not in ds.column_names:
-        raise DataError(f"text field {text_field!r} is not a column of the dataset; "
-                        f"available columns: {', '.join(ds.column_names)}. Pass text_field=.")
+        what, option = _field_words(tokens)
+        raise DataError(f"{what} {text_field!r} is not a column of the dataset; "
+                        f"available columns: {', '.join(ds.column_names)}. Pass {option}.")
     column = ds.select_columns([text_field])
 
     def rows(skip):
@@ -185,15 +219,21 @@ def _is_pandas_frame(data) -> bool:
     return type(data).__module__.startswith("pandas") and type(data).__name__ == "DataFrame"
 
 
-def _open_pandas(frame, text_field: str):
+def _open_pandas(frame, text_field: str, tokens: bool = False):
     """A pandas DataFrame: its `text_field` column, rows in order (doc_id = row number)."""
     import pandas as pd
 
     if text_field not in frame.columns:
-        raise DataError(f"text field {text_field!r} is not a column of the DataFrame; available "
-                        f"columns: {', '.join(map(str, frame.columns))}. Pass text_field=.")
+        what, option = _field_words(tokens)
+        raise DataError(f"{what} {text_field!r} is not a column of the DataFrame; available "
+                        f"columns: {', '.join(map(str, frame.columns))}. Pass {option}.")
     column = frame[text_field]
-    digest = hashlib.sha256(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
+    if tokens:  # lists of ids are unhashable for pandas: digest each row's ids
+        digest = hashlib.sha256()
+        for ids in column:
+            digest.update(b"-" if ids is None else np.asarray(ids, dtype=np.int64).tobytes() + b";")
+    else:
+        digest = hashlib.sha256(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
 
     def rows(skip):
         return enumerate(column.iloc[skip:].tolist(), start=skip)
@@ -392,3 +432,22 @@ def _text_of(item, text_field: str, index: int) -> str | None:
         return item
     raise DataError(f"document {index} has type {type(item).__name__}, not str "
                     f"(value {str(item)[:60]!r}); check text_field (now {text_field!r}).")
+
+
+def _ids_of(item, tokens_field: str, index: int) -> np.ndarray | None:
+    """A document's token ids as a 1-D int64 array (None: a skipped row)."""
+    if isinstance(item, dict):
+        if tokens_field not in item:
+            raise DataError(f"document {index} has no field {tokens_field!r}; available fields: "
+                            f"{', '.join(map(str, item))}. Pass tokens_field= (CLI: --tokens-field).")
+        item = item[tokens_field]
+    if item is None:
+        return None
+    ids = np.asarray(item) if isinstance(item, (list, tuple, np.ndarray)) else None
+    if ids is not None and ids.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0:
+        raise DataError(f"document {index}: tokens field {tokens_field!r} holds "
+                        f"{str(item)[:60]!r}, not a list of token ids (non-negative integers); "
+                        "check tokens_field, or drop it to tokenize a text column.")
+    return ids.astype(np.int64, copy=False)

@@ -17,6 +17,7 @@ import functools
 import gc
 import inspect
 import itertools
+import logging
 import re
 import threading
 import warnings
@@ -29,6 +30,7 @@ from crowstream.format.layout import INPUT_SUFFIX, base_module, check_module_nam
 from crowstream.errors import Float16OverflowError, ModuleNotFoundInModel, ModuleOutputError
 
 _GLOB_CHARS = set("*?[")
+log = logging.getLogger("crowstream")
 
 
 @dataclasses.dataclass
@@ -275,8 +277,16 @@ class ModelTracer:
     """
 
     def __init__(self, model, tokenizer, module_names: list[str], dtype: str,
-                 float16_overflow: str = "error", inflight_bytes: int = 1 << 30):
+                 float16_overflow: str = "error", inflight_bytes: int = 1 << 30,
+                 packing: str = "off"):
+        from .packing import supports_packing
+
         self.model = model
+        self.packs = packing == "auto" and supports_packing(model)  # batches arrive packed
+        if packing == "auto" and not self.packs:
+            log.info("packing='auto': %s is not one of the packing architectures; batches are "
+                     "padded", type(model).__name__)
+        self.mask_dtype = getattr(model, "dtype", torch.float32)
         self.dtype = getattr(torch, dtype)
         self.float16_overflow = float16_overflow
         self.device = input_device(model)
@@ -295,7 +305,6 @@ class ModelTracer:
         self._eval = None
 
     def __enter__(self) -> ModelTracer:
-        import nnsight
 
         self._eval = eval_mode(self.model)
         self._eval.__enter__()
@@ -329,7 +338,15 @@ class ModelTracer:
         mask = batch.attention_mask.to(self.device, non_blocking=on_cuda)
         index = batch.keep_index.to(self.device, non_blocking=on_cuda)
         with torch.inference_mode():
-            kept, peaks, clamped = self._trace(ids, mask, index)
+            if batch.segments is None:
+                kept, peaks, clamped = self._trace(ids, mask, index)
+            else:  # packed: a block-diagonal causal mask, positions restarting per piece
+                from .packing import packed_mask
+
+                segments = batch.segments.to(self.device, non_blocking=on_cuda)
+                positions = batch.position_ids.to(self.device, non_blocking=on_cuda)
+                kept, peaks, clamped = self._trace(ids, packed_mask(segments, self.mask_dtype),
+                                                   index, position_ids=positions)
         gc.collect(1)  # a stopped trace leaves cycles holding its frames; young gen suffices
         if not on_cuda:  # CPU, or an accelerator (MPS, XPU) copied synchronously
             return Captured(on_cpu(kept), peaks=on_cpu(peaks), clamped=on_cpu(clamped))
@@ -347,13 +364,15 @@ class ModelTracer:
             events.append(event)
         return Captured(host, tuple(events), peaks, clamped, buffers, self.pool)
 
-    def _trace(self, ids, mask, index):
+    def _trace(self, ids, mask, index, position_ids=None):
         """-> ({module: kept rows}, {module: peak magnitude}, {module: clamped count})."""
         import nnsight
 
         kept, peaks, clamped = {}, {}, {}
         envoys, dtype, clamp = self.envoys, self.dtype, self.float16_overflow == "clamp"
-        with self.wrapped.trace(input_ids=ids, attention_mask=mask, **self.forward_kwargs) as tracer:
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        with self.wrapped.trace(input_ids=ids, attention_mask=mask, **extra,
+                                **self.forward_kwargs) as tracer:
             for name, envoy, is_input in envoys:
                 value = envoy.input if is_input else envoy.output
                 if isinstance(value, tuple):
