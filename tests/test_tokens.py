@@ -224,8 +224,8 @@ def test_oom_splits_packed_batches_down_to_one_row_and_rows_stay_equal(
     original, seen = ModelTracer.run, []
 
     def run(self, batch):  # OOM on more than 4 documents in a forward, packed or not
-        seen.append((tuple(batch.input_ids.shape), batch.n_docs))
-        if batch.n_docs > 4:
+        seen.append((tuple(batch.input_ids.shape), batch.n_pieces))
+        if batch.n_pieces > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return original(self, batch)
 

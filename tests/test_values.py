@@ -381,7 +381,7 @@ def spy_forwards(monkeypatch) -> list:
     original, seen = ModelTracer.run, []
 
     def run(self, batch):
-        seen.append((batch.input_ids.shape[0], batch.n_docs, batch.segments is not None))
+        seen.append((batch.input_ids.shape[0], batch.n_pieces, batch.segments is not None))
         return original(self, batch)
 
     monkeypatch.setattr(ModelTracer, "run", run)
