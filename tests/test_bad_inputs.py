@@ -329,7 +329,7 @@ def test_the_dataset_card_is_fsynced_before_it_replaces_the_old_one(ctx, tmp_pat
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
                         or fsync(fd))
     write_card(str(out), manifest_of(out))
-    assert re.search(r"/\.tmp/README\.md\.\d+\.tmp$", synced[0]) and synced[-1] == str(out)
+    assert re.search(r"/\.tmp/README\.md\.[0-9a-f]+\.tmp$", synced[0]) and synced[-1] == str(out)
 
 
 # -- inputs that used to fail and now work ---------------------------------------------------

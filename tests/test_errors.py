@@ -324,7 +324,7 @@ DISK_SITES = {
     # the vocab, then 4 per shard (2 parts, docs, stats); writer threads may close the parts
     # of up to 3 later shards before the committer reaches shard 0's docs: >= 1 shard commits
     "fsync": 13,
-    "manifest": 4,              # start, "running", records 0 and 1; shard 2's record fails
+    "manifest": 5,              # start, run.json, "running", records 0 and 1; shard 2 fails
     # a full disk stays full: the aborted part's close fails too (it must not mask the error)
     "every Parquet write": 14,  # writes and closes (docs, stats, vocab too): shard 0 commits
 }
