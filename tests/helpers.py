@@ -193,3 +193,15 @@ def patch_everywhere(monkeypatch, function, replacement) -> None:
             for attribute, value in list(vars(module).items()):
                 if value is function:
                     monkeypatch.setattr(module, attribute, replacement)
+
+
+def benchmark(name: str):
+    """benchmarks/<name>.py as a module (its helpers build synthetic outputs for tests)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  os.path.join(root, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

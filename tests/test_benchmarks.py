@@ -41,9 +41,31 @@ def _one(pattern: str, out: str) -> tuple:
     return found.groups()
 
 
+@pytest.fixture(scope="module")
+def gpu_sh(tmp_path_factory):
+    """benchmarks/gpu.sh in its CPU form, run once: -> (its table, its logs directory). Its
+    throughput and loader runs are the scripts' own --tiny runs, so their tests read these
+    logs instead of running them again (the suite stays under 10 minutes)."""
+    tmp = tmp_path_factory.mktemp("gpu-sh")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHON": sys.executable, "LOGS": str(tmp / "logs")}
+    done = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu.sh"), "--device", "cpu", "--tiny",
+                           "--tmp", str(tmp)], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, f"gpu.sh exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert sorted(os.listdir(tmp)) == ["logs"], "gpu.sh left files behind"
+    return done.stdout, tmp / "logs"
+
+
+def _log(gpu_sh, name: str) -> str:
+    out = (gpu_sh[1] / f"{name}.log").read_text()
+    _every_figure_finite(out)
+    return out
+
+
 @pytest.mark.slow
-def test_throughput_tiny_prints_every_number(tmp_path):
-    out = _run("throughput.py", tmp_path)
+def test_throughput_tiny_prints_every_number(gpu_sh):
+    out = _log(gpu_sh, "throughput")
     for line in ("(1) crowstream.capture", "(2) hand-written", "(3) bare forward",
                  "(4) bare forward, packed", "ratio (1)/(2)", "ratio (1)/(3)", "ratio (1)/(4)",
                  "(1)/(4): ", "ru_maxrss", "float32:", "float16:",
@@ -113,8 +135,8 @@ def test_scale_tiny_prints_every_number(tmp_path):
     assert out.count("documents per batch: [4] (batch_size 4: OK)") == len(budgets), out
 
 
-def test_loader_tiny_prints_every_number(tmp_path):
-    out = _run("loader.py", tmp_path)
+def test_loader_tiny_prints_every_number(gpu_sh):
+    out = _log(gpu_sh, "loader")
     for line in ("d=32 float32:", "d=32 float16:", "raw pyarrow", "cs.stream", "CPU µs/row",
                  "stream/raw: rows/s", "resume cost:", "mixing P(two rows of a batch share",
                  "memory: peak RSS a stream adds", "targets:"):
@@ -149,19 +171,12 @@ def test_compression_tiny_prints_the_table_and_a_choice(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_script_cpu_form_prints_one_table(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHON": sys.executable, "LOGS": str(tmp_path / "logs")}
-    done = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu.sh"), "--device", "cpu", "--tiny",
-                           "--tmp", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert done.returncode == 0, f"gpu.sh exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    out = done.stdout
+def test_gpu_script_cpu_form_prints_one_table(gpu_sh):
+    out = gpu_sh[0]
     for line in ("== crowstream on cpu", "-- throughput.py", "(1) crowstream.capture",
                  "-- ceiling.py", "encoder_threads=1", "encoder_threads=2", "speed-up",
                  "-- loader.py", "throughput:", "ceiling:", "loader:"):
         assert line in out, f"missing {line!r} in:\n{out}"
-    assert sorted(os.listdir(tmp_path)) == ["logs"], "gpu.sh left files behind"
 
 
 @pytest.mark.slow

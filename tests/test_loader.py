@@ -5,8 +5,6 @@ alignment, normalisation, dtype/device and argument errors."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 
 import numpy as np
@@ -16,17 +14,14 @@ import torch
 from torch.utils.data import DataLoader
 
 import crowstream as cs
+from helpers import benchmark
 from crowstream.reading.catalog import Catalog
 from crowstream.errors import ConfigError, DataError
 from crowstream.reading.loader import Stream
 from crowstream.reading.shuffle import worker_share as _worker_share
 
 DOC_TOKENS = 20
-_spec = importlib.util.spec_from_file_location(
-    "bench_loader", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "benchmarks", "loader.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = benchmark("loader")  # benchmarks/loader.py: write_synthetic
 
 
 @pytest.fixture(scope="module")

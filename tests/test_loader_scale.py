@@ -7,8 +7,6 @@ outputs (benchmarks/loader.py's `write_synthetic`); each test names what broke b
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import signal
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import crowstream as cs
+from helpers import benchmark
 from crowstream.errors import ConfigError
 from crowstream.reading.catalog import Catalog
 from crowstream.reading.loader import without_position0
@@ -24,11 +23,7 @@ from crowstream.reading.loader import without_position0
 DOC = 10
 # 3 workers on this 2-core machine: torch warns, and warnings are errors in the tests
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-_spec = importlib.util.spec_from_file_location(
-    "bench_loader", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "benchmarks", "loader.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = benchmark("loader")  # benchmarks/loader.py: write_synthetic
 
 
 @pytest.fixture(scope="module")
