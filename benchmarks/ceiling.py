@@ -71,20 +71,11 @@ def build_model(d: int, tokenizer, device: str):
 
 
 def build_tokenizer():
-    """A byte-level BPE trained on Python's docs (no hub access)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The benchmarks' byte-level BPE (benchmarks/throughput.py), 2,000 tokens."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from throughput import build_tokenizer as trained
 
-    from crowstream.demo import python_doc_paragraphs
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(python_doc_paragraphs(2000), trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return trained(2000, paragraphs=2000)
 
 
 def build_corpus(tokenizer, tokens: int, context: int) -> list[str]:

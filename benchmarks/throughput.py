@@ -87,23 +87,31 @@ def documents(n: int, *, repeat_to: int | None = None) -> list[str]:
     return docs
 
 
-def build_model(spec: ModelSpec, *, seed: int = 0):
-    """A GPT-2 of `spec`'s shape with random weights and a byte-level BPE tokenizer trained
-    on Python's docs (like tests/conftest.py); -> (model in eval mode, tokenizer)."""
-    import torch
+def build_tokenizer(vocab_size: int, paragraphs: int = 10**9):
+    """A byte-level BPE of `vocab_size` trained on (the first `paragraphs` of) Python's
+    docs, like tests/conftest.py's: no hub access."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from crowstream.demo import python_doc_paragraphs
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(python_doc_paragraphs(10**9, min_chars=1), trainers.BpeTrainer(
-        vocab_size=spec.vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+    backend.train_from_iterator(python_doc_paragraphs(paragraphs, min_chars=1), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def build_model(spec: ModelSpec, *, seed: int = 0):
+    """A GPT-2 of `spec`'s shape with random weights and `build_tokenizer`'s tokenizer;
+    -> (model in eval mode, tokenizer)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(spec.vocab_size)
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head,
                         n_positions=spec.n_positions, vocab_size=len(tokenizer),

@@ -205,3 +205,21 @@ def benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def sigint_at_batch(monkeypatch, n: int) -> None:
+    """Send this process SIGINT during the `n`-th traced batch (crowstream's handler then
+    commits the complete shards and stops); `monkeypatch.undo()` removes it."""
+    import signal
+
+    from crowstream.pipeline.tracing import ModelTracer
+
+    original, calls = ModelTracer.run, []
+
+    def run(tracer, batch):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(tracer, batch)
+
+    monkeypatch.setattr(ModelTracer, "run", run)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import crowstream as cs
+from helpers import sigint_at_batch
 from crowstream.format import storage
 from crowstream.errors import OutputError, OutputExistsError, VerifyError
 from crowstream.format.manifest import Manifest
@@ -206,18 +207,9 @@ def test_sigkill_mid_commit_then_resume_equals_local(gpt2_dir, docs, local, serv
 
 def test_interrupt_names_the_url_and_a_second_capture_is_refused(gpt2, docs, server, monkeypatch):
     from crowstream.errors import Interrupted
-    from crowstream.pipeline.tracing import ModelTracer
 
     url = "s3://bucket/interrupted"
-    original, calls = ModelTracer.run, []
-
-    def run(tracer, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(tracer, batch)
-
-    monkeypatch.setattr(ModelTracer, "run", run)
+    sigint_at_batch(monkeypatch, 3)
     with pytest.raises(Interrupted, match=r"s3://bucket/interrupted") as info:
         capture(gpt2, docs, url, storage_options=server)
     assert "crowstream-spool-" not in str(info.value)

@@ -13,7 +13,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.errors import ConfigError, DataError
-from crowstream.pipeline.batching import readahead
+from crowstream.pipeline.threads import prefetch
 from helpers import assert_same_rows, manifest_of, raw_manifest
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
@@ -120,7 +120,7 @@ def test_resume_refuses_another_tokens_field(gpt2, token_ids, tmp_path):
                    resume=True, **KW)
 
 
-def test_readahead_runs_ahead_by_cost_and_stops_when_closed():
+def test_prefetch_runs_ahead_by_cost_and_stops_when_closed():
     produced = []
 
     def items():
@@ -128,7 +128,7 @@ def test_readahead_runs_ahead_by_cost_and_stops_when_closed():
             produced.append(i)
             yield i
 
-    stream = readahead(items(), budget=10, cost=lambda i: 3)
+    stream = prefetch(items(), 10, cost=lambda i: 3)
     assert next(stream) == 0
     deadline = time.monotonic() + 5
     while len(produced) < 5 and time.monotonic() < deadline:
@@ -140,12 +140,12 @@ def test_readahead_runs_ahead_by_cost_and_stops_when_closed():
     assert not [t for t in threading.enumerate() if t.name == "crowstream-reader"]
 
 
-def test_readahead_reraises_the_readers_failure():
+def test_prefetch_reraises_the_readers_failure():
     def items():
         yield 1
         raise ValueError("broken corpus")
 
-    stream = readahead(items(), budget=10, cost=lambda i: 1)
+    stream = prefetch(items(), 10, cost=lambda i: 1)
     assert next(stream) == 1
     with pytest.raises(ValueError, match="broken corpus"):
         next(stream)

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 import crowstream as cs
+from helpers import sigint_at_batch
 from crowstream.errors import ManifestError, ResumeMismatchError
 
 moto_server = pytest.importorskip("moto.server")
@@ -53,20 +54,9 @@ def capture(gpt2, data, out, modules=MODULES, **kw):
 
 def interrupted(gpt2, docs, out, monkeypatch, **kw):
     """A capture of `docs` interrupted (SIGINT) during its third batch: shards 0-2 committed."""
-    import signal
-
     from crowstream.errors import Interrupted
-    from crowstream.pipeline.tracing import ModelTracer
 
-    original, calls = ModelTracer.run, []
-
-    def run(tracer, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(tracer, batch)
-
-    monkeypatch.setattr(ModelTracer, "run", run)
+    sigint_at_batch(monkeypatch, 3)
     with pytest.raises(Interrupted):
         capture(gpt2, docs, out, **kw)
     monkeypatch.undo()

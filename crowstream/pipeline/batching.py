@@ -12,9 +12,7 @@ models see the positions they would see unpadded.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch
 
 from crowstream.errors import DataError
 from crowstream.pipeline.options import SORT_WINDOW_DOCS, CaptureConfig
+from crowstream.pipeline.threads import prefetch
 
 # Tokens read and tokenized ahead of the forward (on the reader thread): a few windows of
 # documents, so the next window is ready before the current one's batches are done (with a
@@ -194,7 +193,8 @@ def shard_stream(shards, tokenizing: Tokenizing, *, shard_size: int, tokens_befo
     `ShardEnd` when the shards ran out (not when max_tokens stopped them)."""
     config = tokenizing.config
     tokens_fed = tokens_before
-    windows = readahead(_windows(shards, tokenizing), PREFETCH_TOKENS, lambda w: w.tokens)
+    windows = prefetch(_windows(shards, tokenizing), PREFETCH_TOKENS, "crowstream-reader",
+                       cost=lambda w: w.tokens)
     try:
         for first in windows:
             if config.max_tokens is not None and tokens_fed >= config.max_tokens:
@@ -270,59 +270,6 @@ def _row_count_through(window, doc_id: int) -> int:
         if d == doc_id:
             return i + 1
     raise AssertionError("crossing document not in its window")
-
-
-def readahead(iterable, budget: int, cost, name: str = "crowstream-reader"):
-    """Iterate `iterable` on a background thread while the items waiting total under
-    `budget` (by `cost(item)`; one item is always let through). Closing the returned
-    generator stops and joins the thread; a failure there is re-raised here."""
-    waiting: collections.deque = collections.deque()
-    state = {"cost": 0, "closed": False}
-    changed = threading.Condition()
-
-    def produce():
-        try:
-            for item in iterable:
-                price = cost(item)
-                with changed:
-                    while waiting and state["cost"] >= budget and not state["closed"]:
-                        changed.wait()
-                    if state["closed"]:
-                        return
-                    waiting.append(("item", item, price))
-                    state["cost"] += price
-                    changed.notify_all()
-            end = ("done", None, 0)
-        except BaseException as error:  # crosses to the consumer
-            end = ("error", error, 0)
-        with changed:
-            waiting.append(end)
-            changed.notify_all()
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
-    return _consume(waiting, state, changed, thread)
-
-
-def _consume(waiting, state, changed, thread):
-    try:
-        while True:
-            with changed:
-                while not waiting:
-                    changed.wait()
-                kind, value, price = waiting.popleft()
-                state["cost"] -= price
-                changed.notify_all()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        with changed:
-            state["closed"] = True
-            changed.notify_all()
-        thread.join()
 
 
 def batches_of(pieces, tokenizing: Tokenizing) -> Iterator[Batch]:

@@ -106,44 +106,60 @@ class ByteBudget:
             self._changed.notify_all()
 
 
-def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch"):
-    """Iterate `iterable` on a background thread, `depth` items ahead. Closing the
-    returned generator stops the thread at its next item."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    closed = threading.Event()
+def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch", cost=None):
+    """Iterate `iterable` on a background thread while the items waiting total under
+    `depth` (each item costs `cost(item)`, default 1; one item is always let through).
+    Closing the returned generator stops and joins the thread; a failure there is
+    re-raised here."""
+    cost = cost or (lambda item: 1)
+    budget = depth
+    waiting: collections.deque = collections.deque()
+    state = {"cost": 0, "closed": False}
+    changed = threading.Condition()
 
     def produce():
         try:
             for item in iterable:
-                while not closed.is_set():
-                    try:
-                        items.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if closed.is_set():
-                    return
-            items.put(("done", None))
-        except BaseException as error:
-            items.put(("error", error))
+                price = cost(item)
+                with changed:
+                    while waiting and state["cost"] >= budget and not state["closed"]:
+                        changed.wait()
+                    if state["closed"]:
+                        return
+                    waiting.append(("item", item, price))
+                    state["cost"] += price
+                    changed.notify_all()
+            end = ("done", None, 0)
+        except BaseException as error:  # crosses to the consumer
+            end = ("error", error, 0)
+        with changed:
+            waiting.append(end)
+            changed.notify_all()
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
+    return _consume(waiting, state, changed, thread)
+
+
+def _consume(waiting, state, changed, thread):
     try:
         while True:
-            kind, value = items.get()
+            with changed:
+                while not waiting:
+                    changed.wait()
+                kind, value, price = waiting.popleft()
+                state["cost"] -= price
+                changed.notify_all()
             if kind == "done":
                 return
             if kind == "error":
                 raise value
             yield value
     finally:
-        closed.set()
-        while thread.is_alive():
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.1)
+        with changed:
+            state["closed"] = True
+            changed.notify_all()
+        thread.join()
 
 
 class EncoderPool:
