@@ -152,6 +152,7 @@ def _problems(kind: str, document: dict) -> list[str]:
             for e in sorted(errors, key=lambda e: list(e.absolute_path))]
 
 
+@functools.cache  # built per module per batch by flatten: one schema object per (d, dtype)
 def row_schema(d: int, dtype: str) -> pa.Schema:
     """Arrow schema of a module's part files: doc_id, position, token, vector[d]."""
     value = {"float32": pa.float32(), "float16": pa.float16()}[dtype]

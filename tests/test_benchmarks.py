@@ -166,6 +166,8 @@ def test_compression_tiny_prints_the_table_and_a_choice(tmp_path):
     for line in rows:  # bytes per row below the raw row for zstd, at most ~4% above for none
         _, _, dtype, codec, per_row, raw, *figures = line.split()
         assert float(per_row) < 1.04 * int(raw) + 40, line
+        if codec == "zstd":  # docs/performance.md: zstd stores fewer bytes than the raw row
+            assert float(per_row) < int(raw), line
         assert all(float(f.replace(",", "")) > 0 for f in figures), line
     assert "choice: " in out, out
 

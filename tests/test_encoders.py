@@ -41,10 +41,10 @@ def test_one_and_two_encoder_threads_write_identical_parts_and_records(gpt2, cor
     runs = {threads: _capture(gpt2, corpus[:40], tmp_path / f"t{threads}", shard_size=15,
                               batch_size=8, encoder_threads=threads) for threads in (1, 2)}
     one, two = (str(runs[t].path) for t in (1, 2))
-    assert parts_of(one) == parts_of(two)  # paths, sizes and sha256 of every part
+    assert parts_of(one) == parts_of(two)  # paths, rows and sha256 of every part
     files = sorted(glob.glob(os.path.join(one, "data", "*", "*.parquet")))
     assert len(files) > 2 * len(MODULES) * 3  # several files per module and shard
-    for path in files:  # the recorded hash (taken while writing) is the file's
+    for path in files:  # the same bytes; verify() below checks each recorded hash and size
         with open(path, "rb") as f, open(path.replace(one, two), "rb") as g:
             assert f.read() == g.read()
     assert _records(one) == _records(two)

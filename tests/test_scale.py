@@ -541,3 +541,13 @@ def test_the_pinned_pool_reuses_buffers_within_its_capacity():
     _, big = pool.take((4000, 256), torch.float32)  # 4 MB: over the free capacity once given
     pool.give(big)
     assert sum(b.numel() for b in pool._free) <= 3 << 20
+
+
+def test_the_documented_budget_floor_and_oom_recovery():
+    """The figures docs/performance.md states: the smallest budget the writers honour (one
+    encoder + two row groups per module) and the clean forwards before the OOM cap doubles."""
+    from crowstream.pipeline import session
+    from crowstream.pipeline.parts import min_inflight_bytes
+
+    assert min_inflight_bytes(1) == 80 << 20 and min_inflight_bytes(11) == 400 << 20
+    assert session.OOM_RECOVERY_BATCHES == 50

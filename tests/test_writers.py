@@ -341,6 +341,7 @@ def test_random_sigkills_then_takeover_resumes_equal_an_uninterrupted_capture(
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert kills >= 1, "no capture was killed: the test ran plain captures"
     assert rows(url, storage_options=server) == rows(reference)
     cs.verify(url, storage_options=server)
     final = cs.info(url, storage_options=server)

@@ -299,17 +299,18 @@ def make_batch(pieces, tokenizing: Tokenizing) -> Batch:
 
 
 def _assemble(ids, lengths, keep, doc_of_row, starts) -> Batch:
+    ids = np.ascontiguousarray(ids)              # [B, T]; split() passes column slices
     width = ids.shape[1]
     flat = np.flatnonzero(keep)                  # [N] indices into B*T
     row, col = np.divmod(flat, width)
     mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
     return Batch(
-        input_ids=torch.from_numpy(np.ascontiguousarray(ids)),
+        input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy(mask),
         keep_index=torch.from_numpy(flat),
         doc_ids=doc_of_row[row],
         positions=(starts[row] + col).astype(np.int32),
-        tokens=np.ascontiguousarray(ids).reshape(-1)[flat].astype(np.int32),
+        tokens=ids.reshape(-1)[flat].astype(np.int32),
         piece_doc_ids=doc_of_row,
         piece_starts=starts,
     )

@@ -136,9 +136,11 @@ def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch", cost=N
             waiting.append(end)
             changed.notify_all()
 
+    # A generator: the thread starts at the first item asked for, so a stream closed
+    # before it was ever read leaves no thread behind.
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
-    return _consume(waiting, state, changed, thread)
+    yield from _consume(waiting, state, changed, thread)
 
 
 def _consume(waiting, state, changed, thread):

@@ -335,10 +335,10 @@ class ModelTracer:
         """One forward pass over `batch`; the rows its keep-mask selects, per module."""
         on_cuda = self.device.type == "cuda"
         ids = batch.input_ids.to(self.device, non_blocking=on_cuda)
-        mask = batch.attention_mask.to(self.device, non_blocking=on_cuda)
         index = batch.keep_index.to(self.device, non_blocking=on_cuda)
         with torch.inference_mode():
             if batch.segments is None:
+                mask = batch.attention_mask.to(self.device, non_blocking=on_cuda)
                 kept, peaks, clamped = self._trace(ids, mask, index)
             else:  # packed: a block-diagonal causal mask, positions restarting per piece
                 from .packing import packed_mask
@@ -383,7 +383,7 @@ class ModelTracer:
                     if clamp:  # on the device, in float32: bf16 rounds 65504 up to 65536
                         rows = rows.float()
                         clamped[name] = nnsight.save((rows.abs() > FLOAT16_MAX).sum())
-                        rows = rows.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+                        rows = rows.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # a fresh tensor
                     else:  # checked on the writer thread: no device sync here
                         peaks[name] = nnsight.save(_peak(rows))
                 if rows.dtype != dtype and not _upcast_on_host(rows.dtype, dtype):

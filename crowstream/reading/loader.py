@@ -39,7 +39,6 @@ from crowstream.reading.units import Plan, Windows
 
 # Added to the variance before dividing by its square root in normalize="standardize".
 STANDARDIZE_EPS = 1e-6
-NORMALIZE = ("mean_norm", "standardize")
 # Batch numbers taken ahead of the resume point that shared memory can hold (workers
 # with in_order=False hand batches out of order).
 MAX_EXTRA = 4096

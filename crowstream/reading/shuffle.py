@@ -21,6 +21,8 @@ import numpy as np
 from crowstream.checks import check_positive
 from crowstream.errors import ConfigError
 
+NORMALIZE = ("mean_norm", "standardize")  # what Stream(normalize=) accepts
+
 # Units read ahead of the consumer beyond one per reader thread, so none of them idles.
 READ_AHEAD_UNITS = 2
 ID_COLUMNS = ("doc_id", "position", "token")
@@ -284,7 +286,7 @@ def check_arguments(batch_size, shuffle_buffer, shuffle_buffer_bytes, seed, epoc
         raise ConfigError("pass shuffle_buffer (rows) or shuffle_buffer_bytes, not both.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
-    if normalize is not None and normalize not in ("mean_norm", "standardize"):
+    if normalize is not None and normalize not in NORMALIZE:
         raise ConfigError(f"normalize must be None, 'mean_norm' or 'standardize'; "
                           f"got {normalize!r}.")
     if isinstance(min_position, bool) or not isinstance(min_position, int) or min_position < 0:

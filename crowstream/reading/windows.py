@@ -107,11 +107,6 @@ def render(full: str, start: int, end: int) -> str:
     return full[:start] + MARK[0] + full[start:end] + MARK[1] + full[end:]
 
 
-def mark(full: str, head: str, through: str, own: str = "") -> str:
-    """`full` with MARK around the scored token (see `mark_span`)."""
-    return render(full, *mark_span(full, head, through, own))
-
-
 def load_tokenizer(out):
     """The tokenizer saved in OUT/tokenizer/ (`out`: a path or a `Catalog`, so a URL too),
     cached per directory and its mtime (a URL: per run)."""
