@@ -69,6 +69,41 @@ def test_hash_while_writing_equals_the_file_hash(tmp_path):
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 5000
 
 
+@pytest.mark.parametrize("step", ["close", "abort"])
+def test_a_part_whose_close_failed_leaves_no_writer_for_the_garbage_collector(tmp_path, step,
+                                                                              monkeypatch):
+    """A failed close used to leave pyarrow's writer open on a closed file; its __del__
+    then raised inside whatever test the garbage collector interrupted (CI, stop 20)."""
+    import gc
+    import sys
+
+    from crowstream.pipeline.flatten import to_record_batch
+    from crowstream.schemas import row_schema
+
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", raised.append)
+    ids = np.arange(100)
+    part = parts_module.PartWriter(str(tmp_path / "p.parquet"), row_schema(8, "float32"))
+    part.write(to_record_batch(ids, ids.astype(np.int32), ids.astype(np.int32),
+                               np.ones((100, 8), np.float32), "float32"))
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(part, "_flush", full_disk)  # fails before pyarrow's writer closes
+    try:
+        part.close()
+    except OSError as error:  # not pytest.raises: its traceback would keep `part` alive
+        assert "No space" in str(error)
+    else:
+        pytest.fail("close succeeded on a full disk")
+    if step == "abort":
+        part.abort()
+    del part
+    gc.collect()
+    assert raised == []
+
+
 def _check(stats: ModuleStats, rows: np.ndarray) -> None:
     exact = rows.astype(np.float64)
     assert stats.count == len(rows)

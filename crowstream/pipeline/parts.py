@@ -191,20 +191,27 @@ class PartWriter:
             self._writer.close()
             self._sink.close()  # fsync; the hash is already complete
         except BaseException:
-            self._sink.discard()  # no open file left behind; the caller reports the error
+            self._release()  # no open file left behind; the caller reports the error
             raise
         return PartInfo(self.tmp_path, self.rows, self._sink.size,
                         self._sink.sha256.hexdigest(), self.seq)
 
+    def _release(self) -> None:
+        """Close the file without finishing it. The writer is marked closed first: if its
+        own close failed, `ParquetWriter.__del__` would retry it on the closed file later,
+        inside whatever code the garbage collector happens to interrupt."""
+        self._writer.is_open = False
+        self._sink.discard()
+
     def abort(self) -> None:
         """Drop the unfinished file. Called while another error is being reported."""
         self._buffer, self._buffered_rows = [], 0
-        try:
-            self._writer.close()
-        except OSError as error:  # a disk that failed the write usually fails the close too
-            log.debug("closing aborted %s: %s", self.tmp_path, error)
-            self._writer.is_open = False  # or its __del__ retries the close and fails again
-        self._sink.discard()
+        if not self._sink.closed:
+            try:
+                self._writer.close()
+            except OSError as error:  # a disk that failed the write usually fails the close too
+                log.debug("closing aborted %s: %s", self.tmp_path, error)
+        self._release()
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
 
