@@ -316,12 +316,16 @@ def _assemble(ids, lengths, keep, doc_of_row, starts) -> Batch:
     )
 
 
+ESTIMATE_DOCS = 256  # enough for a mean length; each one is tokenized twice
+
+
 def estimate_shard_size(texts: list[str], tokenizing: Tokenizing) -> int:
     """Documents per shard for ~SHARD_TARGET_TOKENS tokens fed, from the mean length of
-    `texts` (the first documents). Counted in tokens, not bytes, so shards hold many
-    batches whatever d is; the result is recorded once and a resume reuses it."""
+    `texts` (up to the first ESTIMATE_DOCS documents). Counted in tokens, not bytes, so
+    shards hold many batches whatever d is; the result is recorded once and a resume
+    reuses it."""
     from crowstream.pipeline.options import SHARD_TARGET_TOKENS
 
-    encoded = tokenizing.encode([t for t in texts if t is not None])  # texts or ids
+    encoded = tokenizing.encode([t for t in texts[:ESTIMATE_DOCS] if t is not None])
     mean_tokens = max(1.0, float(np.mean([len(e) for e in encoded])) if encoded else 1.0)
     return max(1, int(SHARD_TARGET_TOKENS / mean_tokens))

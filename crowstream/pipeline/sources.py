@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -147,8 +148,6 @@ def _docs_of_output(data):
 
 def _open(data, text_field: str, split: str, repository: Repository, *, tokens: bool = False):
     """-> (rows(skip) -> iterator of (index, item), total count or None, fingerprint)."""
-    import datasets
-
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     if repository.fingerprint() and not (isinstance(data, str) and not os.path.isfile(data)):
@@ -163,9 +162,10 @@ def _open(data, text_field: str, split: str, repository: Repository, *, tokens: 
         return _open_path_or_hub(data, split, repository)
     if _is_pandas_frame(data):
         return _open_pandas(data, text_field, tokens)
-    if isinstance(data, datasets.Dataset):
+    datasets = sys.modules.get("datasets")  # a Dataset exists only once it is imported
+    if datasets is not None and isinstance(data, datasets.Dataset):
         return _open_dataset(data, text_field, tokens)
-    if isinstance(data, datasets.IterableDataset):
+    if datasets is not None and isinstance(data, datasets.IterableDataset):
         return _streaming_rows(data), None, {
             "kind": "datasets.IterableDataset", "name": str(data.info.dataset_name),
             "config": str(data.config_name), "split": str(data.split),

@@ -87,8 +87,10 @@ def check_float16(name: str, peak) -> None:
 
 
 class PinnedPool:
-    """Page-locked host buffers reused from batch to batch, so device-to-host copies are
-    asynchronous without a page-locked allocation per batch. A request takes the smallest
+    """Host buffers reused from batch to batch: page-locked behind a CUDA device, so
+    device-to-host copies are asynchronous without a page-locked allocation per batch;
+    ordinary memory on the CPU, where a fresh [N, d] tensor per batch costs more in page
+    faults and zeroing than the copy itself (0.7 CPU-s per GB, measured). A request takes the smallest
     free buffer of at least its size and at most 1.25x it, or allocates one rounded up by
     at most 1/8; buffers given back are kept while the free ones total under `capacity`."""
 
@@ -118,6 +120,10 @@ class PinnedPool:
 
 def _pinned_bytes(n: int) -> torch.Tensor:
     return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
+
+def _host_bytes(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8)
 
 
 def _size_class(nbytes: int) -> int:
@@ -290,8 +296,9 @@ class ModelTracer:
         self.dtype = getattr(torch, dtype)
         self.float16_overflow = float16_overflow
         self.device = input_device(model)
-        # pinned buffers kept for reuse: a quarter of the in-flight budget
-        self.pool = PinnedPool(inflight_bytes // 4) if self.device.type == "cuda" else None
+        # host buffers kept for reuse: a quarter of the in-flight budget
+        on_cuda = self.device.type == "cuda"
+        self.pool = PinnedPool(inflight_bytes // 4, None if on_cuda else _host_bytes)
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
         tokens = probe_ids(tokenizer, model).shape[1]
         self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
@@ -348,7 +355,12 @@ class ModelTracer:
                 kept, peaks, clamped = self._trace(ids, packed_mask(segments, self.mask_dtype),
                                                    index, position_ids=positions)
         gc.collect(1)  # a stopped trace leaves cycles holding its frames; young gen suffices
-        if not on_cuda:  # CPU, or an accelerator (MPS, XPU) copied synchronously
+        if self.device.type == "cpu":  # the rows are already in the pool's buffers
+            buffers = {name: rows.buffer for name, rows in kept.items() if rows.buffer is not None}
+            return Captured(on_cpu({name: rows.tensor for name, rows in kept.items()}), (),
+                            on_cpu(peaks), on_cpu(clamped), buffers, self.pool)
+        kept = {name: rows.tensor for name, rows in kept.items()}
+        if not on_cuda:  # an accelerator (MPS, XPU) copied synchronously
             return Captured(on_cpu(kept), peaks=on_cpu(peaks), clamped=on_cpu(clamped))
         host, buffers = {}, {}
         for name, rows in kept.items():
@@ -364,6 +376,24 @@ class ModelTracer:
             events.append(event)
         return Captured(host, tuple(events), peaks, clamped, buffers, self.pool)
 
+    def _direct(self, flat: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether `flat`'s rows are stored without a cast, from CPU memory."""
+        return flat.device.type == "cpu" and (flat.dtype == dtype
+                                              or _upcast_on_host(flat.dtype, dtype))
+
+    def _select(self, flat: torch.Tensor, index: torch.Tensor) -> _Rows:
+        out, buffer = self.pool.take((index.numel(), flat.shape[1]), flat.dtype)
+        return _Rows(torch.index_select(flat, 0, index, out=out), buffer)
+
+    def _stored(self, rows: torch.Tensor, dtype: torch.dtype) -> _Rows:
+        """`rows` cast to what is stored (on the CPU into a pooled buffer)."""
+        if rows.dtype == dtype or _upcast_on_host(rows.dtype, dtype):
+            return _Rows(rows)
+        if rows.device.type != "cpu":
+            return _Rows(rows.to(dtype))
+        out, buffer = self.pool.take(rows.shape, dtype)
+        return _Rows(out.copy_(rows), buffer)
+
     def _trace(self, ids, mask, index, position_ids=None):
         """-> ({module: kept rows}, {module: peak magnitude}, {module: clamped count})."""
         import nnsight
@@ -378,7 +408,11 @@ class ModelTracer:
                 if isinstance(value, tuple):
                     value = value[0]
                 # [B, T, d] -> [N_kept, d], cast on the output's device before the copy
-                rows = value.reshape(-1, value.shape[-1]).index_select(0, index.to(value.device))
+                flat, index = value.reshape(-1, value.shape[-1]), index.to(value.device)
+                if self._direct(flat, dtype):  # no cast: select straight into a host buffer
+                    kept[name] = nnsight.save(self._select(flat, index))
+                    continue
+                rows = flat.index_select(0, index)
                 if dtype == torch.float16 and rows.dtype != torch.float16:
                     if clamp:  # on the device, in float32: bf16 rounds 65504 up to 65536
                         rows = rows.float()
@@ -386,11 +420,17 @@ class ModelTracer:
                         rows = rows.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # a fresh tensor
                     else:  # checked on the writer thread: no device sync here
                         peaks[name] = nnsight.save(_peak(rows))
-                if rows.dtype != dtype and not _upcast_on_host(rows.dtype, dtype):
-                    rows = rows.to(dtype)
-                kept[name] = nnsight.save(rows)
+                kept[name] = nnsight.save(self._stored(rows, dtype))
             tracer.stop()
         return kept, peaks, clamped
+
+
+@dataclasses.dataclass
+class _Rows:
+    """Kept rows and the pooled host buffer under them (None: a fresh tensor)."""
+
+    tensor: torch.Tensor
+    buffer: torch.Tensor | None = None
 
 
 def _peak(rows: torch.Tensor) -> torch.Tensor:
