@@ -2,8 +2,8 @@
 finding their execution order once with a probe forward, and one nnsight trace per batch
 that reads every requested module in that order, stops after the deepest, and returns
 each module's kept rows (padding dropped, checked against float16's range and cast on the
-model's device when float16 is stored, then one device-to-host copy into pooled pinned
-buffers). The model runs in eval mode during capture; afterwards it is left as it was found.
+model's device when float16 is stored, then one copy into pooled host buffers: pinned
+behind a GPU, ordinary memory on the CPU). The model runs in eval mode during capture; afterwards it is left as it was found.
 
 (Named `tracing`, not `capture`: a submodule `capture` would shadow the public function.)
 """
@@ -48,7 +48,7 @@ class Captured:
     ready: tuple = ()  # CUDA events, one per device the copies came from
     peaks: dict = dataclasses.field(default_factory=dict)
     clamped: dict = dataclasses.field(default_factory=dict)
-    buffers: dict = dataclasses.field(default_factory=dict)  # pinned buffers to give back
+    buffers: dict = dataclasses.field(default_factory=dict)  # pooled buffers to give back
     pool: PinnedPool | None = None
 
     def wait(self) -> None:
@@ -66,7 +66,7 @@ class Captured:
 
     def release(self, name: str) -> None:
         """Done with `name`'s rows: they are dropped (whoever still holds this object), and
-        their pinned buffer goes back to the pool."""
+        their pooled buffer goes back to the pool."""
         self.vectors.pop(name, None)
         buffer = self.buffers.pop(name, None)
         if buffer is not None and self.pool is not None:
