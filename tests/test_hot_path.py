@@ -21,7 +21,8 @@ import torch
 
 import crowstream as cs
 from crowstream import errors
-from crowstream.pipeline.tracing import ModelTracer, on_cpu
+from crowstream.pipeline.host import on_cpu
+from crowstream.pipeline.tracing import ModelTracer
 from crowstream.pipeline.writers import Writers
 from helpers import manifest_of, patch_everywhere, read_rows
 

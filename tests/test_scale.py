@@ -520,7 +520,7 @@ def test_resume_with_rolled_part_files_is_bit_identical(gpt2_dir, gpt2, corpus, 
 
 def test_the_pinned_pool_reuses_buffers_within_its_capacity():
     """The CUDA path's host buffers, with plain CPU memory standing in for pinned memory."""
-    from crowstream.pipeline.tracing import PinnedPool
+    from crowstream.pipeline.host import PinnedPool
 
     allocated = []
 
@@ -548,24 +548,24 @@ def test_cpu_captures_select_rows_into_reused_host_buffers(gpt2, corpus, tmp_pat
     tensor per batch costs more in page faults than the copy): over 12 batches x 2
     modules only a few buffers are ever allocated, and the rows are those of a capture
     that allocates a fresh buffer each time."""
-    from crowstream.pipeline import tracing
+    from crowstream.pipeline import host
 
     allocated, taken = [], []
-    take = tracing.PinnedPool.take
+    take = host.PinnedPool.take
 
     def counting(n):
         allocated.append(n)
         return torch.empty(n, dtype=torch.uint8)
 
     model, tokenizer = gpt2
-    monkeypatch.setattr(tracing, "_host_bytes", counting)
-    monkeypatch.setattr(tracing.PinnedPool, "take",
+    monkeypatch.setattr(host, "_host_bytes", counting)
+    monkeypatch.setattr(host.PinnedPool, "take",
                         lambda self, *args: taken.append(args) or take(self, *args))
     pooled = cs.capture(model, corpus[:48], MODULES, str(tmp_path / "pooled"),
                         tokenizer=tokenizer, batch_size=4, progress=False)
     assert len(taken) >= 24  # every batch's rows of both modules went through the pool
     assert 2 <= len(allocated) <= len(taken) // 3  # reused, not one buffer per batch
-    monkeypatch.setattr(tracing.PinnedPool, "give", lambda self, buffer: None)  # no reuse
+    monkeypatch.setattr(host.PinnedPool, "give", lambda self, buffer: None)  # no reuse
     fresh = cs.capture(model, corpus[:48], MODULES, str(tmp_path / "fresh"),
                        tokenizer=tokenizer, batch_size=4, progress=False)
     assert_same_rows(pooled.path, fresh.path)

@@ -11,7 +11,6 @@ behind a GPU, ordinary memory on the CPU). The model runs in eval mode during ca
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import functools
 import gc
@@ -19,118 +18,17 @@ import inspect
 import itertools
 import logging
 import re
-import threading
 import warnings
 
-import numpy as np
 import torch
 
+from crowstream.pipeline.host import Captured, PinnedPool, Rows, on_cpu, to_host
 from crowstream.pipeline.options import FLOAT16_MAX
 from crowstream.format.layout import INPUT_SUFFIX, base_module, check_module_name
-from crowstream.errors import Float16OverflowError, ModuleNotFoundInModel, ModuleOutputError
+from crowstream.errors import ModuleNotFoundInModel, ModuleOutputError
 
 _GLOB_CHARS = set("*?[")
 log = logging.getLogger("crowstream")
-
-
-@dataclasses.dataclass
-class Captured:
-    """Kept rows of one batch on the host, valid once `wait()` returns.
-
-    `vectors[name]` is `[N, d]` in the stored dtype, or in the model's bf16/fp16 when
-    float32 is stored (upcast by `rows` on the writer thread: half the device memory and
-    copy bytes). `peaks[name]` is the largest finite-or-infinite magnitude before a float16
-    cast, NaN ignored (see `check_float16`); `clamped[name]` counts values clamped to
-    float16's range.
-    """
-
-    vectors: dict[str, torch.Tensor]
-    ready: tuple = ()  # CUDA events, one per device the copies came from
-    peaks: dict = dataclasses.field(default_factory=dict)
-    clamped: dict = dataclasses.field(default_factory=dict)
-    buffers: dict = dataclasses.field(default_factory=dict)  # pooled buffers to give back
-    pool: PinnedPool | None = None
-
-    def wait(self) -> None:
-        for event in self.ready:
-            event.synchronize()
-
-    def rows(self, name: str, dtype: torch.dtype) -> np.ndarray:
-        """[N, d] as stored (on the host, in `dtype`)."""
-        vectors = self.vectors[name]
-        return vectors.to(dtype).numpy() if vectors.dtype != dtype else vectors.numpy()
-
-    def clamped_count(self, name: str) -> int:
-        count = self.clamped.get(name)
-        return 0 if count is None else int(count)
-
-    def release(self, name: str) -> None:
-        """Done with `name`'s rows: they are dropped (whoever still holds this object), and
-        their pooled buffer goes back to the pool."""
-        self.vectors.pop(name, None)
-        buffer = self.buffers.pop(name, None)
-        if buffer is not None and self.pool is not None:
-            self.pool.give(buffer)
-
-
-def check_float16(name: str, peak) -> None:
-    """Raise Float16OverflowError if `peak` (the largest magnitude of rows about to be cast
-    to float16, NaN ignored) is beyond float16's range. NaN is not an overflow: it is
-    stored as NaN and counted as non-finite, as with float32."""
-    if peak is not None and float(peak) > FLOAT16_MAX:
-        raise Float16OverflowError(
-            f"module {name!r} has values of magnitude up to {float(peak):.6g}, beyond "
-            f"float16's range (±{FLOAT16_MAX:g}), so they cannot be stored as float16. "
-            "Store float32 instead (dtype='float32' / --dtype float32, in a new OUT or with "
-            "--overwrite), or clamp them (float16_overflow='clamp' / --float16-overflow "
-            "clamp, which --resume accepts).")
-
-
-class PinnedPool:
-    """Host buffers reused from batch to batch: page-locked behind a CUDA device, so
-    device-to-host copies are asynchronous without a page-locked allocation per batch;
-    ordinary memory on the CPU, where a fresh [N, d] tensor per batch costs more in page
-    faults and zeroing than the copy itself (0.7 CPU-s per GB, measured). A request takes the smallest
-    free buffer of at least its size and at most 1.25x it, or allocates one rounded up by
-    at most 1/8; buffers given back are kept while the free ones total under `capacity`."""
-
-    def __init__(self, capacity: int, allocate=None):
-        self.capacity = capacity
-        self._allocate = allocate or _pinned_bytes
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def take(self, shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (a view of `shape` and `dtype`, the buffer to `give` back later)."""
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        with self._lock:
-            fits = [b for b in self._free if nbytes <= b.numel() <= nbytes * 1.25 + (1 << 16)]
-            buffer = min(fits, key=torch.Tensor.numel) if fits else None
-            if buffer is not None:
-                self._free = [b for b in self._free if b is not buffer]
-        if buffer is None:
-            buffer = self._allocate(_size_class(nbytes))
-        return buffer[:nbytes].view(dtype).view(shape), buffer
-
-    def give(self, buffer: torch.Tensor) -> None:
-        with self._lock:
-            if sum(b.numel() for b in self._free) + buffer.numel() <= self.capacity:
-                self._free.append(buffer)
-
-
-def _pinned_bytes(n: int) -> torch.Tensor:
-    return torch.empty(n, dtype=torch.uint8, pin_memory=True)
-
-
-def _host_bytes(n: int) -> torch.Tensor:
-    return torch.empty(n, dtype=torch.uint8)
-
-
-def _size_class(nbytes: int) -> int:
-    """`nbytes` rounded up by at most 1/8 (eight size classes per power of two)."""
-    nbytes = max(nbytes, 1 << 16)
-    step = 1 << max(0, nbytes.bit_length() - 4)
-    return -(-nbytes // step) * step
 
 
 @contextlib.contextmanager
@@ -297,8 +195,7 @@ class ModelTracer:
         self.float16_overflow = float16_overflow
         self.device = input_device(model)
         # host buffers kept for reuse: a quarter of the in-flight budget
-        on_cuda = self.device.type == "cuda"
-        self.pool = PinnedPool(inflight_bytes // 4, None if on_cuda else _host_bytes)
+        self.pool = PinnedPool.for_device(inflight_bytes // 4, self.device.type == "cuda")
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
         tokens = probe_ids(tokenizer, model).shape[1]
         self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
@@ -366,7 +263,7 @@ class ModelTracer:
         for name, rows in kept.items():
             host[name], buffers[name] = self.pool.take(rows.shape, rows.dtype)
             host[name].copy_(rows, non_blocking=True)
-        peaks, clamped = _to_host(peaks), _to_host(clamped)
+        peaks, clamped = to_host(peaks), to_host(clamped)
         # the writer thread waits on these instead of this thread syncing the device;
         # with device_map, outputs (and so copies) may sit on several GPUs
         events = []
@@ -381,18 +278,18 @@ class ModelTracer:
         return flat.device.type == "cpu" and (flat.dtype == dtype
                                               or _upcast_on_host(flat.dtype, dtype))
 
-    def _select(self, flat: torch.Tensor, index: torch.Tensor) -> _Rows:
+    def _select(self, flat: torch.Tensor, index: torch.Tensor) -> Rows:
         out, buffer = self.pool.take((index.numel(), flat.shape[1]), flat.dtype)
-        return _Rows(torch.index_select(flat, 0, index, out=out), buffer)
+        return Rows(torch.index_select(flat, 0, index, out=out), buffer)
 
-    def _stored(self, rows: torch.Tensor, dtype: torch.dtype) -> _Rows:
+    def _stored(self, rows: torch.Tensor, dtype: torch.dtype) -> Rows:
         """`rows` cast to what is stored (on the CPU into a pooled buffer)."""
         if rows.dtype == dtype or _upcast_on_host(rows.dtype, dtype):
-            return _Rows(rows)
+            return Rows(rows)
         if rows.device.type != "cpu":
-            return _Rows(rows.to(dtype))
+            return Rows(rows.to(dtype))
         out, buffer = self.pool.take(rows.shape, dtype)
-        return _Rows(out.copy_(rows), buffer)
+        return Rows(out.copy_(rows), buffer)
 
     def _trace(self, ids, mask, index, position_ids=None):
         """-> ({module: kept rows}, {module: peak magnitude}, {module: clamped count})."""
@@ -425,14 +322,6 @@ class ModelTracer:
         return kept, peaks, clamped
 
 
-@dataclasses.dataclass
-class _Rows:
-    """Kept rows and the pooled host buffer under them (None: a fresh tensor)."""
-
-    tensor: torch.Tensor
-    buffer: torch.Tensor | None = None
-
-
 def _peak(rows: torch.Tensor) -> torch.Tensor:
     """The largest magnitude in `rows` (0-d, on their device), NaN ignored; infinities kept."""
     if not rows.numel():
@@ -443,20 +332,6 @@ def _peak(rows: torch.Tensor) -> torch.Tensor:
 def _upcast_on_host(have: torch.dtype, want: torch.dtype) -> bool:
     """16-bit rows stored as float32 travel in 16 bits and are upcast on the host."""
     return want == torch.float32 and have in (torch.bfloat16, torch.float16)
-
-
-def on_cpu(tensors: dict) -> dict:
-    """`tensors` with each one not on the CPU copied there (`.numpy()` needs host memory)."""
-    return {name: t if t.device.type == "cpu" else t.cpu() for name, t in tensors.items()}
-
-
-def _to_host(scalars: dict) -> dict:
-    """0-d device tensors -> pinned host copies, without waiting for them."""
-    host = {}
-    for name, value in scalars.items():
-        host[name] = torch.empty((), dtype=value.dtype, pin_memory=True)
-        host[name].copy_(value, non_blocking=True)
-    return host
 
 
 @functools.cache

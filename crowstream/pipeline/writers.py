@@ -87,7 +87,7 @@ class Writers:
         import torch
 
         from .flatten import to_record_batch
-        from .tracing import check_float16
+        from .host import check_float16
 
         done = _Countdown(lambda: (captured.release(name), self.budget.settle(charge)))
         futures: list = []
