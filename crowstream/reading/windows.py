@@ -107,10 +107,11 @@ def render(full: str, start: int, end: int) -> str:
     return full[:start] + MARK[0] + full[start:end] + MARK[1] + full[end:]
 
 
-def load_tokenizer(out):
-    """The tokenizer saved in OUT/tokenizer/ (`out`: a path or a `Catalog`, so a URL too),
-    cached per directory and its mtime (a URL: per run)."""
-    catalog = out if isinstance(out, Catalog) else Catalog(out)
+def load_tokenizer(out, *, storage_options: dict | None = None):
+    """The tokenizer saved in OUT/tokenizer/ (`out`: a path, a URL with fsspec
+    `storage_options`, or a `Catalog`), cached per directory and its mtime (a URL: per
+    run)."""
+    catalog = out if isinstance(out, Catalog) else Catalog(out, storage_options)
     if not catalog.exists(TOKENIZER_DIR):
         raise ConfigError(f"{catalog.shown!r} has no {TOKENIZER_DIR}/: it was written before "
                           "format 2 (crowstream 0.1), which kept neither the tokenizer nor each "
@@ -146,14 +147,15 @@ def _remote_tokenizer(shown: str, run_id: str, catalog: Catalog):
     return _REMOTE[key]
 
 
-def doc_tokens(out, doc_ids: list[int]) -> dict[int, list[int]]:
+def doc_tokens(out, doc_ids: list[int], *,
+               storage_options: dict | None = None) -> dict[int, list[int]]:
     """-> {doc_id: token ids} for the given documents, read from the docs table (`out`: a
-    path or a `Catalog`)."""
+    path, a URL with fsspec `storage_options`, or a `Catalog`)."""
     import polars as pl
 
     from crowstream.reading.readers import docs
 
-    catalog = out if isinstance(out, Catalog) else Catalog(out)
+    catalog = out if isinstance(out, Catalog) else Catalog(out, storage_options)
     table = docs(catalog.out, storage_options=catalog.storage_options)
     if "tokens" not in table.collect_schema().names():
         load_tokenizer(catalog)  # raises the format-1 explanation when the tokenizer is missing too
