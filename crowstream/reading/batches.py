@@ -16,6 +16,7 @@ ID_COLUMNS = ("doc_id", "position", "token")
 # Rows per fused step (take, then convert and normalise while they are in cache): about
 # this many bytes of float32.
 BLOCK_BYTES = 1 << 20
+ALIGN = 4096  # batch buffers start on a page, as pyarrow's buffers do (64-byte aligned)
 
 
 def gather(pieces: list, offsets: np.ndarray, index: np.ndarray, buffers, fill) -> dict:
@@ -119,7 +120,7 @@ class Normalizer:
         """A reused scratch block (at most one block of rows)."""
         held = self._scratch.get(key)
         if held is None or held.shape[0] < shape[0]:
-            held = self._scratch[key] = np.empty(shape, dtype)
+            held = self._scratch[key] = aligned_empty(shape, dtype)
         return held[:shape[0]]
 
 
@@ -150,17 +151,28 @@ class Buffers:
         want = torch.int64 if key in ID_COLUMNS else (self.dtypes.get(key) or torch_of(stored))
         if self.pin is not None:
             return self.pin(shape, want)
-        nbytes = torch.empty(0, dtype=want).element_size()
-        dtype = np.dtype(f"V{nbytes}")  # bytes of the right size; torch views the dtype
+        size = torch.empty(0, dtype=want).element_size()
+        ints = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[size]
         for array in self.held:
-            # 3 references: this list, the loop variable, getrefcount's argument
-            if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3:
-                return _tensor(array, want)
-        array = np.empty(shape, dtype)
+            # 3 references: this list, the loop variable and getrefcount's argument (a
+            # tensor handed out, and every view of it, holds one more)
+            if array.shape == shape and array.dtype == ints and sys.getrefcount(array) == 3:
+                return torch.from_numpy(array).view(want)
+        array = aligned_empty(shape, ints)
         if len(self.held) >= self.KEEP:
             self.held.pop(0)
         self.held.append(array)
-        return _tensor(array, want)
+        return torch.from_numpy(array).view(want)
+
+
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """np.empty on a 4 KiB boundary (its `base` owns the memory). numpy's large arrays
+    start 16 bytes into a page (malloc's header), so a row copy from pyarrow's 64-byte
+    aligned buffers is misaligned: measured 10 µs/row at d = 4,096 against 3 aligned."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
 
 
 def torch_of(dtype):
@@ -169,13 +181,6 @@ def torch_of(dtype):
 
     return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
             np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}[np.dtype(dtype)]
-
-
-def _tensor(array: np.ndarray, dtype):
-    import torch
-
-    ints = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[array.itemsize]
-    return torch.from_numpy(array.view(ints)).view(dtype)
 
 
 def pinned(shape: tuple, dtype):

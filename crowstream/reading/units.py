@@ -120,7 +120,7 @@ class Plan:
     def _table(self, module: str, unit, columns: list[str]):
         shard, start, stop = (int(v) for v in unit)
         return shard_rows(self.catalog, self.parts[module], shard, start, stop, columns,
-                          index=self.index[module], footers=self.footers)
+                          index=self.index[module], footers=self.footers, memory_map=True)
 
     def _keep(self, position: np.ndarray, token: np.ndarray) -> np.ndarray:
         keep = position >= self.min_position
