@@ -32,8 +32,9 @@ from crowstream.errors import ConfigError
 from crowstream.reading.catalog import Catalog
 from crowstream.reading.batches import Buffers, Normalizer, pinned
 from crowstream.reading.shuffle import (Consumed, batches_of_role, check_arguments,
-                                        check_columns, ddp, resolve, row_bytes, torch_dtype,
-                                        warn_if_large, window_batches, worker_share)
+                                        check_columns, ddp, default_read_threads, resolve,
+                                        row_bytes, torch_dtype, warn_if_large, window_batches,
+                                        worker_share)
 from crowstream.reading.units import Plan, Windows
 
 # Added to the variance before dividing by its square root in normalize="standardize".
@@ -137,7 +138,8 @@ class Stream(_iterable_dataset()):
     memory and non-blocking copies on CUDA; leave it None inside DataLoader workers).
     `normalize`: "mean_norm" multiplies by `stats(...)["scaling_factor"]`, "standardize"
     computes `(x - mean) / sqrt(var + 1e-6)` (statistics of the rows at position >= 1 when
-    `min_position` >= 1). `out` may be a URL with fsspec `storage_options`.
+    `min_position` >= 1). `read_threads`: units decoded at once (default: half the
+    usable CPUs, 1 to 4; 4 for a URL). `out` may be a URL with fsspec `storage_options`.
     Resumable: `state_dict()` / `load_state_dict(state)`; `set_epoch(e)` as
     `DistributedSampler.set_epoch`.
     """
@@ -147,7 +149,7 @@ class Stream(_iterable_dataset()):
                  drop_last: bool = False, even: bool = False, min_position: int = 0,
                  exclude_tokens=(), rank: int | None = None, world_size: int | None = None,
                  dtype=None, device=None, normalize: str | None = None, columns=("vector",),
-                 read_threads: int = 4, storage_options: dict | None = None):
+                 read_threads: int | None = None, storage_options: dict | None = None):
         import torch
 
         check_arguments(batch_size, shuffle_buffer, shuffle_buffer_bytes, seed, epochs,
@@ -158,7 +160,8 @@ class Stream(_iterable_dataset()):
         self.modules = list(parts)
         self.columns = check_columns(columns)
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
-        self.drop_last, self.even, self.read_threads = bool(drop_last), bool(even), read_threads
+        self.drop_last, self.even = bool(drop_last), bool(even)
+        self.read_threads = read_threads or default_read_threads(catalog.remote)
         self.min_position, self.exclude_tokens = min_position, tuple(int(t) for t in exclude_tokens)
         if rank is not None or world_size is not None:
             ddp(rank, world_size)  # checked now, used as given
