@@ -370,9 +370,15 @@ class Stream(_iterable_dataset()):
         index, batch = found
         if self.device is not None:
             non_blocking = torch.device(self.device).type == "cuda"
-            batch = {k: t.to(self.device, non_blocking=non_blocking) for k, t in batch.items()}
+            batch = {k: to_device(t, self.device, non_blocking) for k, t in batch.items()}
         batch["batch_index"] = torch.tensor(index, dtype=torch.int64)
         return index, batch
+
+
+def to_device(tensor, device, non_blocking: bool):
+    """The host-to-device copy (from a pinned buffer on CUDA: it returns at once and the
+    copy overlaps the training step). A test injects a stand-in (no CUDA on CI)."""
+    return tensor.to(device, non_blocking=non_blocking)
 
 
 def _norm_arrays(out: str, module: str, normalize: str, min_position: int,
