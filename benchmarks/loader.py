@@ -5,7 +5,8 @@ For each (d, dtype) it writes a synthetic dataset (random vectors, crowstream's 
 part-file writer and Parquet settings, no model) and, in one run with interleaved repeats
 (medians reported):
   raw     pyarrow.parquet reading the vector column of every part file, sequentially,
-          page checksums verified (as every crowstream reader)
+          page checksums verified (as every crowstream reader), memory-mapped (as the
+          stream reads local files), into zero-copy numpy arrays
   stream  cs.stream(shuffle_buffer_bytes=--pool-mib), every row once
 and prints rows/s, CPU µs/row (process CPU time: all threads) and the ratios
 stream/raw (targets: rows/s >= 0.7x, CPU/row <= 1.5x); then the resume cost (rows a
@@ -141,12 +142,14 @@ def _write_manifest(out, modules, widths, dtype, parts, stats, p0=None) -> None:
 
 
 def raw_pyarrow(files: list[str], d: int):
-    """Every part file's vector column, row group by row group, into numpy, page checksums
-    verified as every crowstream reader does (CRC32 costs ~10 µs/row at d = 4,096 here)."""
+    """Every part file's vector column, row group by row group, into numpy (zero-copy),
+    page checksums verified as every crowstream reader does (CRC32 costs ~10 µs/row at
+    d = 4,096 here), memory-mapped as the stream reads local files (3.5 µs/row less than
+    a buffered read at d = 4,096): the best plain read of the same files and column."""
     import pyarrow.parquet as pq
 
     for path in files:
-        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        parquet = pq.ParquetFile(path, page_checksum_verification=True, memory_map=True)
         for group in range(parquet.num_row_groups):
             column = parquet.read_row_group(group, columns=["vector"]).column("vector")
             for chunk in column.chunks:
@@ -256,7 +259,8 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--pool-mib", type=int, default=64, help="shuffle_buffer_bytes")
-    parser.add_argument("--read-threads", type=int, default=4)
+    parser.add_argument("--read-threads", type=int, default=None,
+                        help="the stream's read_threads (default: its own default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--widths", default="768,4096")
     parser.add_argument("--tmp", help="directory for the temp datasets (default: system temp)")

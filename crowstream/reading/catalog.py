@@ -163,11 +163,14 @@ def aligned(first: str, other: str, where: str, reference: dict, got: dict) -> N
 
 
 def shard_rows(catalog: Catalog, files: ModuleFiles, shard: int, start: int, stop: int,
-               columns: list[str], *, index: dict | None = None, footers: dict | None = None):
+               columns: list[str], *, index: dict | None = None, footers: dict | None = None,
+               memory_map: bool = False):
     """Rows `[start, stop)` of `shard` (counted from the shard's first row, across its part
     files) of one module, as one `pyarrow.Table`: what the paired-read rule pairs.
     `index`: `files.by_shard()` computed once by the caller; `footers`: a dict that caches
-    each file's Parquet footer (path -> metadata) across calls of one process."""
+    each file's Parquet footer (path -> metadata) across calls of one process;
+    `memory_map` maps local files (the decode reads the page cache in place; the training
+    loader's choice, measured 3.5 µs/row less CPU at d = 4,096)."""
     import pyarrow as pa
 
     pieces, offset = [], 0
@@ -175,7 +178,8 @@ def shard_rows(catalog: Catalog, files: ModuleFiles, shard: int, start: int, sto
         lo, hi = max(start - offset, 0), min(stop - offset, files.rows[i])
         if lo < hi:
             cached = footers.get(files.paths[i]) if footers is not None else None
-            parquet = catalog.open(files.paths[i], metadata=cached)
+            parquet = catalog.open(files.paths[i], metadata=cached,
+                                   memory_map=memory_map and not catalog.remote)
             meta = parquet.metadata
             if footers is not None:
                 footers[files.paths[i]] = meta

@@ -25,15 +25,15 @@ Nothing here reads the manifest: the catalog (`reading/catalog.py`) does.
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
 from crowstream.errors import ConfigError
 from crowstream.reading.catalog import Catalog
-from crowstream.reading.shuffle import (ID_COLUMNS, Consumed, batches_of_role,
-                                        check_arguments, check_columns, ddp, numpy_batches,
-                                        resolve, row_bytes, torch_dtype, warn_if_large,
+from crowstream.reading.batches import Buffers, Normalizer, pinned
+from crowstream.reading.shuffle import (Consumed, batches_of_role, check_arguments,
+                                        check_columns, ddp, default_read_threads, resolve,
+                                        row_bytes, torch_dtype, warn_if_large, window_batches,
                                         worker_share)
 from crowstream.reading.units import Plan, Windows
 
@@ -138,7 +138,8 @@ class Stream(_iterable_dataset()):
     memory and non-blocking copies on CUDA; leave it None inside DataLoader workers).
     `normalize`: "mean_norm" multiplies by `stats(...)["scaling_factor"]`, "standardize"
     computes `(x - mean) / sqrt(var + 1e-6)` (statistics of the rows at position >= 1 when
-    `min_position` >= 1). `out` may be a URL with fsspec `storage_options`.
+    `min_position` >= 1). `read_threads`: units decoded at once (default: half the
+    usable CPUs, 2 to 4; 4 for a URL). `out` may be a URL with fsspec `storage_options`.
     Resumable: `state_dict()` / `load_state_dict(state)`; `set_epoch(e)` as
     `DistributedSampler.set_epoch`.
     """
@@ -148,7 +149,7 @@ class Stream(_iterable_dataset()):
                  drop_last: bool = False, even: bool = False, min_position: int = 0,
                  exclude_tokens=(), rank: int | None = None, world_size: int | None = None,
                  dtype=None, device=None, normalize: str | None = None, columns=("vector",),
-                 read_threads: int = 4, storage_options: dict | None = None):
+                 read_threads: int | None = None, storage_options: dict | None = None):
         import torch
 
         check_arguments(batch_size, shuffle_buffer, shuffle_buffer_bytes, seed, epochs,
@@ -159,7 +160,8 @@ class Stream(_iterable_dataset()):
         self.modules = list(parts)
         self.columns = check_columns(columns)
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
-        self.drop_last, self.even, self.read_threads = bool(drop_last), bool(even), read_threads
+        self.drop_last, self.even = bool(drop_last), bool(even)
+        self.read_threads = read_threads or default_read_threads(catalog.remote)
         self.min_position, self.exclude_tokens = min_position, tuple(int(t) for t in exclude_tokens)
         if rank is not None or world_size is not None:
             ddp(rank, world_size)  # checked now, used as given
@@ -168,6 +170,7 @@ class Stream(_iterable_dataset()):
         self.run_id = catalog.manifest.run_id
         self._plan = Plan(catalog, parts, min_position=min_position,
                           exclude_tokens=self.exclude_tokens)
+        self._plan.kept()  # the filter scan, once: workers inherit it
         per_row = row_bytes(parts, self.columns)
         if shuffle_buffer_bytes is not None:
             shuffle_buffer = shuffle_buffer_bytes // per_row
@@ -177,9 +180,9 @@ class Stream(_iterable_dataset()):
         self.window_rows = max(1, -(-rows // batch_size) if not self.shuffle
                                else rows // batch_size) * batch_size
         warn_if_large(2 * self.window_rows * per_row)
-        self._norm = {m: _norm_arrays(self.out, m, normalize, min(min_position, 1),
-                                      storage_options) for m in self.modules} \
-            if normalize else {}
+        self._norm = {m if self.keyed else "vector": _norm_arrays(
+            self.out, m, normalize, min(min_position, 1), storage_options)
+            for m in self.modules} if normalize else {}  # by batch key
         self._shared = torch.zeros(_SLOTS + MAX_EXTRA, dtype=torch.int64).share_memory_()
         self._consumed = Consumed()
         self._tracked = False  # has this process seen the batches taken (or been told)?
@@ -330,8 +333,9 @@ class Stream(_iterable_dataset()):
             self._consumed, self._tracked = Consumed(pending.below, pending.extra), True
             self._shared[1] = 0
         rank = self.ranks()[0]
-        found = numpy_batches(self._windows(), self._read, role, workers, pending, self.seed,
-                              rank, self.read_threads, self._alloc(info is None))
+        found = window_batches(self._windows(), self._read, role, workers, pending, self.seed,
+                               rank, self.read_threads, self._buffers(info is None),
+                               Normalizer(self._norm))
         batches = prefetch(map(self._to_torch, found), depth=2, name="crowstream-shuffle")
         try:
             for index, batch in batches:
@@ -347,48 +351,34 @@ class Stream(_iterable_dataset()):
         return self._plan.read(unit, lo, hi, ids, vectors="vector" in self.columns,
                                keyed=self.keyed)
 
-    def _alloc(self, main: bool):
-        """Batch buffers: pinned when batches go to a CUDA device from this process
-        (torch's pinned allocator caches and recycles them once their copy is done),
-        else recycled here once nothing holds them."""
+    def _buffers(self, main: bool) -> Buffers:
+        """Batch buffers of `dtype`: pinned when batches go to a CUDA device from this
+        process, so the copy to the device can overlap the next batch."""
         import torch
 
-        pin = main and self.device is not None and torch.device(self.device).type == "cuda"
-        return _Buffers(pin)
+        vectors = self.modules if self.keyed else ["vector"]
+        on_cuda = main and self.device is not None and torch.device(self.device).type == "cuda"
+        return Buffers({k: self.dtype for k in vectors}, self._pin if on_cuda else None)
+
+    _pin = staticmethod(pinned)  # a test injects a stand-in (no CUDA on CI)
 
     def _to_torch(self, found) -> tuple[int, dict]:
+        """Issued on the prefetch thread, one batch ahead of the loop: with a pinned buffer
+        on CUDA the host-to-device copy overlaps the training step."""
         import torch
 
         index, batch = found
-        on_cuda = self.device is not None and torch.device(self.device).type == "cuda"
-        result = {}
-        for key, array in batch.items():
-            tensor = torch.from_numpy(array)
-            if key in ID_COLUMNS:
-                tensor = tensor.to(torch.int64)
-            else:
-                tensor = self._vector(key, tensor)
-            if self.device is not None:  # pinned on CUDA: the copy overlaps the next batch
-                tensor = tensor.to(self.device, non_blocking=on_cuda)
-            result[key] = tensor
-        result["batch_index"] = torch.tensor(index, dtype=torch.int64)
-        return index, result
+        if self.device is not None:
+            non_blocking = torch.device(self.device).type == "cuda"
+            batch = {k: to_device(t, self.device, non_blocking) for k, t in batch.items()}
+        batch["batch_index"] = torch.tensor(index, dtype=torch.int64)
+        return index, batch
 
-    def _vector(self, key: str, x):
-        """Normalise in place in the batch buffer; the result has `dtype` (default: as
-        stored)."""
-        import torch
 
-        module = self.modules[0] if key == "vector" else key
-        want = self.dtype or x.dtype
-        if self.normalize:
-            scale, shift = self._norm[module]
-            if x.dtype != torch.float32:
-                x = x.float()
-            if self.normalize == "standardize":
-                x.sub_(shift)
-            x.mul_(scale)  # [B, d]
-        return x if x.dtype == want else x.to(want)
+def to_device(tensor, device, non_blocking: bool):
+    """The host-to-device copy (from a pinned buffer on CUDA: it returns at once and the
+    copy overlaps the training step). A test injects a stand-in (no CUDA on CI)."""
+    return tensor.to(device, non_blocking=non_blocking)
 
 
 def _norm_arrays(out: str, module: str, normalize: str, min_position: int,
@@ -400,30 +390,3 @@ def _norm_arrays(out: str, module: str, normalize: str, min_position: int,
     if normalize == "mean_norm":
         return torch.tensor(recorded["scaling_factor"], dtype=torch.float32), None
     return (recorded["var"] + STANDARDIZE_EPS).rsqrt().float(), recorded["mean"].float()
-
-
-class _Buffers:
-    """Allocates batch buffers and reuses one only when nothing but this list refers to
-    it (the tensors handed out keep their numpy array alive): fresh pages cost page faults
-    and zeroing, measured at 16 µs/row at d = 4,096 against 4 µs/row for the gather alone."""
-
-    KEEP = 8  # buffers tracked per stream
-
-    def __init__(self, pin: bool):
-        self.pin, self.held = pin, []
-
-    def __call__(self, shape: tuple, dtype) -> np.ndarray:
-        import torch
-
-        if not self.pin:
-            for array in self.held:
-                # 3 references: this list, the loop variable, getrefcount's argument
-                if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3:
-                    return array
-        kind = torch.from_numpy(np.empty(0, dtype)).dtype
-        array = torch.empty(shape, dtype=kind, pin_memory=self.pin).numpy()
-        if not self.pin:
-            if len(self.held) >= self.KEEP:
-                self.held.pop(0)
-            self.held.append(array)
-        return array

@@ -20,6 +20,24 @@ import numpy as np
 from crowstream.errors import ConfigError, DataError
 from crowstream.reading.catalog import Catalog, aligned, shard_rows, vector_array
 
+class Piece:
+    """Kept rows [lo, hi) of one decoded unit: `arrays` maps each key to its segments
+    `[(first row, [n, ...] array)]` as decoded (a unit spanning two row groups or part
+    files has two), `rows` the unit's kept rows (None: all rows, no filter)."""
+
+    __slots__ = ("arrays", "rows", "lo", "hi")
+
+    def __init__(self, arrays: dict, rows: np.ndarray | None, lo: int, hi: int):
+        self.arrays, self.rows, self.lo, self.hi = arrays, rows, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def source(self, local: np.ndarray) -> np.ndarray:
+        """Rows `local` of this piece (0 .. len - 1) -> rows of the decoded unit."""
+        return local + self.lo if self.rows is None else self.rows[local + self.lo]
+
+
 # Decoded units kept per process: a unit split between two consecutive windows (and the
 # few units read ahead) decode once.
 RECENT_UNITS = 4
@@ -72,13 +90,26 @@ class Plan:
         return bool(self.min_position or self.exclude_tokens)
 
     def kept(self) -> np.ndarray:
-        """Rows per unit after the filters ([U] int64); with filters, computed once per
-        process from the `position`/`token` columns (a scalar-column scan)."""
+        """Rows per unit after the filters ([U] int64); with filters, computed once (a scan
+        of the `position`/`token` columns, one read per shard); `Stream` computes it before
+        workers start, so they inherit it."""
         if self._kept is None:
             rows = self.units[:, 2] - self.units[:, 1]
-            self._kept = rows if not self.filtered else \
-                np.array([int(self._mask(u).sum()) for u in self.units], dtype=np.int64)
+            self._kept = rows if not self.filtered else self._count_kept()
         return self._kept
+
+    def _count_kept(self) -> np.ndarray:
+        first = next(iter(self.parts))
+        kept = np.zeros(len(self.units), dtype=np.int64)
+        for shard in np.unique(self.units[:, 0]):
+            mine = np.flatnonzero(self.units[:, 0] == shard)
+            lo, hi = int(self.units[mine, 1].min()), int(self.units[mine, 2].max())
+            table = self._table(first, (shard, lo, hi), ["position", "token"])
+            keep = self._keep(table.column("position").to_numpy(),
+                              table.column("token").to_numpy())
+            ends = np.concatenate([[0], np.cumsum(keep)])
+            kept[mine] = ends[self.units[mine, 2] - lo] - ends[self.units[mine, 1] - lo]
+        return kept
 
     def digest(self) -> str:
         """A hash of the unit table and filters: a resume state must match it."""
@@ -89,11 +120,7 @@ class Plan:
     def _table(self, module: str, unit, columns: list[str]):
         shard, start, stop = (int(v) for v in unit)
         return shard_rows(self.catalog, self.parts[module], shard, start, stop, columns,
-                          index=self.index[module], footers=self.footers)
-
-    def _mask(self, unit) -> np.ndarray:
-        table = self._table(next(iter(self.parts)), unit, ["position", "token"])
-        return self._keep(table.column("position").to_numpy(), table.column("token").to_numpy())
+                          index=self.index[module], footers=self.footers, memory_map=True)
 
     def _keep(self, position: np.ndarray, token: np.ndarray) -> np.ndarray:
         keep = position >= self.min_position
@@ -102,24 +129,26 @@ class Plan:
         return keep
 
     def read(self, unit, lo: int, hi: int, ids: list[str], *, vectors: bool,
-             keyed: bool) -> dict[str, np.ndarray]:
-        """Kept rows [lo, hi) of one unit: {"vector" or module: [n, d], id column: [n]}.
-        The whole unit is decoded (a row group decodes whole anyway) and the last few
-        are kept, so a unit split between two consecutive windows decodes once."""
+             keyed: bool) -> Piece:
+        """Kept rows [lo, hi) of one unit, as a `Piece` of its decoded row groups (no copy:
+        the batch gather reads them where the decode left them). The whole unit is decoded
+        (a row group decodes whole anyway) and the last few are kept, so a unit split
+        between two consecutive windows decodes once."""
         key = (tuple(int(v) for v in unit), tuple(ids), vectors, keyed)
         with self._lock:
-            chunk = self._recent.pop(key, None)
-        if chunk is None:
-            chunk = self._read_unit(unit, ids, vectors=vectors, keyed=keyed)
+            decoded = self._recent.pop(key, None)
+        if decoded is None:
+            decoded = self._read_unit(unit, ids, vectors=vectors, keyed=keyed)
         with self._lock:
-            self._recent[key] = chunk
+            self._recent[key] = decoded
             while len(self._recent) > RECENT_UNITS:
                 self._recent.pop(next(iter(self._recent)))
-        return {k: a[lo:hi] for k, a in chunk.items()}
+        return Piece(*decoded, lo, hi)
 
-    def _read_unit(self, unit, ids: list[str], *, vectors: bool, keyed: bool) -> dict:
+    def _read_unit(self, unit, ids: list[str], *, vectors: bool, keyed: bool):
+        """-> ({key: [(first row, array)] segments of the unit's rows}, kept rows or None)."""
         shard, start, _ = (int(v) for v in unit)
-        chunk: dict[str, np.ndarray] = {}
+        arrays: dict[str, list] = {}
         reference, keep = None, None
         filters = ["position", "token"] if self.filtered else []
         for m in self.parts:
@@ -132,14 +161,17 @@ class Plan:
                 reference = got
                 if self.filtered:
                     keep = np.flatnonzero(self._keep(got["position"], got["token"]))
-                chunk.update({k: got[k] if keep is None else got[k][keep] for k in ids})
+                arrays.update({k: [(0, got[k])] for k in ids})
             else:
                 aligned(next(iter(self.parts)), m, f"shard {shard} from row {start}",
                         reference, got)
-            if vectors:
-                x = vector_array(table.column("vector"), self.parts[m].d)
-                chunk[m if keyed else "vector"] = x if keep is None else x[keep]
-        return chunk
+            if vectors:  # one segment per decoded chunk: never concatenated
+                d, first, segments = self.parts[m].d, 0, []
+                for chunk in table.column("vector").chunks:
+                    segments.append((first, vector_array(chunk, d)))
+                    first += len(chunk)
+                arrays[m if keyed else "vector"] = segments
+        return arrays, keep
 
     def __getstate__(self):  # to spawned workers: no lock, no cache
         state = self.__dict__.copy()
