@@ -1,7 +1,7 @@
 """Memory benchmark: peak RSS of crowstream.capture stays flat as the corpus grows.
 
     python benchmarks/memory.py            # 250 vs 2,000 documents, small GPT-2, ~1 min on 2 cores
-    python benchmarks/memory.py --tiny     # CI: 40 vs 320 documents, tiny GPT-2, seconds
+    python benchmarks/memory.py --tiny     # CI: 40 vs 160 documents, tiny GPT-2, seconds
 
 Each capture runs in a fresh child process (so nothing left over from another run counts)
 that loads the same locally built model (random weights, BPE tokenizer trained on Python's
@@ -107,11 +107,12 @@ def result_of(child: subprocess.Popen, factor: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=None, help="documents of the 1x run (default 250; 40 with --tiny)")
-    parser.add_argument("--factor", type=int, default=8, help="the big run has factor x docs (default 8)")
+    parser.add_argument("--factor", type=int, default=None,
+                        help="the big run has factor x docs (default 8; 4 with --tiny)")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="documents per shard; must divide --docs (default 25; 10 with --tiny)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--tiny", action="store_true", help="2-layer d=64 model, 40 vs 320 docs: a CI smoke run")
+    parser.add_argument("--tiny", action="store_true", help="2-layer d=64 model, 40 vs 160 docs: a CI smoke run")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in the children (default 1: speed is not measured here, "
                              "and one thread is steady on a busy machine)")
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
     kind = "tiny" if args.tiny else "small"
     spec = TINY if args.tiny else SMALL
     args.docs = args.docs or (40 if args.tiny else 250)
+    args.factor = args.factor or (4 if args.tiny else 8)
     args.shard_size = args.shard_size or (10 if args.tiny else 25)
     args.modules = MODULES[kind]
     if args.threads is None:
