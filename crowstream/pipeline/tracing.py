@@ -309,15 +309,22 @@ class ModelTracer:
                 if self._direct(flat, dtype):  # no cast: select straight into a host buffer
                     kept[name] = nnsight.save(self._select(flat, index))
                     continue
-                rows = flat.index_select(0, index)
+                scratch = self._select(flat, index) if flat.device.type == "cpu" else \
+                    Rows(flat.index_select(0, index))
+                rows = scratch.tensor  # ours: in-place changes leave the model's output alone
                 if dtype == torch.float16 and rows.dtype != torch.float16:
                     if clamp:  # on the device, in float32: bf16 rounds 65504 up to 65536
                         rows = rows.float()
                         clamped[name] = nnsight.save((rows.abs() > FLOAT16_MAX).sum())
-                        rows = rows.clamp_(-FLOAT16_MAX, FLOAT16_MAX)  # a fresh tensor
+                        rows = rows.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
                     else:  # checked on the writer thread: no device sync here
                         peaks[name] = nnsight.save(_peak(rows))
-                kept[name] = nnsight.save(self._stored(rows, dtype))
+                stored = self._stored(rows, dtype)
+                if stored.tensor is scratch.tensor:
+                    stored = scratch
+                elif scratch.buffer is not None:  # cast into another buffer: done with it
+                    self.pool.give(scratch.buffer)
+                kept[name] = nnsight.save(stored)
             tracer.stop()
         return kept, peaks, clamped
 
@@ -326,6 +333,11 @@ def _peak(rows: torch.Tensor) -> torch.Tensor:
     """The largest magnitude in `rows` (0-d, on their device), NaN ignored; infinities kept."""
     if not rows.numel():
         return rows.new_zeros(())
+    if rows.device.type == "cpu":  # no [N, d] temporary, unless there is a NaN
+        low, high = torch.aminmax(rows)
+        peak = torch.maximum(-low, high)
+        if not torch.isnan(peak):
+            return peak
     return rows.abs().nan_to_num_(nan=0.0, posinf=float("inf")).amax()
 
 
