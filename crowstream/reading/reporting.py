@@ -88,11 +88,11 @@ def sample_plan(catalog: Catalog, module: ModuleFiles, max_rows: int) -> SampleP
     evenly spaced among theirs until `max_rows` rows (never less than one row group).
     Deterministic: same OUT, same sample."""
     chosen = _evenly(len(module.paths), REPORT_FILES)
-    starts = _shard_starts(module)
+    starts = module.shard_starts()
     groups = []  # (shard, first row in the shard, rows)
     for i in chosen:
         metadata = catalog.open(module.paths[i]).metadata
-        shard, first = starts[i]
+        shard, first = module.shards[i], starts[i]
         for g in range(metadata.num_row_groups):
             groups.append((shard, first, metadata.row_group(g).num_rows))
             first += metadata.row_group(g).num_rows
@@ -107,16 +107,6 @@ def sample_plan(catalog: Catalog, module: ModuleFiles, max_rows: int) -> SampleP
     ranges = [(shard, first, first + n) for shard, first, n in groups]
     return SamplePlan(ranges, int(sum(g[2] for g in groups)), len(chosen), len(module.paths),
                       len(rows), module.name)
-
-
-def _shard_starts(module: ModuleFiles) -> list[tuple[int, int]]:
-    """Per file of `module`: (its shard, the index of its first row within the shard)."""
-    starts = [(0, 0)] * len(module.paths)
-    for shard, indices in module.by_shard().items():
-        offsets = np.cumsum([0] + [module.rows[i] for i in indices])
-        for i, offset in zip(indices, offsets):
-            starts[i] = (shard, int(offset))
-    return starts
 
 
 def _evenly(n: int, at_most: int) -> list[int]:
