@@ -14,6 +14,7 @@ report) goes through here; nothing else in `reading/` reads the manifest.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -24,7 +25,7 @@ import numpy as np
 from crowstream.errors import ConfigError, DataError
 from crowstream.format import storage
 from crowstream.format.manifest import Manifest, ModuleInfo, Part
-from crowstream.format.records import committed, readable
+from crowstream.format.records import committed, in_place, readable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,17 @@ class Catalog:
             self.manifest: Manifest = storage.committed(self.out, storage_options, stats=stats)
         else:
             self.manifest = committed(self.out) if stats else readable(self.out)
+
+    def readable(self) -> Catalog:
+        """This catalog without any shard whose parts are not all in place yet: the rows a
+        `stats=False` catalog lists, from the state this one already read (a `stats=True`
+        catalog lists every committed shard, for `info`). A bucket's committed state only
+        lists readable shards."""
+        if self.remote:
+            return self
+        view = copy.copy(self)
+        view.manifest = in_place(self.out, self.manifest)
+        return view
 
     @property
     def shown(self) -> str:

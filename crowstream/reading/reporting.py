@@ -50,10 +50,10 @@ def report(out, path, *, max_bytes: int = REPORT_BYTES, max_rows: int | None = N
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     report_page.check_matplotlib()
-    summary = info(out, storage_options=storage_options)
-    catalog = Catalog(out, storage_options)
+    committed = Catalog(out, storage_options, stats=True)  # OUT's committed state, read once
+    summary, exact = info(committed), committed.manifest.stats
+    catalog = committed.readable()
     names, recorded = execution_order(catalog)
-    exact = Catalog(out, storage_options, stats=True).manifest.stats
     samples, cosines, plan = sample_modules(catalog, names, max_bytes, max_rows)
     values = {name: module_values(samples[name], exact.get(name)) for name in names}
     page = report_page.page(catalog, summary, names, recorded, values, cosines, plan)
