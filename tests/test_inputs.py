@@ -108,6 +108,19 @@ def test_input_globs_and_errors(gpt2, corpus, tmp_path):
         check_module_name("../x:input")
 
 
+def test_one_module_glob_matcher_for_capture_and_readers():
+    from crowstream.format.layout import match_modules
+
+    names = ["h.0", "h.0.mlp", "h.0:input", "h.1", "h.1:input", "h.12", "wte"]
+    assert match_modules("h.*", names) == ["h.0", "h.1", "h.12"]
+    assert match_modules("h.*:input", names) == ["h.0:input", "h.1:input"]
+    assert match_modules("h.**", names) == ["h.0", "h.0.mlp", "h.1", "h.12"]
+    assert match_modules("h.?", names) == ["h.0", "h.1"]
+    assert match_modules("h.[1]*", names) == ["h.1", "h.12"]
+    assert match_modules("h.0:input", names) == ["h.0:input"]
+    assert match_modules("h.0:inp*", names) == match_modules("h.2", names) == []
+
+
 def test_stream_and_load_read_inputs(captured, tmp_path):
     both = next(iter(cs.stream(captured.path, ["transformer.h.0", "transformer.h.1:input"],
                                batch_size=10_000)))

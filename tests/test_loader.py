@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import crowstream as cs
 from helpers import benchmark
-from crowstream.reading.catalog import Catalog
+from crowstream.reading.catalog import Catalog, ModuleFiles
 from crowstream.errors import ConfigError, DataError
 from crowstream.reading.loader import Stream
 from crowstream.reading.shuffle import worker_share as _worker_share
@@ -216,6 +216,12 @@ def test_worker_share_follows_round_robin_with_exhausted_workers():
 
 
 # -- several modules ------------------------------------------------------------------
+
+def test_shard_starts_count_rows_within_each_shard():
+    files = ModuleFiles("m", 4, "float32", ("a", "b", "c", "d", "e"), (3, 4, 5, 6, 7),
+                        (0, 0, 1, 1, 1))
+    assert files.shard_starts() == (0, 3, 0, 5, 11)
+
 
 def test_paired_modules_are_aligned(paired):
     batches = list(cs.stream(paired, ["narrow", "wide"], batch_size=1000, shuffle_buffer=5000,

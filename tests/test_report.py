@@ -101,6 +101,16 @@ def test_sample_plan_is_bounded_and_deterministic(gpt2_out, monkeypatch):
     assert len(one.ranges) == 1
 
 
+def test_report_reads_the_committed_state_once(gpt2_out, tmp_path, monkeypatch):
+    from crowstream.format import records
+
+    reads, built, read_manifest, init = [], [], records.read_manifest, Catalog.__init__
+    monkeypatch.setattr(records, "read_manifest", lambda out: reads.append(out) or read_manifest(out))
+    monkeypatch.setattr(Catalog, "__init__", lambda self, *a, **k: built.append(a) or init(self, *a, **k))
+    cs.report(gpt2_out, tmp_path / "report.html")
+    assert len(reads) == 1 and len(built) == 1
+
+
 def test_report_values_equal_numpy(gpt2_out, tmp_path):
     """Every number of a module's section, recomputed from all rows with numpy."""
     catalog = Catalog(gpt2_out)

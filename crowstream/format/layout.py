@@ -60,6 +60,32 @@ def base_module(name: str) -> str:
     return name.removesuffix(INPUT_SUFFIX)
 
 
+GLOB_CHARS = frozenset("*?[")
+
+
+def is_glob(pattern: str) -> bool:
+    """Whether `pattern` is a module-name glob rather than one name."""
+    return bool(GLOB_CHARS & set(pattern))
+
+
+def match_modules(pattern: str, names) -> list[str]:
+    """The names among `names` (module names, or captured names: `<module>` and
+    `<module>:input`) that `pattern` matches, in their order. In a glob, `*` matches within
+    one dotted component (`transformer.h.*` -> the blocks, not their submodules), `**`
+    across components, `?` one character, `[...]` a set; a glob ending in `:input` matches
+    only inputs, any other only outputs. A pattern that is no glob matches itself."""
+    if not is_glob(pattern):
+        return [pattern] if pattern in names else []
+    base = base_module(pattern)
+    suffix = pattern[len(base):]
+    pieces = re.split(r"(\*\*|\*|\?|\[[^\]]*\])", base)
+    table = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
+    regex = re.compile("".join(table.get(p) or (p if p.startswith("[") else re.escape(p))
+                               for p in pieces))
+    return [n for n in names
+            if n[len(base_module(n)):] == suffix and regex.fullmatch(base_module(n))]
+
+
 def check_module_name(name: str) -> None:
     """Module names become directory names: refuse anything that could escape OUT.
     `<module>:input` names a module's input."""

@@ -195,7 +195,12 @@ def readable(out: str) -> Manifest:
     """`committed(out)` without any shard whose parts are not all in place yet (a commit in
     progress, or cut short by a crash until a resume rolls it forward): what readers of rows
     use. Its statistics may be empty (see `committed`)."""
-    manifest = committed(out, stats=False)
+    return in_place(out, committed(out, stats=False))
+
+
+def in_place(out: str, manifest: Manifest) -> Manifest:
+    """`manifest` (OUT's committed state) without any shard whose parts are not all in
+    place yet: `readable` from a committed state already read."""
     if manifest.status == "complete":
         return manifest
     shards = [s for s in manifest.shards

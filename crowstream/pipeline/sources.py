@@ -1,15 +1,10 @@
 """Stage 1, the source. It owns turning whatever the user has (a list of strings or dicts,
 a `datasets.Dataset`/`IterableDataset`, a local file or directory, a hub dataset id) into
 a stream of `(doc_id, text)`, where `doc_id` is the document's 0-based row index in the
-source, or, for a pre-tokenized corpus (`tokens_field`), `(doc_id, token ids)` with the ids
-as a 1-D int64 array, fed to the model as they are. Sampling, `max_docs`, and skipping already-committed documents (resume) live here,
-so a resumed run never even reads the skipped documents into the model.
-
-Policy for bad texts: `None` is skipped and counted (the manifest's `skipped_docs`);
-an empty string is a document with zero tokens; any other non-string is an error,
-because it almost always means the wrong `text_field`. The same for token ids: `None` is
-skipped, an empty list is a zero-token document, anything but a flat list of non-negative
-integers is an error.
+source, or, for a pre-tokenized corpus (`tokens_field`), `(doc_id, token ids)`. Sampling,
+`max_docs`, and skipping already-committed documents (resume) live here, so a resumed run
+never even reads the skipped documents into the model. What one row becomes (its text or
+its token ids, and the policy for bad ones) is `documents.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +24,8 @@ import numpy as np
 
 from crowstream.checks import looks_like_path
 from crowstream.errors import DataError
+from crowstream.pipeline.documents import (check_not_text_file, docs_of_output, field_words,
+                                           ids_digest, ids_of, text_of)
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # compressed text files that datasets (fsspec) decompresses by their extension
@@ -59,10 +56,10 @@ class Source:
             stream = itertools.islice(self._rows(skip), limit)
         if self.tokens_field is not None:
             for index, item in stream:
-                yield index, _ids_of(item, self.tokens_field, index)
+                yield index, ids_of(item, self.tokens_field, index)
             return
         for index, item in stream:
-            yield index, _text_of(item, self.text_field, index)
+            yield index, text_of(item, self.text_field, index)
 
     def shards(self, shard_size: int, wanted, *, first: int = 0, stop: int | None = None,
                on_end=None) -> Iterator[tuple[int, list]]:
@@ -110,7 +107,7 @@ def open_source(data, *, text_field: str = "text", split: str = "train",
     `repository` picks a config, revision or data files of a dataset repository;
     `tokens_field` names a column of token-id lists to read instead of text."""
     if tokens_field is not None:
-        data = _docs_of_output(data)
+        data = docs_of_output(data)
     field = text_field if tokens_field is None else tokens_field
     rows, n_total, fingerprint = _open(data, field, split, repository or Repository(),
                                        tokens=tokens_field is not None)
@@ -138,14 +135,6 @@ def open_source(data, *, text_field: str = "text", split: str = "train",
     return Source(fingerprint, rows, text_field, n_docs, indices, max_docs, tokens_field)
 
 
-def _docs_of_output(data):
-    """A crowstream output given as a pre-tokenized corpus: read its `docs/` table."""
-    if isinstance(data, (str, os.PathLike)) and os.path.isfile(
-            os.path.join(os.fspath(data), "crowstream.json")):
-        return os.path.join(os.fspath(data), "docs")
-    return data
-
-
 def _open(data, text_field: str, split: str, repository: Repository, *, tokens: bool = False):
     """-> (rows(skip) -> iterator of (index, item), total count or None, fingerprint)."""
     if isinstance(data, os.PathLike):
@@ -155,10 +144,8 @@ def _open(data, text_field: str, split: str, repository: Repository, *, tokens: 
                         f"repository (a hub id or a local directory), not from {_kind(data)}; "
                         "drop them or pass the repository.")
     if isinstance(data, str):
-        if tokens and os.path.isfile(data) and data.lower().endswith(".txt"):
-            raise DataError(f"{data!r} is a text file: it has no column of token ids. Drop "
-                            "tokens_field (--tokens-field) to tokenize it, or pass a .parquet, "
-                            ".jsonl or datasets corpus with a column of token-id lists.")
+        if tokens:
+            check_not_text_file(data)
         return _open_path_or_hub(data, split, repository)
     if _is_pandas_frame(data):
         return _open_pandas(data, text_field, tokens)
@@ -194,14 +181,9 @@ def _open(data, text_field: str, split: str, repository: Repository, *, tokens: 
     )
 
 
-def _field_words(tokens: bool) -> tuple[str, str]:
-    """How an error names the column option: ("text field", "text_field=") or the tokens'."""
-    return ("tokens field", "tokens_field=") if tokens else ("text field", "text_field=")
-
-
 def _open_dataset(ds, text_field: str, tokens: bool = False):
     if text_field not in ds.column_names:
-        what, option = _field_words(tokens)
+        what, option = field_words(tokens)
         raise DataError(f"{what} {text_field!r} is not a column of the dataset; "
                         f"available columns: {', '.join(ds.column_names)}. Pass {option}.")
     column = ds.select_columns([text_field])
@@ -224,14 +206,12 @@ def _open_pandas(frame, text_field: str, tokens: bool = False):
     import pandas as pd
 
     if text_field not in frame.columns:
-        what, option = _field_words(tokens)
+        what, option = field_words(tokens)
         raise DataError(f"{what} {text_field!r} is not a column of the DataFrame; available "
                         f"columns: {', '.join(map(str, frame.columns))}. Pass {option}.")
     column = frame[text_field]
-    if tokens:  # lists of ids are unhashable for pandas: digest each row's ids
-        digest = hashlib.sha256()
-        for ids in column:
-            digest.update(b"-" if ids is None else np.asarray(ids, dtype=np.int64).tobytes() + b";")
+    if tokens:  # lists of ids are unhashable for pandas
+        digest = ids_digest(column)
     else:
         digest = hashlib.sha256(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
 
@@ -420,34 +400,3 @@ def _pick(rows: Iterator[tuple[int, Any]], wanted: np.ndarray) -> Iterator[tuple
         if index == target:
             yield index, item
             target = next(targets, None)
-
-
-def _text_of(item, text_field: str, index: int) -> str | None:
-    if isinstance(item, dict):
-        if text_field not in item:
-            raise DataError(f"document {index} has no field {text_field!r}; available fields: "
-                            f"{', '.join(map(str, item))}. Pass text_field= (CLI: --text-field).")
-        item = item[text_field]
-    if item is None or isinstance(item, str):
-        return item
-    raise DataError(f"document {index} has type {type(item).__name__}, not str "
-                    f"(value {str(item)[:60]!r}); check text_field (now {text_field!r}).")
-
-
-def _ids_of(item, tokens_field: str, index: int) -> np.ndarray | None:
-    """A document's token ids as a 1-D int64 array (None: a skipped row)."""
-    if isinstance(item, dict):
-        if tokens_field not in item:
-            raise DataError(f"document {index} has no field {tokens_field!r}; available fields: "
-                            f"{', '.join(map(str, item))}. Pass tokens_field= (CLI: --tokens-field).")
-        item = item[tokens_field]
-    if item is None:
-        return None
-    ids = np.asarray(item) if isinstance(item, (list, tuple, np.ndarray)) else None
-    if ids is not None and ids.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0:
-        raise DataError(f"document {index}: tokens field {tokens_field!r} holds "
-                        f"{str(item)[:60]!r}, not a list of token ids (non-negative integers); "
-                        "check tokens_field, or drop it to tokenize a text column.")
-    return ids.astype(np.int64, copy=False)

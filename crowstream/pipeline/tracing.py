@@ -17,17 +17,16 @@ import gc
 import inspect
 import itertools
 import logging
-import re
 import warnings
 
 import torch
 
 from crowstream.pipeline.host import Captured, PinnedPool, Rows, on_cpu, to_host
 from crowstream.pipeline.options import FLOAT16_MAX
-from crowstream.format.layout import INPUT_SUFFIX, base_module, check_module_name
+from crowstream.format.layout import (INPUT_SUFFIX, base_module, check_module_name, is_glob,
+                                      match_modules)
 from crowstream.errors import ModuleNotFoundInModel, ModuleOutputError
 
-_GLOB_CHARS = set("*?[")
 log = logging.getLogger("crowstream")
 
 
@@ -63,9 +62,8 @@ def resolve_modules(model, requested) -> list[str]:
             raise ModuleNotFoundInModel(f"module names must be strings, got {pattern!r}.")
         suffix = INPUT_SUFFIX if pattern.endswith(INPUT_SUFFIX) else ""
         pattern = base_module(pattern)
-        if _GLOB_CHARS & set(pattern):
-            regex = _glob_regex(pattern)
-            matches = [n for n in names if regex.fullmatch(n)]
+        if is_glob(pattern):
+            matches = match_modules(pattern, names)
             if not matches:
                 raise ModuleNotFoundInModel(
                     f"module pattern {pattern!r} matches no module of {type(model).__name__}; "
@@ -80,15 +78,6 @@ def resolve_modules(model, requested) -> list[str]:
     for name in resolved:
         check_module_name(name)
     return resolved
-
-
-def _glob_regex(pattern: str) -> re.Pattern:
-    """`*` matches within one dotted component (`transformer.h.*` -> the blocks, not
-    their submodules), `**` matches across components, `?` one character, `[...]` a set."""
-    parts = re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern)
-    table = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
-    return re.compile("".join(table.get(p) or (p if p.startswith("[") else re.escape(p))
-                              for p in parts))
 
 
 def _close(name: str, names: list[str]) -> str:

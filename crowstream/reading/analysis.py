@@ -108,7 +108,7 @@ def _with_text(catalog: Catalog, found, window, first: list[str]):
     from crowstream.reading.readers import vocab
 
     if window is None:
-        texts = vocab(catalog.out, storage_options=catalog.storage_options).select(
+        texts = vocab(catalog).select(
             pl.col("token"), pl.col("text").alias("token_text")).collect()
         found = found.join(texts, on="token", how="left", maintain_order="left")
         return found.select(*first, *ROW_COLUMNS)

@@ -14,6 +14,7 @@ report) goes through here; nothing else in `reading/` reads the manifest.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -24,7 +25,7 @@ import numpy as np
 from crowstream.errors import ConfigError, DataError
 from crowstream.format import storage
 from crowstream.format.manifest import Manifest, ModuleInfo, Part
-from crowstream.format.records import committed, readable
+from crowstream.format.records import committed, in_place, readable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,20 @@ class ModuleFiles:
             found.setdefault(shard, []).append(i)
         return found
 
+    def shard_starts(self) -> tuple[int, ...]:
+        """Per file (index into `paths`): the index of its first row within its shard,
+        i.e. the rows of the shard's earlier files."""
+        return self._shard_starts
+
+    @functools.cached_property
+    def _shard_starts(self) -> tuple[int, ...]:  # computed once: `shard_rows` asks per unit
+        ends: dict[int, int] = {}
+        starts = []
+        for shard, rows in zip(self.shards, self.rows):
+            starts.append(ends.get(shard, 0))
+            ends[shard] = starts[-1] + rows
+        return tuple(starts)
+
 
 class Catalog:
     """The committed state of one OUT as readers see it. `stats=True` also merges the
@@ -64,6 +79,17 @@ class Catalog:
             self.manifest: Manifest = storage.committed(self.out, storage_options, stats=stats)
         else:
             self.manifest = committed(self.out) if stats else readable(self.out)
+
+    def readable(self) -> Catalog:
+        """This catalog without any shard whose parts are not all in place yet: the rows a
+        `stats=False` catalog lists, from the state this one already read (a `stats=True`
+        catalog lists every committed shard, for `info`). A bucket's committed state only
+        lists readable shards."""
+        if self.remote:
+            return self
+        view = copy.copy(self)
+        view.manifest = in_place(self.out, self.manifest)
+        return view
 
     @property
     def shown(self) -> str:
@@ -173,8 +199,9 @@ def shard_rows(catalog: Catalog, files: ModuleFiles, shard: int, start: int, sto
     loader's choice, measured 3.5 µs/row less CPU at d = 4,096)."""
     import pyarrow as pa
 
-    pieces, offset = [], 0
+    pieces, starts = [], files.shard_starts()
     for i in (index if index is not None else files.by_shard()).get(shard, []):
+        offset = starts[i]
         lo, hi = max(start - offset, 0), min(stop - offset, files.rows[i])
         if lo < hi:
             cached = footers.get(files.paths[i]) if footers is not None else None
@@ -192,7 +219,6 @@ def shard_rows(catalog: Catalog, files: ModuleFiles, shard: int, start: int, sto
             last = int(np.searchsorted(edges, hi, side="left"))
             table = parquet.read_row_groups(list(range(first, last)), columns=columns)
             pieces.append(table.slice(lo - int(edges[first]), hi - lo))
-        offset += files.rows[i]
     if not pieces:
         raise DataError(f"shard {shard} of {files.name!r} has no rows {start}..{stop}: the "
                         "modules hold different rows; read them separately.")

@@ -82,16 +82,18 @@ def scan(out, *, storage_options: dict | None = None):
 
 
 def vocab(out, *, storage_options: dict | None = None):
-    """`vocab.parquet` as a LazyFrame: token (int32), text, special (bool)."""
-    catalog = Catalog(out, storage_options)
+    """`vocab.parquet` as a LazyFrame: token (int32), text, special (bool). `out`: a path, a
+    URL with fsspec `storage_options`, or a `Catalog`."""
+    catalog = out if isinstance(out, Catalog) else Catalog(out, storage_options)
     return _scan(catalog, [catalog.locate(VOCAB_NAME)])
 
 
 def docs(out, *, storage_options: dict | None = None):
-    """Every committed document as a LazyFrame: doc_id, n_tokens, text (null unless stored)."""
+    """Every committed document as a LazyFrame: doc_id, n_tokens, text (null unless stored).
+    `out`: a path, a URL with fsspec `storage_options`, or a `Catalog`."""
     import polars as pl
 
-    catalog = Catalog(out, storage_options)
+    catalog = out if isinstance(out, Catalog) else Catalog(out, storage_options)
     listed = [catalog.locate(p.path) for p in catalog.docs_parts()]
     return _scan(catalog, listed) if listed else pl.LazyFrame(
         schema={"doc_id": pl.Int64, "n_tokens": pl.Int32, "text": pl.String})
@@ -100,10 +102,11 @@ def docs(out, *, storage_options: dict | None = None):
 def info(out, *, storage_options: dict | None = None) -> dict:
     """A summary of OUT's manifest: status, model, modules (d, dtype, rows, bytes, mean
     norm), documents, tokens, shards, bytes on disk, and `notes` (advice such as how to
-    make an old float16 output DuckDB-readable)."""
+    make an old float16 output DuckDB-readable). `out`: a path, a URL with fsspec
+    `storage_options`, or a `Catalog` built with `stats=True`."""
     from crowstream.format.integrity import reader_notes
 
-    catalog = Catalog(out, storage_options, stats=True)
+    catalog = out if isinstance(out, Catalog) else Catalog(out, storage_options, stats=True)
     m, remote = catalog.manifest, catalog.remote
     modules = {}
     for name, spec in m.modules.items():

@@ -118,7 +118,7 @@ def token_table(catalog: Catalog, found) -> str:
     from crowstream.reading.readers import vocab
 
     tokens, counts, means, least = found
-    texts = dict(vocab(catalog.out, storage_options=catalog.storage_options)
+    texts = dict(vocab(catalog)
                  .filter(pl.col("token").is_in(tokens.tolist())).select("token", "text")
                  .collect().iter_rows())
     rows = "".join(f"<tr><td>{t}</td><td><code>{_e(repr(texts.get(t, '?')))}</code></td>"
@@ -140,7 +140,7 @@ def context_table(catalog: Catalog, found) -> str:
     except ConfigError as error:  # a format-1 output: token texts only
         from crowstream.reading.readers import vocab
 
-        texts = dict(vocab(catalog.out, storage_options=catalog.storage_options)
+        texts = dict(vocab(catalog)
                      .select("token", "text").collect().iter_rows())
         cells = [_e(texts.get(t, "?")) for t in found["token"].to_list()]
         note = f"contexts unavailable: {error}"

@@ -50,10 +50,10 @@ def report(out, path, *, max_bytes: int = REPORT_BYTES, max_rows: int | None = N
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     report_page.check_matplotlib()
-    summary = info(out, storage_options=storage_options)
-    catalog = Catalog(out, storage_options)
+    committed = Catalog(out, storage_options, stats=True)  # OUT's committed state, read once
+    summary, exact = info(committed), committed.manifest.stats
+    catalog = committed.readable()
     names, recorded = execution_order(catalog)
-    exact = Catalog(out, storage_options, stats=True).manifest.stats
     samples, cosines, plan = sample_modules(catalog, names, max_bytes, max_rows)
     values = {name: module_values(samples[name], exact.get(name)) for name in names}
     page = report_page.page(catalog, summary, names, recorded, values, cosines, plan)
@@ -88,11 +88,11 @@ def sample_plan(catalog: Catalog, module: ModuleFiles, max_rows: int) -> SampleP
     evenly spaced among theirs until `max_rows` rows (never less than one row group).
     Deterministic: same OUT, same sample."""
     chosen = _evenly(len(module.paths), REPORT_FILES)
-    starts = _shard_starts(module)
+    starts = module.shard_starts()
     groups = []  # (shard, first row in the shard, rows)
     for i in chosen:
         metadata = catalog.open(module.paths[i]).metadata
-        shard, first = starts[i]
+        shard, first = module.shards[i], starts[i]
         for g in range(metadata.num_row_groups):
             groups.append((shard, first, metadata.row_group(g).num_rows))
             first += metadata.row_group(g).num_rows
@@ -107,16 +107,6 @@ def sample_plan(catalog: Catalog, module: ModuleFiles, max_rows: int) -> SampleP
     ranges = [(shard, first, first + n) for shard, first, n in groups]
     return SamplePlan(ranges, int(sum(g[2] for g in groups)), len(chosen), len(module.paths),
                       len(rows), module.name)
-
-
-def _shard_starts(module: ModuleFiles) -> list[tuple[int, int]]:
-    """Per file of `module`: (its shard, the index of its first row within the shard)."""
-    starts = [(0, 0)] * len(module.paths)
-    for shard, indices in module.by_shard().items():
-        offsets = np.cumsum([0] + [module.rows[i] for i in indices])
-        for i, offset in zip(indices, offsets):
-            starts[i] = (shard, int(offset))
-    return starts
 
 
 def _evenly(n: int, at_most: int) -> list[int]:

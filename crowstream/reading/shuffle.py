@@ -19,6 +19,7 @@ import numpy as np
 
 from crowstream.checks import check_positive
 from crowstream.errors import ConfigError
+from crowstream.format.layout import is_glob, match_modules
 from crowstream.reading.batches import ID_COLUMNS, gather
 
 NORMALIZE = ("mean_norm", "standardize")  # what Stream(normalize=) accepts
@@ -170,9 +171,7 @@ def worker_share(batches: int, totals: list) -> tuple[list[int], int]:
 def resolve(catalog, modules) -> tuple[bool, dict]:
     """-> (keyed by module?, {module: catalog.ModuleFiles}). A str without glob characters is one
     module (batches carry "vector"); a list or a glob gives batches keyed by module."""
-    from crowstream.pipeline.tracing import _glob_regex
-
-    keyed = not isinstance(modules, str) or bool(set("*?[") & set(modules))
+    keyed = not isinstance(modules, str) or is_glob(modules)
     patterns = [modules] if isinstance(modules, str) else list(modules)
     if not patterns:
         raise ConfigError("no modules given; name at least one (`crowstream info OUT` lists them).")
@@ -180,13 +179,7 @@ def resolve(catalog, modules) -> tuple[bool, dict]:
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ConfigError(f"module names must be strings, got {pattern!r}.")
-        if set("*?[") & set(pattern):
-            base, _, tail = pattern.partition(":")
-            regex = _glob_regex(base)
-            matches = [n for n in catalog.modules if n.partition(":")[2] == tail
-                       and regex.fullmatch(n.partition(":")[0])]
-        else:
-            matches = [pattern] if pattern in catalog.modules else []
+        matches = match_modules(pattern, catalog.modules)
         if not matches:
             close = difflib.get_close_matches(pattern, list(catalog.modules), n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""

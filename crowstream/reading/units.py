@@ -71,14 +71,12 @@ class Plan:
                                 "read them separately.")
         widest = min(names, key=lambda m: group_rows(row_schema(parts[m].d, parts[m].dtype)))
         group = group_rows(row_schema(parts[widest].d, parts[widest].dtype))
-        units = []
+        units, starts = [], parts[widest].shard_starts()
         for shard, ix in sorted(self.index[widest].items()):
-            offset = 0
             for i in ix:
-                rows = parts[widest].rows[i]
+                rows, offset = parts[widest].rows[i], starts[i]
                 units += [(shard, offset + a, offset + min(a + group, rows))
                           for a in range(0, rows, group)]
-                offset += rows
         self.units = np.array(units, dtype=np.int64).reshape(-1, 3)
         self.footers: dict = {}
         self._recent: dict = {}  # the last units read, decoded

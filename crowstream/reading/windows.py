@@ -156,7 +156,7 @@ def doc_tokens(out, doc_ids: list[int], *,
     from crowstream.reading.readers import docs
 
     catalog = out if isinstance(out, Catalog) else Catalog(out, storage_options)
-    table = docs(catalog.out, storage_options=catalog.storage_options)
+    table = docs(catalog)
     if "tokens" not in table.collect_schema().names():
         load_tokenizer(catalog)  # raises the format-1 explanation when the tokenizer is missing too
         raise ConfigError(f"the docs table of {catalog.shown!r} has no tokens column (format 1); "
