@@ -505,8 +505,10 @@ def main(argv=None) -> int:
         # the rebuilt batches must be crowstream's (row order of the part files).
         same_tokens = cap["tokens"] == base["tokens"] == floor["tokens"] == pack["tokens"]
         import numpy as np
+        replayed = packed if args.packing == "auto" else batches  # the batches (1) ran
         same_batches = all(np.array_equal(written_doc_ids(keep_out, m),
-                                          np.concatenate([b.doc_ids for b in batches])) for m in modules)
+                                          np.concatenate([b.doc_ids for b in replayed]))
+                           for m in modules)
 
         print()
         print(f"real (non-pad) tokens/s, best of {args.repeat} (wall time; cpu = CPU seconds of all this "
@@ -541,7 +543,7 @@ def main(argv=None) -> int:
         print(f"  crowstream fixed cost per run (one-document capture): {fixed:.2f} s; "
               f"tokenizing + batching alone (crowstream.batching, untimed in (3)): {batching_seconds:.2f} s")
         print(f"  same real tokens in (1), (2), (3), (4): {same_tokens}; "
-              f"(3) replays crowstream's batches (doc_id order of the part files): {same_batches}")
+              f"(3)/(4) replay crowstream's batches (doc_id order of the part files): {same_batches}")
 
         # per-round ratios (the phases of one round ran minutes apart at most): medians
         rounds = list(zip(*(results[p] for p in order)))
