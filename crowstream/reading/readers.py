@@ -100,8 +100,11 @@ def docs(out, *, storage_options: dict | None = None):
 def info(out, *, storage_options: dict | None = None) -> dict:
     """A summary of OUT's manifest: status, model, modules (d, dtype, rows, bytes, mean
     norm), documents, tokens, shards, bytes on disk, and `notes` (advice such as how to
-    make an old float16 output DuckDB-readable)."""
+    make an old float16 output DuckDB-readable) and `partly_visible` (shards of which a
+    glob over `data/` would read some part files but not all; crowstream's readers and the
+    card never do)."""
     from crowstream.format.integrity import reader_notes
+    from crowstream.format.recovery import partly_visible
 
     catalog = Catalog(out, storage_options, stats=True)
     m, remote = catalog.manifest, catalog.remote
@@ -123,4 +126,5 @@ def info(out, *, storage_options: dict | None = None) -> dict:
         "shard_size": m.shard_size, "bytes": sum(p.bytes for p in m.parts),
         "modules": modules, "created": m.created, "updated": m.updated,
         "notes": [] if remote else reader_notes(catalog.out, m),
+        "partly_visible": partly_visible(m, catalog.visible_files()),
     }
