@@ -56,7 +56,7 @@ def recover(out: str, manifest: Manifest, owned=None) -> tuple[Manifest, list[st
             "(--overwrite) or into a new OUT.")
     listed = listed_paths(state)
     removed = [rel for rel in _files(out, TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR)
-               if rel not in listed and (owned is None or _owned_file(rel, owned))]
+               if rel not in listed and (owned is None or owned_file(rel, owned))]
     for rel in removed:
         os.remove(os.path.join(out, rel))
     for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
@@ -64,10 +64,11 @@ def recover(out: str, manifest: Manifest, owned=None) -> tuple[Manifest, list[st
     return state, rolled, removed
 
 
-_SHARD_OF_FILE = re.compile(r"part-\d{5}-(\d{6})-\d{3}\.parquet|shard-(\d{8})\.(?:json|stats\.parquet)")
+_SHARD_OF_FILE = re.compile(r"part-\d{5}-(\d{6})-\d{3}(?:-a[0-9a-f]+)?\.parquet"
+                            r"|shard-(\d{8})\.(?:json|stats\.parquet)")
 
 
-def _owned_file(rel: str, owned) -> bool:
+def owned_file(rel: str, owned) -> bool:
     """Whether `rel` is a file of a shard that `owned` (index -> bool) accepts."""
     found = _SHARD_OF_FILE.search(rel.rsplit("/", 1)[-1].rsplit("__", 1)[-1])
     return found is not None and owned(int(found.group(1) or found.group(2)))
