@@ -101,6 +101,16 @@ def download(fs, root: str, rels, local: str) -> None:
         fs.get_file(f"{root}/{rel}", target)
 
 
+_UNSTARTED = re.compile("|".join([re.escape(CARD_NAME), re.escape(VOCAB_NAME), re.escape(RUN_PATH),
+                                   re.escape(TOKENIZER_DIR) + "/[^/]+"]))
+
+
+def _unstarted(objects) -> bool:
+    """Whether a bucket OUT without a manifest holds only what a new run uploads before
+    its manifest (the card, vocab, tokenizer, commits/run.json): a start cut short."""
+    return all(_UNSTARTED.fullmatch(rel) for rel in objects)
+
+
 def _metadata(rel: str) -> bool:
     """Files besides the parts: manifest, card, vocab, tokenizer, commits/."""
     return not rel.startswith((f"{DATA_DIR}/", f"{DOCS_DIR}/", ".tmp/"))
@@ -206,10 +216,10 @@ class Mirror:
         objects = self._check(self._list(), overwrite=overwrite, resume=resume)  # under the lease
         if not objects:
             return False
-        if resume:
+        if resume and MANIFEST_NAME in objects:
             self._download_state(objects)
             return True
-        self.fs.rm([self._key(r) for r in objects])  # overwrite
+        self.fs.rm([self._key(r) for r in objects])  # overwrite, or a start cut short
         return False
 
     def _who(self) -> str:
@@ -253,6 +263,8 @@ class Mirror:
             check_not_lost(public(self.url), sorted(
                 r.rsplit("/", 1)[1] for r in objects
                 if r.startswith(f"{COMMITS_DIR}/") and RECORD_NAME.fullmatch(r.rsplit("/", 1)[1])))
+        if not ours and resume and _unstarted(objects):
+            return objects  # a start killed before its manifest: nothing was committed
         if not ours:
             raise OutputExistsError(f"OUT {public(self.url)} is not empty and holds no "
                                     f"{MANIFEST_NAME}: choose another prefix.")
