@@ -47,7 +47,7 @@ class Bucket:
         self.options = {"key": "k", "secret": "s", "client_kwargs": {
             "endpoint_url": self.endpoint, "region_name": "us-east-1"}}
         boto3.client("s3", aws_access_key_id="k", aws_secret_access_key="s",
-                     endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket="b")
+                     endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket="kills")
 
     def env(self) -> dict:
         return {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
@@ -60,7 +60,7 @@ class Bucket:
 
         fs = s3fs.S3FileSystem(**self.options)
         fs.invalidate_cache()
-        names = [k.rsplit("/", 1)[-1] for k in fs.find(f"b/{prefix}/commits")]
+        names = [k.rsplit("/", 1)[-1] for k in fs.find(f"kills/{prefix}/commits")]
         return {int(n[6:14]) for n in names if n.startswith("shard-") and n.endswith(".json")}
 
 
@@ -103,13 +103,13 @@ def compare(url: str, bucket: Bucket, reference: str) -> None:
 def measure(bucket: Bucket, model: str, corpus: str, reference: str) -> tuple[float, float]:
     """An uninterrupted 2-rank capture: -> (S, T), and check it."""
     started, first = time.monotonic(), None
-    ranks = start_ranks(bucket, model, corpus, "s3://b/clean")
+    ranks = start_ranks(bucket, model, corpus, "s3://kills/clean")
     while any(p.poll() is None for p in ranks):
         if first is None and bucket.records("clean"):
             first = time.monotonic() - started
         time.sleep(0.02)
     assert wait(ranks) == [0, 0]
-    compare("s3://b/clean", bucket, reference)
+    compare("s3://kills/clean", bucket, reference)
     return first or 0.0, time.monotonic() - started
 
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                 prefix = f"killed-{capture}"
                 while True:
                     rounds += 1
-                    ranks = start_ranks(bucket, model, corpus, f"s3://b/{prefix}")
+                    ranks = start_ranks(bucket, model, corpus, f"s3://kills/{prefix}")
                     if kills < args.kills:
                         time.sleep(rng.uniform(s / 2, s + (t - s) / 4))
                         victim = rng.choice([r for r, p in enumerate(ranks) if p.poll() is None]
@@ -155,9 +155,9 @@ def main(argv=None) -> int:
                             print(f"kill {kills}: rank {victim} of capture {capture} with "
                                   f"{before} shard(s) committed", flush=True)
                     codes = wait(ranks)
-                    if codes == [0, 0] and cs.info(f"s3://b/{prefix}", storage_options=bucket.options)["status"] == "complete":
+                    if codes == [0, 0] and cs.info(f"s3://kills/{prefix}", storage_options=bucket.options)["status"] == "complete":
                         break
-                compare(f"s3://b/{prefix}", bucket, reference)
+                compare(f"s3://kills/{prefix}", bucket, reference)
                 print(f"capture {capture}: complete, bit-identical to the one-process capture "
                       "(rows, statistics, docs), verify clean", flush=True)
             print(f"RESULT: {kills} SIGKILLs over {capture} capture(s) in {rounds} rounds: every "
