@@ -55,6 +55,13 @@ class Bucket:
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ROOT}
 
+    def exists(self, rel: str) -> bool:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.options)
+        fs.invalidate_cache()
+        return fs.exists(f"kills/{rel}")
+
     def records(self, prefix: str) -> set[int]:
         import s3fs
 
@@ -154,6 +161,13 @@ def main(argv=None) -> int:
                             landed.append((victim, before))
                             print(f"kill {kills}: rank {victim} of capture {capture} with "
                                   f"{before} shard(s) committed", flush=True)
+                            if victim == 0 and not bucket.exists(f"{prefix}/crowstream.json"):
+                                # rank 0 died before creating the run: the other rank would
+                                # wait 10 minutes for it, then fail; tear the job down (as
+                                # torchrun does), not counted as a kill
+                                os.kill(ranks[1].pid, signal.SIGKILL)
+                                print("  rank 0 had not created the run: rank 1 torn down too",
+                                      flush=True)
                     codes = wait(ranks)
                     if codes == [0, 0] and cs.info(f"s3://kills/{prefix}", storage_options=bucket.options)["status"] == "complete":
                         break
