@@ -120,6 +120,14 @@ def measure(bucket: Bucket, model: str, corpus: str, reference: str) -> tuple[fl
     return first or 0.0, time.monotonic() - started
 
 
+def complete(bucket: Bucket, prefix: str) -> bool:
+    import crowstream as cs
+
+    if not bucket.exists(f"{prefix}/crowstream.json"):
+        return False
+    return cs.info(f"s3://kills/{prefix}", storage_options=bucket.options)["status"] == "complete"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
@@ -147,14 +155,14 @@ def main(argv=None) -> int:
             while kills < args.kills:
                 capture += 1
                 prefix = f"killed-{capture}"
-                while True:
+                while not complete(bucket, prefix):  # kills land on a run in progress only
                     rounds += 1
                     ranks = start_ranks(bucket, model, corpus, f"s3://kills/{prefix}")
                     if kills < args.kills:
                         time.sleep(rng.uniform(s / 2, s + (t - s) / 4))
                         victim = rng.choice([r for r, p in enumerate(ranks) if p.poll() is None]
                                             or [None])
-                        if victim is not None:
+                        if victim is not None and not complete(bucket, prefix):
                             before = len(bucket.records(prefix))
                             os.kill(ranks[victim].pid, signal.SIGKILL)
                             kills += 1
@@ -168,9 +176,7 @@ def main(argv=None) -> int:
                                 os.kill(ranks[1].pid, signal.SIGKILL)
                                 print("  rank 0 had not created the run: rank 1 torn down too",
                                       flush=True)
-                    codes = wait(ranks)
-                    if codes == [0, 0] and cs.info(f"s3://kills/{prefix}", storage_options=bucket.options)["status"] == "complete":
-                        break
+                    wait(ranks)
                 compare(f"s3://kills/{prefix}", bucket, reference)
                 print(f"capture {capture}: complete, bit-identical to the one-process capture "
                       "(rows, statistics, docs), verify clean", flush=True)
