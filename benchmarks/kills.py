@@ -1,6 +1,6 @@
 """Random SIGKILLs of a 2-rank capture into a bucket (#17): either rank, at any moment
-(start-up, a write, an upload, a record PUT, finalize), each followed by a resume of both
-ranks with `--takeover`. The final rows, statistics and docs must be bit-identical to an
+(start-up, a write, an upload, a record PUT, finalize), each followed by a resume of the
+killed rank with `--takeover`. The final rows, statistics and docs must be bit-identical to an
 uninterrupted one-process local capture, and `verify` clean.
 
     python benchmarks/kills.py --kills 20      # ~20 rounds of two CLI processes: minutes
@@ -9,10 +9,11 @@ uninterrupted one-process local capture, and `verify` clean.
 Runs a moto S3 server on loopback, the tiny GPT-2 of tests/conftest.py and a corpus of
 real paragraphs (no network). First an uninterrupted 2-rank capture measures S (the time
 to a rank's first commit record) and T (the whole run); each kill then lands at a moment
-drawn uniformly from [S/2, S + (T - S)/4] after the ranks start, so some kills hit start-up
-and most hit a rank mid-run, and every capture takes several kills. When a capture
-completes before all kills are spent, the next starts in a fresh prefix; every capture is
-compared. Exits non-zero on any difference or unexpected failure.
+drawn uniformly from [S/2, S + (T - S)/4] after the previous one, on a random live rank
+(start-up, a write, an upload, a record PUT, finalize); a rank that stopped is restarted at
+once (its resume) while the other runs on. When a capture completes before all kills are
+spent, the next starts in a fresh prefix; every capture is compared. Exits non-zero on any
+difference or unexpected failure.
 """
 
 from __future__ import annotations
@@ -71,18 +72,24 @@ class Bucket:
         return {int(n[6:14]) for n in names if n.startswith("shard-") and n.endswith(".json")}
 
 
-def start_ranks(bucket: Bucket, model: str, corpus: str, url: str) -> list[subprocess.Popen]:
-    base = [sys.executable, "-m", "crowstream", "capture", model, corpus, "-o", url,
-            "--shard-size", "4", "--batch-size", "4", "--no-progress", "--device", "cpu",
-            "--world-size", "2", "--takeover", *[a for m in MODULES for a in ("-m", m)]]
-    return [subprocess.Popen(base + ["--rank", str(r)], env=bucket.env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+def start_rank(bucket: Bucket, model: str, corpus: str, url: str, rank: int) -> subprocess.Popen:
+    """Rank `rank` of 2, resuming whatever is committed (`--takeover`: a killed rank's lease
+    is taken over at once)."""
+    return subprocess.Popen([sys.executable, "-m", "crowstream", "capture", model, corpus, "-o",
+                             url, "--shard-size", "4", "--batch-size", "4", "--no-progress",
+                             "--device", "cpu", "--world-size", "2", "--rank", str(rank),
+                             "--takeover", *[a for m in MODULES for a in ("-m", m)]],
+                            env=bucket.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def wait(processes) -> list[int]:
     codes = []
     for process in processes:
-        _, stderr = process.communicate(timeout=900)
+        try:
+            _, stderr = process.communicate(timeout=900)
+        except ValueError:  # communicated before: its stderr was read then
+            stderr = ""
         if process.returncode not in (0, -signal.SIGKILL):
             sys.exit(f"a rank failed unexpectedly ({process.returncode}):\n{stderr[-3000:]}")
         codes.append(process.returncode)
@@ -110,7 +117,7 @@ def compare(url: str, bucket: Bucket, reference: str) -> None:
 def measure(bucket: Bucket, model: str, corpus: str, reference: str) -> tuple[float, float]:
     """An uninterrupted 2-rank capture: -> (S, T), and check it."""
     started, first = time.monotonic(), None
-    ranks = start_ranks(bucket, model, corpus, "s3://kills/clean")
+    ranks = [start_rank(bucket, model, corpus, "s3://kills/clean", r) for r in (0, 1)]
     while any(p.poll() is None for p in ranks):
         if first is None and bucket.records("clean"):
             first = time.monotonic() - started
@@ -151,36 +158,37 @@ def main(argv=None) -> int:
             s, t = measure(bucket, model, corpus, reference)
             print(f"uninterrupted 2-rank capture: first record after {s:.1f} s, done after "
                   f"{t:.1f} s; equal to the one-process capture", flush=True)
-            kills, capture, rounds, landed = 0, 0, 0, []
+            kills, capture, starts = 0, 0, 0
             while kills < args.kills:
                 capture += 1
                 prefix = f"killed-{capture}"
-                while not complete(bucket, prefix):  # kills land on a run in progress only
-                    rounds += 1
-                    ranks = start_ranks(bucket, model, corpus, f"s3://kills/{prefix}")
+                url = f"s3://kills/{prefix}"
+                ranks = [start_rank(bucket, model, corpus, url, r) for r in (0, 1)]
+                starts += 2
+                while any(p.poll() is None for p in ranks) or not complete(bucket, prefix):
                     if kills < args.kills:
                         time.sleep(rng.uniform(s / 2, s + (t - s) / 4))
-                        victim = rng.choice([r for r, p in enumerate(ranks) if p.poll() is None]
-                                            or [None])
-                        if victim is not None and not complete(bucket, prefix):
-                            before = len(bucket.records(prefix))
-                            os.kill(ranks[victim].pid, signal.SIGKILL)
-                            kills += 1
-                            landed.append((victim, before))
-                            print(f"kill {kills}: rank {victim} of capture {capture} with "
-                                  f"{before} shard(s) committed", flush=True)
-                            if victim == 0 and not bucket.exists(f"{prefix}/crowstream.json"):
-                                # rank 0 died before creating the run: the other rank would
-                                # wait 10 minutes for it, then fail; tear the job down (as
-                                # torchrun does), not counted as a kill
-                                os.kill(ranks[1].pid, signal.SIGKILL)
-                                print("  rank 0 had not created the run: rank 1 torn down too",
-                                      flush=True)
-                    wait(ranks)
-                compare(f"s3://kills/{prefix}", bucket, reference)
+                    live = [r for r, p in enumerate(ranks) if p.poll() is None]
+                    if kills < args.kills and live and not complete(bucket, prefix):
+                        victim = rng.choice(live)
+                        before = len(bucket.records(prefix))
+                        os.kill(ranks[victim].pid, signal.SIGKILL)
+                        kills += 1
+                        print(f"kill {kills}: rank {victim} of capture {capture} with {before} "
+                              "shard(s) committed", flush=True)
+                    if kills >= args.kills:
+                        wait(ranks)
+                    idle = all(p.poll() is not None for p in ranks)
+                    for r, process in enumerate(ranks):  # resume each rank that was killed
+                        if process.poll() is None or complete(bucket, prefix):
+                            continue
+                        if wait([process]) == [-signal.SIGKILL] or idle:
+                            ranks[r] = start_rank(bucket, model, corpus, url, r)
+                            starts += 1
+                compare(url, bucket, reference)
                 print(f"capture {capture}: complete, bit-identical to the one-process capture "
                       "(rows, statistics, docs), verify clean", flush=True)
-            print(f"RESULT: {kills} SIGKILLs over {capture} capture(s) in {rounds} rounds: every "
+            print(f"RESULT: {kills} SIGKILLs over {capture} capture(s), {starts} rank starts: every "
                   "capture bit-identical to the uninterrupted one-process capture")
         finally:
             bucket.server.stop()
