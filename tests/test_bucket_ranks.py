@@ -141,3 +141,28 @@ def test_ranks_into_a_bucket_under_torchrun_then_a_killed_rank_resumed_by_three(
     assert last.manifest.status == "complete" and len(last.manifest.shards) == 20
     assert_equal_to(url, server, reference)
     assert manifest_of(reference).run_id == cs.info(url, storage_options=server)["run_id"]
+
+
+def test_a_start_killed_before_its_manifest_is_restarted_by_a_resume(gpt2_dir, corpus, server,
+                                                                      tmp_path):
+    """A rank 0 (or a single process) killed while it created the run leaves the vocab, the
+    tokenizer, commits/run.json and the card, but no manifest and no record: a resume
+    starts afresh instead of refusing the prefix forever. Anything else is still refused."""
+    from crowstream.errors import OutputExistsError
+
+    fs = s3fs.S3FileSystem(**server)
+    for rel in ("vocab.parquet", "commits/run.json", "tokenizer/tokenizer.json", "README.md"):
+        fs.pipe(f"bucket/unstarted/{rel}", b"cut short")
+    fs.pipe("bucket/foreign/vocab.parquet", b"not ours")
+    fs.pipe("bucket/foreign/notes.txt", b"not ours")
+    kw = dict(storage_options=server, resume=True, **KW)
+    with pytest.raises(OutputExistsError, match="holds no crowstream.json"):
+        cs.capture(gpt2_dir, corpus[:8], MODULES, "s3://bucket/foreign", **kw)
+    run = cs.capture(gpt2_dir, corpus[:8], MODULES, "s3://bucket/unstarted", **kw)
+    assert run.manifest.status == "complete"
+    reference = str(tmp_path / "reference")
+    cs.capture(gpt2_dir, corpus[:8], MODULES, reference, **KW)
+    assert cs.scan("s3://bucket/unstarted", storage_options=server).collect().sort(
+        "module", "doc_id", "position").equals(
+        cs.scan(reference).collect().sort("module", "doc_id", "position"))
+    cs.verify("s3://bucket/unstarted", storage_options=server)

@@ -107,8 +107,9 @@ _UNSTARTED = re.compile("|".join([re.escape(CARD_NAME), re.escape(VOCAB_NAME), r
 
 def _unstarted(objects) -> bool:
     """Whether a bucket OUT without a manifest holds only what a new run uploads before
-    its manifest (the card, vocab, tokenizer, commits/run.json): a start cut short."""
-    return all(_UNSTARTED.fullmatch(rel) for rel in objects)
+    its manifest (vocab first, then commits/run.json, the tokenizer, the card): a start
+    cut short, with nothing committed."""
+    return VOCAB_NAME in objects and all(_UNSTARTED.fullmatch(rel) for rel in objects)
 
 
 def _metadata(rel: str) -> bool:
