@@ -9,7 +9,7 @@ uninterrupted one-process local capture, and `verify` clean.
 Runs a moto S3 server on loopback, the tiny GPT-2 of tests/conftest.py and a corpus of
 real paragraphs (no network). First an uninterrupted 2-rank capture measures S (the time
 to a rank's first commit record) and T (the whole run); each kill then lands at a moment
-drawn uniformly from [S/2, S + (T - S)/4] after the previous one, on a random live rank
+drawn uniformly from [S/4, S] after the previous one, on a random live rank
 (start-up, a write, an upload, a record PUT, finalize); a rank that stopped is restarted at
 once (its resume) while the other runs on. When a capture completes before all kills are
 spent, the next starts in a fresh prefix; every capture is compared. Exits non-zero on any
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                 starts += 2
                 while any(p.poll() is None for p in ranks) or not complete(bucket, prefix):
                     if kills < args.kills:
-                        time.sleep(rng.uniform(s / 2, s + (t - s) / 4))
+                        time.sleep(rng.uniform(s / 4, s))
                     live = [r for r, p in enumerate(ranks) if p.poll() is None]
                     if kills < args.kills and live and not complete(bucket, prefix):
                         victim = rng.choice(live)
