@@ -176,8 +176,6 @@ def main(argv=None) -> int:
                         kills += 1
                         print(f"kill {kills}: rank {victim} of capture {capture} with {before} "
                               "shard(s) committed", flush=True)
-                    if kills >= args.kills:
-                        wait(ranks)
                     idle = all(p.poll() is not None for p in ranks)
                     for r, process in enumerate(ranks):  # resume each rank that was killed
                         if process.poll() is None or complete(bucket, prefix):
@@ -185,6 +183,8 @@ def main(argv=None) -> int:
                         if wait([process]) == [-signal.SIGKILL] or idle:
                             ranks[r] = start_rank(bucket, model, corpus, url, r)
                             starts += 1
+                    if kills >= args.kills:  # after the restarts: a rank may wait for rank 0
+                        wait(ranks)
                 compare(url, bucket, reference)
                 print(f"capture {capture}: complete, bit-identical to the one-process capture "
                       "(rows, statistics, docs), verify clean", flush=True)
