@@ -264,6 +264,8 @@ def _info(args) -> None:
               f"{m['bytes'] / 2**20:,.1f} MiB, mean norm {norm}{nonfinite}")
     for note in summary["notes"]:
         print(f"  note: {note}")
+    for shard in summary["partly_visible"]:
+        print(f"  {shard}")
 
 
 def _verify(args) -> None:

@@ -155,6 +155,10 @@ def as_format_2(out, dest) -> None:
                 dtype = "float16" if "float16" in str(table.schema.field("vector").type) else "float32"
                 pq.write_table(table.replace_schema_metadata(meta), path, **parquet_options(dtype))
                 restamp_part(dest, part["path"])
+    from crowstream.format.card import write_card
+    from crowstream.format.manifest import read_manifest
+
+    write_card(dest, read_manifest(dest))  # 0.2's card: globs
 
 
 def restamp_part(out, rel) -> None:

@@ -205,19 +205,12 @@ def test_torchrun_a_failing_rank_stops_the_others_cleanly(gpt2_dir, corpus_txt, 
     cs.verify(out)
 
 
-def test_an_object_storage_url_with_ranks_is_refused_not_taken_as_a_directory(
-        gpt2_dir, tmp_path, monkeypatch):
-    from crowstream.errors import OutputError
-
+def test_a_file_url_with_ranks_is_a_local_path(gpt2_dir, tmp_path, monkeypatch):
+    """(Ranks into a bucket URL work since #17: tests/test_bucket_ranks.py.)"""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(OutputError, match=r"OUT 's3://bucket/acts' is a URL: several ranks "
-                                          r"cannot write to object storage yet") as info:
-        cs.capture(gpt2_dir, ["a b"], MODULES, "s3://bucket/acts?key=secret", rank=0,
-                   world_size=2, **KW)
-    assert "secret" not in str(info.value)
-    assert os.listdir(tmp_path) == []  # no directory named "s3:"
     run = cs.capture(gpt2_dir, ["a b"], MODULES, f"file://{tmp_path}/out", **KW)
     assert run.path == f"{tmp_path}/out" and run.manifest.status == "complete"
+    assert os.listdir(tmp_path) == ["out"]
 
 
 def test_a_run_started_by_three_ranks_is_finished_by_two(gpt2_dir, corpus_txt, reference,

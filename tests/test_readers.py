@@ -117,7 +117,8 @@ def test_cs_load_equals_load_dataset(out32, tmp_path):
 
 def test_cs_load_reads_only_committed_parts_after_a_crash(out32, tmp_path):
     """A kill between a part's rename and the manifest update leaves an unlisted part in
-    data/: cs.load must not return its rows (the manifest is the truth)."""
+    data/: cs.load must not return its rows (the manifest is the truth), nor does
+    load_dataset(OUT, module) through the card, which lists the committed files (#17)."""
     import shutil
 
     out = str(tmp_path / "crashed")
@@ -127,8 +128,10 @@ def test_cs_load_reads_only_committed_parts_after_a_crash(out32, tmp_path):
                 os.path.join(module_dir, "part-00000-000099-000.parquet"))
     raw = datasets.load_dataset(out, MODULES[0], split="train", cache_dir=str(tmp_path / "a"))
     ours = cs.load(out, MODULES[0], cache_dir=str(tmp_path / "b"))
-    assert raw.num_rows > out32.tokens[MODULES[0]]
-    assert ours.num_rows == out32.tokens[MODULES[0]]
+    globbed = datasets.load_dataset("parquet", data_files=f"{module_dir}/*.parquet", split="train",
+                                    cache_dir=str(tmp_path / "c"))
+    assert globbed.num_rows > out32.tokens[MODULES[0]]  # what the 0.2 card's glob read
+    assert raw.num_rows == ours.num_rows == out32.tokens[MODULES[0]]
 
 
 def test_bare_load_dataset_names_the_configs(out32, tmp_path):
@@ -154,8 +157,9 @@ def test_dataset_card_has_one_config_per_module(out32):
     card = yaml.safe_load(text.split("---\n")[1])
     configs = {c["config_name"]: c["data_files"] for c in card["configs"]}
     assert list(configs) == [*MODULES, "docs", "vocab"]
-    for module in MODULES:
-        assert configs[module] == [{"split": "train", "path": f"data/module={module}/*.parquet"}]
+    for module in MODULES:  # the committed files by name (#17: a glob sees partial shards)
+        assert configs[module] == [{"split": "train", "path": [
+            p.path for p in out32.manifest.module_parts(module)]}]
 
 
 # -- polars ----------------------------------------------------------------------------

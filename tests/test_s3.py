@@ -248,3 +248,35 @@ def test_overwrite_replaces_the_bucket_output_and_stats_and_cli_read_it(gpt2, do
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert SECRET not in done.stdout + done.stderr
+
+
+def test_every_reader_works_offline_against_a_bucket(bucket_out, local, server, monkeypatch,
+                                                     tmp_path):
+    """Clusters run with the Hub offline and a bucket reachable: reading your own bucket is
+    not Hub access (#17). `datasets` reads HF_HUB_OFFLINE once, at import: set both."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError):  # what cs.load handed to datasets before
+        datasets.load_dataset("parquet", data_files=[f"{bucket_out}/crowstream.json"],
+                              storage_options=dict(server), cache_dir=str(tmp_path / "raw"))
+    so = dict(storage_options=server)
+    module = MODULES[1]
+    want = rows(cs.scan(local).collect())
+    assert rows(cs.scan(bucket_out, **so).collect()) == want
+    loaded = cs.load(bucket_out, module, cache_dir=str(tmp_path / "cache"), **so)
+    assert loaded.num_rows == cs.info(local)["modules"][module]["rows"]
+    assert loaded.with_format("numpy")[:]["vector"].tolist() == \
+        cs.load(local, module, cache_dir=str(tmp_path / "local")).with_format("numpy")[:]["vector"].tolist()
+    streamed = sum(len(b["vector"]) for b in cs.stream(bucket_out, module, batch_size=64, **so))
+    assert streamed == loaded.num_rows
+    assert cs.docs(bucket_out, **so).collect().sort("doc_id").equals(
+        cs.docs(local).collect().sort("doc_id"))
+    assert cs.vocab(bucket_out, **so).collect().equals(cs.vocab(local).collect())
+    info = cs.info(bucket_out, **so)
+    assert info["status"] == "complete" and info["partly_visible"] == []
+    assert cs.verify(bucket_out, **so)["rows"] == cs.verify(local)["rows"]

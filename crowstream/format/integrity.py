@@ -16,7 +16,7 @@ import dataclasses
 import os
 
 from crowstream.errors import VerifyError
-from crowstream.format.card import card_text
+from crowstream.format.card import card_files, card_text
 from crowstream.format.layout import CARD_NAME, staging_path
 from crowstream.format.manifest import (
     Counts,
@@ -27,7 +27,7 @@ from crowstream.format.manifest import (
     read_manifest,
 )
 from crowstream.format.records import committed, read_records
-from crowstream.format.recovery import unlisted_files
+from crowstream.format.recovery import partly_visible, unlisted_files, visible_files
 from crowstream.format.statistics import merge_partials, read_stats
 from crowstream.schemas import docs_schema, part_metadata, row_schema
 
@@ -68,8 +68,9 @@ def verify(out, *, storage_options: dict | None = None) -> dict:
         problems += _check_part(out, part, truth)
     problems += [f"extra: {rel} is not listed in the manifest (left by a crash? `--resume` "
                  "removes it)" for rel in unlisted_files(out, truth)]
+    problems += partly_visible(truth, visible_files(out))
     problems += _check_counts(manifest if manifest.status != "running" else truth)
-    problems += _check_card(out, manifest)
+    problems += _check_card(out, manifest, truth)
     if not os.path.isfile(os.path.join(out, VOCAB_NAME)):
         problems.append(f"missing: {VOCAB_NAME}")
     elif manifest.format_version >= 2:
@@ -89,16 +90,19 @@ def _verify_remote(url: str, storage_options: dict | None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="crowstream-verify-") as local:
         objects = storage.local_copy(url, storage_options, local, parts=True)
-        listed = {p.path for p in committed(local, stats=False).parts}
+        truth = committed(local, stats=False)
+        listed = {p.path for p in truth.parts}
         extra = [f"extra: {rel} is not listed in the manifest (uploaded by a run that did not "
                  "commit it? `--resume` removes it)" for rel in sorted(objects)
                  if rel.startswith(("data/", "docs/")) and rel not in listed]
+        extra += partly_visible(truth, [r for r in objects if r.startswith(("data/", "docs/"))])
         try:
             found = verify(local)
             problems = []
         except VerifyError as error:
             found, problems = None, list(error.problems)
-        problems = [p.replace(local, storage.public(url)) for p in problems + extra]
+        problems = list(dict.fromkeys(p.replace(local, storage.public(url))
+                                      for p in problems + extra))
     if problems:
         raise VerifyError(f"{storage.public(url)!r} is damaged: {len(problems)} problem(s): "
                           + "; ".join(problems), problems)
@@ -247,16 +251,24 @@ def _check_footer(rel: str, parquet, module: str, manifest: Manifest) -> list[st
     return [f"footer mismatch: {rel} has {', '.join(wrong)}"] if wrong else []
 
 
-def _check_card(out: str, manifest: Manifest) -> list[str]:
-    """The card's `configs:` are what make `load_dataset(OUT, module)` work."""
+def _check_card(out: str, manifest: Manifest, truth: Manifest) -> list[str]:
+    """The card's `configs:` are what make `load_dataset(OUT, module)` work: a consolidated
+    run's card lists exactly its committed parts; a running run's, those of the committed
+    shards it was last consolidated with (`truth`: the commit records)."""
     if manifest.format_version < 2:
         return []  # 0.1's card text may differ from today's
     path = os.path.join(out, CARD_NAME)
     if not os.path.isfile(path):
         return [f"missing: {CARD_NAME} (the dataset card)"]
     with open(path, "rb") as f:
-        if f.read() != card_text(manifest).encode():
-            return [f"modified: {CARD_NAME} differs from the dataset card the manifest describes"]
+        text = f.read()
+    described = manifest
+    if manifest.status == "running" and manifest.format_version >= 3:
+        listed = card_files(text.decode(errors="replace"))
+        described = dataclasses.replace(truth, shards=[
+            s for s in truth.shards if all(p.path in listed for p in s.parts)])
+    if text != card_text(described).encode():
+        return [f"modified: {CARD_NAME} differs from the dataset card the manifest describes"]
     return []
 
 

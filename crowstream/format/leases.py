@@ -219,3 +219,26 @@ class Lease:
                 data, etag = self.store.read(self.key)
                 if etag == self.etag:
                     self.store.fs.rm_file(self.key)
+
+
+def live_leases(store: Store, root: str, *, besides: int) -> list[dict]:
+    """The leases (as held: run_id, rank, world_size, attempt, expires) of every rank but
+    `besides` that have not passed their expiry plus SKEW_S: writers that may be alive."""
+    if not store.conditional:
+        return []
+    store.fs.invalidate_cache()
+    try:
+        keys = store.fs.find(f"{root}/{LEASES_DIR}")
+    except FileNotFoundError:
+        return []
+    found = []
+    for key in keys:
+        name = key.rsplit("/", 1)[-1]
+        if not (name.startswith("rank-") and name.endswith(".json")) \
+                or name == f"rank-{besides:05d}.json":
+            continue
+        data, _ = store.read(key)
+        held = json.loads(data) if data else None
+        if held and time.time() < float(held.get("expires", 0)) + SKEW_S:
+            found.append(held)
+    return sorted(found, key=lambda h: h.get("rank", 0))

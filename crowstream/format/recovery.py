@@ -56,7 +56,7 @@ def recover(out: str, manifest: Manifest, owned=None) -> tuple[Manifest, list[st
             "(--overwrite) or into a new OUT.")
     listed = listed_paths(state)
     removed = [rel for rel in _files(out, TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR)
-               if rel not in listed and (owned is None or _owned_file(rel, owned))]
+               if rel not in listed and (owned is None or owned_file(rel, owned))]
     for rel in removed:
         os.remove(os.path.join(out, rel))
     for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
@@ -64,10 +64,11 @@ def recover(out: str, manifest: Manifest, owned=None) -> tuple[Manifest, list[st
     return state, rolled, removed
 
 
-_SHARD_OF_FILE = re.compile(r"part-\d{5}-(\d{6})-\d{3}\.parquet|shard-(\d{8})\.(?:json|stats\.parquet)")
+_SHARD_OF_FILE = re.compile(r"part-\d{5}-(\d{6})-\d{3}(?:-a[0-9a-f]+)?\.parquet"
+                            r"|shard-(\d{8})\.(?:json|stats\.parquet)")
 
 
-def _owned_file(rel: str, owned) -> bool:
+def owned_file(rel: str, owned) -> bool:
     """Whether `rel` is a file of a shard that `owned` (index -> bool) accepts."""
     found = _SHARD_OF_FILE.search(rel.rsplit("/", 1)[-1].rsplit("__", 1)[-1])
     return found is not None and owned(int(found.group(1) or found.group(2)))
@@ -100,6 +101,39 @@ def unlisted_files(out: str, manifest: Manifest) -> list[str]:
     """Files in `data/`, `docs/` and `commits/` that no committed shard lists."""
     listed = listed_paths(manifest)
     return [rel for rel in _files(out, DATA_DIR, DOCS_DIR, COMMITS_DIR) if rel not in listed]
+
+
+_PART_SHARD = re.compile(r"part-\d{5}-(\d{6})-\d{3}(?:-a[0-9a-f]+)?\.parquet")
+
+
+def partly_visible(manifest: Manifest, present) -> list[str]:
+    """Shards of which a glob over `data/` and `docs/` sees some part files but not all:
+    part files with no commit record, or fewer in place than the record lists (a commit
+    in progress or cut short). `present`: the paths (relative to OUT) of the files in
+    `data/` and `docs/`. -> one message per shard, naming it; crowstream's readers and the
+    dataset card never read these."""
+    present = set(present)
+    recorded = {s.index: s for s in manifest.shards}
+    strays: dict[int, int] = {}
+    for rel in present:
+        found = _PART_SHARD.fullmatch(rel.rsplit("/", 1)[-1])
+        if found and int(found.group(1)) not in recorded:
+            strays[int(found.group(1))] = strays.get(int(found.group(1)), 0) + 1
+    found = [(k, f"partly visible: shard {k} has {n} part file(s) in data/ or docs/ but no "
+                 "commit record (a commit in progress, or cut short; `--resume` removes them)")
+             for k, n in strays.items()]
+    for index, shard in recorded.items():
+        there = sum(p.path in present for p in shard.parts)
+        if 0 < there < len(shard.parts):
+            found.append((index, f"partly visible: shard {index} has {there} of its "
+                                 f"{len(shard.parts)} part files in place (a commit in "
+                                 "progress, or cut short; `--resume` finishes it)"))
+    return [message for _, message in sorted(found)]
+
+
+def visible_files(out: str) -> list[str]:
+    """The files under `data/` and `docs/` of a local OUT, relative to it."""
+    return _files(out, DATA_DIR, DOCS_DIR)
 
 
 def damaged_parts(out: str, manifest: Manifest, sizes: dict | None = None) -> list[str]:

@@ -7,8 +7,11 @@ the shard's parts are uploaded under names that carry this attempt's id (object 
 cannot rename, so a retry never reuses a name), then its statistics file, then its record
 LAST (one PUT: the commit point); then the local copies are deleted, so the spool stays
 bounded by the shards in flight. A resume downloads `crowstream.json` and `commits/`,
-deletes every object no record lists and continues. No conditional writes are used: two
-writers on one bucket OUT are not refused.
+deletes every object no record lists (after the call matched the recorded run) and continues.
+Writers are fenced by leases and conditional writes (`format.leases`). Several ranks each
+spool and publish their own shards under their own lease; rank 0 creates a new run (the
+others wait for its manifest), and the last rank to finish, or `finalize`, consolidates
+the manifest with If-Match on its ETag (`pipeline.ranks.finalize_url`).
 
 Reading (`committed`, `paths`, `arrow_filesystem`): only parts the manifest or the records
 list are read, never a prefix glob. Credentials stay in `storage_options`: they never
@@ -19,22 +22,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import secrets
 import shutil
 import tempfile
+import time
 
 from crowstream.errors import ManifestError, OutputError, OutputExistsError
 from crowstream.format import records
 from crowstream.format.layout import CARD_NAME, END_PATH, RUN_PATH, record_path, staging_path
 from crowstream.format.manifest import Manifest, ShardRecord, read_manifest
 from crowstream.format.records import consolidated, write_record_json
-from crowstream.format.leases import LEASES_DIR, FencedError, Lease, Store
-from crowstream.format.recovery import check_not_lost, damaged_parts, listed_paths
+from crowstream.format.leases import LEASES_DIR, SKEW_S, FencedError, Lease, Store, live_leases
+from crowstream.format.recovery import check_not_lost, damaged_parts, listed_paths, owned_file
+from crowstream.format.spool import SPOOL_PREFIX, make_spool  # noqa: F401  (re-exported)
 
 from .layout import (
-    LOCKS_DIR,
     RECORD_NAME,
     COMMITS_DIR,
     DATA_DIR,
@@ -45,6 +50,7 @@ from .layout import (
     VOCAB_NAME,
 )
 
+JOIN_WAIT_S = 600  # how long a rank other than 0 waits for rank 0 to create a new run
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -79,7 +85,7 @@ def attempt_path(rel: str, attempt: str) -> str:
     return f"{rel[:-len('.parquet')]}-a{attempt}.parquet"
 
 
-def _objects(fs, root: str) -> dict[str, int]:
+def listing(fs, root: str) -> dict[str, int]:
     """rel path -> size of every object under root."""
     fs.invalidate_cache()
     if not fs.exists(root):
@@ -88,11 +94,22 @@ def _objects(fs, root: str) -> dict[str, int]:
     return {key[len(root) + 1:]: info.get("size", 0) for key, info in found.items()}
 
 
-def _download(fs, root: str, rels, local: str) -> None:
+def download(fs, root: str, rels, local: str) -> None:
     for rel in rels:
         target = os.path.join(local, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(f"{root}/{rel}", target)
+
+
+_UNSTARTED = re.compile("|".join([re.escape(CARD_NAME), re.escape(VOCAB_NAME), re.escape(RUN_PATH),
+                                   re.escape(TOKENIZER_DIR) + "/[^/]+"]))
+
+
+def _unstarted(objects) -> bool:
+    """Whether a bucket OUT without a manifest holds only what a new run uploads before
+    its manifest (vocab first, then commits/run.json, the tokenizer, the card): a start
+    cut short, with nothing committed."""
+    return VOCAB_NAME in objects and all(_UNSTARTED.fullmatch(rel) for rel in objects)
 
 
 def _metadata(rel: str) -> bool:
@@ -104,14 +121,14 @@ def local_copy(url: str, storage_options: dict | None, local: str, *, parts: boo
     """Download OUT's metadata (and, with `parts`, every listed part and stats file that
     exists) into `local`. -> the remote objects (rel -> size)."""
     fs, root = filesystem(url, storage_options)
-    objects = _objects(fs, root)
+    objects = listing(fs, root)
     if MANIFEST_NAME not in objects:
         raise ManifestError(f"{public(url)} has no {MANIFEST_NAME}: it is not a crowstream "
                             "output (or not one yet). Check the URL and storage_options.")
-    _download(fs, root, [r for r in objects if _metadata(r)], local)
+    download(fs, root, [r for r in objects if _metadata(r)], local)
     if parts:
         listed = {p.path for p in records.committed(local, stats=False).parts}
-        _download(fs, root, sorted(listed & set(objects)), local)
+        download(fs, root, sorted(listed & set(objects)), local)
     return objects
 
 
@@ -123,7 +140,7 @@ def committed(url: str, storage_options: dict | None, *, stats: bool = False) ->
     fs, root = filesystem(url, storage_options)
     with tempfile.TemporaryDirectory(prefix="crowstream-") as local:
         try:
-            _download(fs, root, [MANIFEST_NAME], local)
+            download(fs, root, [MANIFEST_NAME], local)
         except FileNotFoundError as error:
             raise ManifestError(f"{public(url)} has no {MANIFEST_NAME}: it is not a crowstream "
                                 "output (or not one yet). Check the URL and storage_options.") \
@@ -131,8 +148,8 @@ def committed(url: str, storage_options: dict | None, *, stats: bool = False) ->
         manifest = read_manifest(local)
         if manifest.format_version == 1 or manifest.status != "running":
             return manifest
-        names = [n for n in _objects(fs, f"{root}/{COMMITS_DIR}") if stats or n.endswith(".json")]
-        _download(fs, root, [f"{COMMITS_DIR}/{n}" for n in names], local)
+        names = [n for n in listing(fs, f"{root}/{COMMITS_DIR}") if stats or n.endswith(".json")]
+        download(fs, root, [f"{COMMITS_DIR}/{n}" for n in names], local)
         return records.committed(local, stats=stats)
 
 
@@ -175,7 +192,7 @@ class Mirror:
 
     def _list(self) -> dict[str, int]:
         try:
-            objects = _objects(self.fs, self.root)
+            objects = listing(self.fs, self.root)
         except Exception as error:  # botocore's own exceptions: one clear error instead
             raise OutputError(f"cannot list OUT {public(self.url)}: {type(error).__name__}: "
                               f"{error}. Check the URL and the credentials and endpoint in "
@@ -187,19 +204,56 @@ class Mirror:
         writer's lease (before anything is deleted or written); for a resume download its
         committed state into the spool (deleting nothing: `recover` does, once the call
         matched the recorded run). -> whether this is a resume."""
-        objects = self._check(self._list(), overwrite=overwrite, resume=resume)
+        joining = self.world > 1 and self.rank != 0  # rank 0 creates a new run
+        if not joining:
+            self._check(self._list(), overwrite=overwrite, resume=resume)
         self.store = Store(self.fs, self.root)
         self.lease = Lease(self.store, self.root, public(self.url), rank=self.rank,
                            world=self.world, attempt=self.attempt, lease_s=self.lease_s)
         self.lease.acquire(takeover=self.takeover)
+        self._check_world()
+        if joining:
+            self._wait_for_run()
         objects = self._check(self._list(), overwrite=overwrite, resume=resume)  # under the lease
         if not objects:
             return False
-        if resume:
+        if resume and MANIFEST_NAME in objects:
             self._download_state(objects)
             return True
-        self.fs.rm([self._key(r) for r in objects])  # overwrite
+        self.fs.rm([self._key(r) for r in objects])  # overwrite, or a start cut short
         return False
+
+    def _who(self) -> str:
+        return f"rank {self.rank} of {self.world}" if self.world > 1 else "this capture"
+
+    def _check_world(self) -> None:
+        """Refuse, before anything is deleted, while a rank of another world size may still
+        be writing (its lease is live): its shards are shared out differently, and a
+        recovery would delete its uploads in flight. With `takeover`, the user asserts
+        that every old writer is dead."""
+        others = [h for h in live_leases(self.store, self.root, besides=self.rank)
+                  if h.get("world_size") != self.world]
+        if others and not self.takeover:
+            left = max(float(h["expires"]) for h in others) + SKEW_S - time.time()
+            raise OutputError(
+                f"{self._who()} cannot write to {public(self.url)!r}: rank(s) "
+                f"{', '.join(str(h['rank']) for h in others)} of a {others[0]['world_size']}-rank "
+                f"run hold leases there (for up to {left:.0f} s more). Start every rank with the "
+                "same world size; to resize, let every rank stop first (or pass takeover=True / "
+                "--takeover if they are dead).")
+
+    def _wait_for_run(self) -> None:
+        """A rank other than 0 joins the run rank 0 creates: wait for its manifest."""
+        deadline = time.monotonic() + JOIN_WAIT_S
+        while True:
+            self.fs.invalidate_cache()
+            if self.fs.exists(self._key(MANIFEST_NAME)):
+                return
+            if time.monotonic() > deadline:
+                raise OutputError(f"rank {self.rank} waited {JOIN_WAIT_S} s for rank 0 to create "
+                                  f"the run in {public(self.url)!r}; on object storage rank 0 "
+                                  "creates a new run: start it (or resume an existing run).")
+            time.sleep(0.2)
 
     def _check(self, objects: dict[str, int], *, overwrite: bool, resume: bool) -> dict[str, int]:
         """Refuse what cannot be written (as `inspect_out` does locally). -> `objects`."""
@@ -210,6 +264,8 @@ class Mirror:
             check_not_lost(public(self.url), sorted(
                 r.rsplit("/", 1)[1] for r in objects
                 if r.startswith(f"{COMMITS_DIR}/") and RECORD_NAME.fullmatch(r.rsplit("/", 1)[1])))
+        if not ours and resume and _unstarted(objects):
+            return objects  # a start killed before its manifest: nothing was committed
         if not ours:
             raise OutputExistsError(f"OUT {public(self.url)} is not empty and holds no "
                                     f"{MANIFEST_NAME}: choose another prefix.")
@@ -223,16 +279,18 @@ class Mirror:
         """Download the run's metadata and records into the spool, deleting nothing: the
         call is compared with the recorded run first (`recover`, after `Session.load`'s
         check)."""
-        _download(self.fs, self.root, [r for r in objects if _metadata(r)], self.spool)
+        download(self.fs, self.root, [r for r in objects if _metadata(r)], self.spool)
         for sub in (TMP_DIR, DATA_DIR, DOCS_DIR, COMMITS_DIR):
             os.makedirs(os.path.join(self.spool, sub), exist_ok=True)
         self.objects = objects
         self.manifest_etag = self.store.read(self._key(MANIFEST_NAME))[1]
 
-    def recover(self, manifest: Manifest) -> tuple[Manifest, list[str]]:
+    def recover(self, manifest: Manifest, owned=None) -> tuple[Manifest, list[str]]:
         """Once the resumed call matches the recorded run: check every listed object is
-        there, then delete every object no record lists. -> (committed manifest, removed).
-        Runs under this writer's lease: no live writer's attempt is deleted."""
+        there, then delete every object no record lists (`owned`: shard index -> bool, one
+        rank's shards only; the other ranks' uploads in flight are theirs).
+        -> (committed manifest, removed). Runs under this writer's lease: no live writer's
+        attempt is deleted."""
         objects = self.objects
         state = consolidated(self.spool, manifest, stats=False)
         damaged = damaged_parts(self.spool, state, sizes=objects)
@@ -243,7 +301,8 @@ class Mirror:
                                 "Capture again with overwrite=True or into a new prefix.")
         listed = listed_paths(state)
         unlisted = [r for r in objects if r not in listed
-                    and (not _metadata(r) or r.startswith(f"{COMMITS_DIR}/"))]
+                    and (not _metadata(r) or r.startswith(f"{COMMITS_DIR}/"))
+                    and (owned is None or owned_file(r, owned))]
         if unlisted:
             self.fs.rm([self._key(r) for r in unlisted])
             for rel in unlisted:
@@ -294,10 +353,34 @@ class Mirror:
             self.manifest_etag = self.store.replace(self._key(MANIFEST_NAME), data,
                                                     self.manifest_etag)
         except FencedError as error:
+            if self._joined_running():
+                return
             self.fenced = True
             raise FencedError(f"{MANIFEST_NAME} of {public(self.url)} was replaced by another "
                               f"writer; this writer (attempt {self.attempt}) stopped and left "
                               "it as it is.") from error
+
+    def _joined_running(self) -> bool:
+        """A rank of several that PUT "running" over a stopped run lost the race to another
+        rank doing the same: fine when the bucket's manifest now says "running" too."""
+        if self.world == 1:
+            return False
+        data, etag = self.store.read(self._key(MANIFEST_NAME))
+        mine = read_manifest(self.spool)
+        if data is None or mine.status != "running":
+            return False
+        theirs = json.loads(data)
+        if theirs.get("status") != "running" or theirs.get("run_id") != mine.run_id:
+            return False
+        self.manifest_etag = etag
+        return True
+
+    def upload_end(self) -> None:
+        """Upload commits/end.json if this rank read to the end of the corpus (every rank
+        that did writes the same bytes)."""
+        self.check_fence()
+        if os.path.isfile(os.path.join(self.spool, END_PATH)):
+            self.fs.put_file(os.path.join(self.spool, END_PATH), self._key(END_PATH))
 
     def commit(self, run_id: str, record: ShardRecord) -> ShardRecord:
         """Publish a shard the spool has committed (record written, parts still staged):
@@ -329,46 +412,3 @@ class Mirror:
         for staged in staged_paths:  # the spool keeps only the small record and statistics
             os.remove(staged)
         return record
-
-
-SPOOL_PREFIX = "crowstream-spool-"
-
-
-def make_spool(spool_dir: str | None) -> tuple[str, int]:
-    """A new spool directory in `spool_dir` (default: the temp directory), locked for this
-    process's life; the spools of dead captures found there are deleted first.
-    -> (path, the lock's file descriptor)."""
-    import fcntl
-
-    parent = spool_dir or tempfile.gettempdir()
-    os.makedirs(parent, exist_ok=True)
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        if name.startswith(SPOOL_PREFIX) and os.path.isdir(path) and _unlocked(path):
-            shutil.rmtree(path, ignore_errors=True)
-    spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=parent)
-    os.makedirs(os.path.join(spool, LOCKS_DIR))
-    fd = os.open(_spool_lock(spool), os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return spool, fd
-
-
-def _spool_lock(spool: str) -> str:
-    return os.path.join(spool, LOCKS_DIR, "spool.lock")
-
-
-def _unlocked(spool: str) -> bool:
-    """Whether no live process holds `spool`'s lock (a spool without one is not ours)."""
-    import fcntl
-
-    try:
-        fd = os.open(_spool_lock(spool), os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)

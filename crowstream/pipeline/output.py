@@ -51,7 +51,7 @@ class Output:
         shards only). -> (the committed manifest, paths rolled forward, paths removed)."""
         if self.mirror is None:
             return recover(self.path, manifest, owned)
-        state, removed = self.mirror.recover(manifest)
+        state, removed = self.mirror.recover(manifest, owned)
         return state, [], removed
 
     def publish(self, run_id: str, record: ShardRecord) -> ShardRecord:
@@ -62,6 +62,12 @@ class Output:
             move_into_place(self.path, record.parts)
             return record
         return self.mirror.commit(run_id, record)
+
+    def end_share(self) -> None:
+        """A rank of several finished its share: a bucket rank uploads commits/end.json
+        (locally it is already in place)."""
+        if self.mirror is not None:
+            self.mirror.upload_end()
 
     def publish_metadata(self, *, everything: bool = False) -> None:
         """Upload the manifest, card and end.json (with `everything` also vocab and tokenizer)."""

@@ -5,8 +5,11 @@ k mod world), the run id every rank derives alike from the configuration, the en
 barrier under torch.distributed, and `finalize`: consolidating the manifest and card
 once every shard up to the end of the corpus is committed.
 
-Each rank holds only its own lock (`OUT/.locks/rank-<rank>.lock`); the directory lock is
-held briefly, to create or join the run and to finalize.
+Locally each rank holds only its own lock (`OUT/.locks/rank-<rank>.lock`); the directory
+lock is held briefly, to create or join the run and to finalize. On object storage each
+rank holds its own lease (`format.leases`); rank 0 creates a new run; finalizing PUTs the
+consolidated manifest with If-Match on the ETag it read (`finalize_url`), so two ranks
+finalizing at once write it once.
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 from crowstream.pipeline.options import RESUME_FIELDS
-from crowstream.errors import ConfigError, IncompleteRunError, OutputError
+from crowstream.errors import ConfigError, IncompleteRunError, ManifestError, OutputError
 from crowstream.format.card import write_card
 from crowstream.format.locks import busy_ranks, exclusive
 from crowstream.format.manifest import Manifest, read_manifest, write_manifest
-from crowstream.format.records import read_end, read_records
-from crowstream.format.recovery import recover
+from crowstream.format.layout import (CARD_NAME, COMMITS_DIR, DATA_DIR, DOCS_DIR, MANIFEST_NAME,
+                                      TMP_DIR)
+from crowstream.format.records import consolidated, read_end, read_records
+from crowstream.format.recovery import listed_paths, recover
 from crowstream.format.statistics import merged_stats
 
 log = logging.getLogger("crowstream")
@@ -116,13 +122,19 @@ def missing_shards(out: str, manifest: Manifest) -> tuple[int | None, list[int]]
     return end, ([] if end is None else [k for k in range(end) if k not in done])
 
 
-def finalize(out) -> Manifest:
+def finalize(out, *, storage_options: dict | None = None) -> Manifest:
     """Write the consolidated `crowstream.json` and dataset card of a run that several
     ranks wrote, once every shard up to the end of the corpus is committed; -> the
     manifest. A complete run is returned as it is. Raises `IncompleteRunError` naming the
     missing shards (or saying that no rank has reached the end of the corpus yet), and
-    `OutputError` while a rank is still writing."""
+    `OutputError` while a rank is still writing (locally). `out` may be a bucket URL
+    with fsspec `storage_options`."""
+    from crowstream.format import storage
+
     out = os.fspath(out)
+    if storage.is_url(out):
+        fs, root = storage.filesystem(out, storage_options)
+        return finalize_url(fs, root, storage.public(out))
     read_manifest(out)  # not a crowstream output: one clear error, before locking it
     with exclusive(out, wait=JOIN_WAIT_S):
         return finalize_locked(out)
@@ -137,31 +149,110 @@ def finalize_locked(out: str, *, besides: int | None = None) -> Manifest:
     if busy:
         raise OutputError(f"rank(s) {', '.join(map(str, busy))} are still writing to {out!r}; "
                           "finalize once every rank has finished.")
-    end, missing = missing_shards(out, manifest)
-    if end is None:
-        raise IncompleteRunError(f"cannot finalize {out!r}: no rank has reached the end of the "
-                                 "corpus yet. Start the missing ranks (or resume the run).",
-                                 missing=None)
-    if missing:
-        shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
-        raise IncompleteRunError(
-            f"cannot finalize {out!r}: {len(missing)} of {end} shard(s) are not committed "
-            f"(shard(s) {shown}). Run the ranks that own them again (shard k belongs to rank "
-            "k mod world_size), or resume with any number of ranks.", missing=missing)
+    end = _check_finished(out, manifest, repr(out))
     state, _, removed = recover(out, manifest)  # roll forward, drop everything unlisted
     if removed:
         log.info("finalize: removed %d uncommitted file(s)", len(removed))
-    extra = [s.index for s in state.shards if s.index >= end]
-    if extra:
-        raise IncompleteRunError(f"cannot finalize {out!r}: shard(s) {extra} lie beyond the end "
-                                 f"of the corpus ({end} shards); it changed during the run. "
-                                 "Capture again into a new OUT.", missing=[])
-    merged = merged_stats(out, state.shards, state.modules)  # `state` holds the records
-    final = dataclasses.replace(state, stats={n: s.summary() for n, s in merged.items()},
-                                status="complete", error=None)
+    final = _completed(out, state, end, repr(out))
     write_card(out, final)
     write_manifest(out, final)
     return final
+
+
+def _check_finished(out: str, manifest: Manifest, shown: str) -> int:
+    """-> the corpus's shard count, once every shard below it is committed; else raise
+    `IncompleteRunError` naming the missing shards."""
+    end, missing = missing_shards(out, manifest)
+    if end is None:
+        raise IncompleteRunError(f"cannot finalize {shown}: no rank has reached the end of the "
+                                 "corpus yet. Start the missing ranks (or resume the run).",
+                                 missing=None)
+    if missing:
+        listed = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+        raise IncompleteRunError(
+            f"cannot finalize {shown}: {len(missing)} of {end} shard(s) are not committed "
+            f"(shard(s) {listed}). Run the ranks that own them again (shard k belongs to rank "
+            "k mod world_size), or resume with any number of ranks.", missing=missing)
+    return end
+
+
+def _completed(out: str, state: Manifest, end: int, shown: str) -> Manifest:
+    """The consolidated manifest of a finished run (`state` holds its records)."""
+    extra = [s.index for s in state.shards if s.index >= end]
+    if extra:
+        raise IncompleteRunError(f"cannot finalize {shown}: shard(s) {extra} lie beyond the end "
+                                 f"of the corpus ({end} shards); it changed during the run. "
+                                 "Capture again into a new OUT.", missing=[])
+    merged = merged_stats(out, state.shards, state.modules)
+    return dataclasses.replace(state, stats={n: s.summary() for n, s in merged.items()},
+                               status="complete", error=None)
+
+
+def finalize_url(fs, root: str, shown: str) -> Manifest:
+    """`finalize` of a bucket OUT (`fs`, `root`: its fsspec filesystem and path): read the
+    manifest and its ETag and the records, consolidate them, PUT the card, then the
+    manifest with If-Match on that ETag, then delete the objects no record lists. A
+    finalizer that loses the race to another returns the winner's manifest."""
+    from crowstream.format import storage
+    from crowstream.format.files import write_atomic
+    from crowstream.format.leases import FencedError, Store
+
+    store = Store(fs, root)
+    key = f"{root}/{MANIFEST_NAME}"
+    with tempfile.TemporaryDirectory(prefix="crowstream-finalize-") as local:
+        os.makedirs(os.path.join(local, TMP_DIR))  # write_atomic's
+        data, etag = store.read(key)
+        if data is None:
+            raise ManifestError(f"{shown} has no {MANIFEST_NAME}: it is not a crowstream output "
+                                "(or not one yet). Check the URL and storage_options.")
+        write_atomic(local, MANIFEST_NAME, data)
+        manifest = read_manifest(local)
+        if manifest.status == "complete":
+            return manifest
+        objects = storage.listing(fs, root)
+        storage.download(fs, root, [r for r in objects if r.startswith(f"{COMMITS_DIR}/")], local)
+        end = _check_finished(local, manifest, repr(shown))
+        final = _completed(local, consolidated(local, manifest, stats=False), end, repr(shown))
+        write_card(local, final)
+        write_manifest(local, final)
+        fs.put_file(os.path.join(local, CARD_NAME), f"{root}/{CARD_NAME}")
+        with open(os.path.join(local, MANIFEST_NAME), "rb") as f:
+            try:
+                store.replace(key, f.read(), etag)
+            except FencedError as error:
+                theirs, _ = store.read(key)
+                write_atomic(local, MANIFEST_NAME, theirs or b"")
+                current = read_manifest(local)
+                if current.status == "complete":
+                    return current
+                raise OutputError(f"{MANIFEST_NAME} of {shown} changed while this process "
+                                  "finalized it; run `crowstream finalize URL` again.") from error
+        listed = listed_paths(final)
+        unlisted = [r for r in objects if r.startswith((f"{DATA_DIR}/", f"{DOCS_DIR}/",
+                                                        f"{COMMITS_DIR}/")) and r not in listed]
+        if unlisted:  # uploads of attempts that never committed: no record will list them
+            fs.rm([f"{root}/{r}" for r in unlisted])
+            log.info("finalize: removed %d uncommitted object(s)", len(unlisted))
+        return final
+
+
+def published(output) -> Manifest:
+    """The run's manifest as the other ranks see it once it is finalized (a bucket's,
+    read back into this rank's spool)."""
+    if output.mirror is None:
+        return read_manifest(output.path)
+    from crowstream.format.files import write_atomic
+
+    data, _ = output.mirror.store.read(f"{output.mirror.root}/{MANIFEST_NAME}")
+    write_atomic(output.path, MANIFEST_NAME, data)
+    return read_manifest(output.path)
+
+
+def finalize_output(output) -> Manifest:
+    """`finalize` of the run `output` (a local OUT, or the bucket its mirror publishes to)."""
+    if output.mirror is None:
+        return finalize(output.path)
+    return finalize_url(output.mirror.fs, output.mirror.root, output.shown)
 
 
 # -- torch.distributed ----------------------------------------------------------------------

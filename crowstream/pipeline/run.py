@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 
-from crowstream.errors import CrowstreamError, DataError, OutputError
+from crowstream.errors import CrowstreamError, DataError, IncompleteRunError
 from crowstream.format import storage
 from crowstream.format.layout import manifest_path
 from crowstream.format.locks import check_world, exclusive
@@ -26,6 +27,8 @@ from .options import (SORT_WINDOW_DOCS, CaptureConfig, CaptureOptions, default_i
                       keyword_signature)
 from .output import Output, check_out_placement, local_out, locked_out, path_to_str, rank_locked
 from .session import Run, Session, provenance
+
+log = logging.getLogger("crowstream")
 
 
 def capture(model, data, modules, out, **options) -> Run:
@@ -126,7 +129,9 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
         _start_or_load(session, mode, recorded, peek, provenance(model, tokenizer))
         if not grouped:
             run = session.run(source)
-            return session.end_rank(lock) if world > 1 else run
+            if world == 1:
+                return run
+            return _end_bucket_rank(session, lock) if output.mirror else session.end_rank(lock)
         return _run_grouped(session, source, lock)
 
 
@@ -162,21 +167,37 @@ def _start_or_load(session: Session, mode: str, recorded, peek, provenance_: dic
 def _capture_to_url(model, data, modules, url: str, options: CaptureOptions, grouped) -> Run:
     """`capture` into object storage: the local pipeline writes a temporary spool that a
     `storage.Mirror` publishes shard by shard (see crowstream/format/storage.py)."""
-    if grouped or ranks.resolve(options.rank, options.world_size)[1] > 1:
-        raise OutputError(f"OUT {storage.public(url)!r} is a URL: several ranks cannot write to "
-                          "object storage yet. Capture with one process, or into a shared file "
-                          "system path.")
-    with storage.Mirror(url, options.storage_options, lease_s=options.lease_s,
-                        takeover=options.takeover, spool_dir=options.spool_dir) as mirror:
-        resume = mirror.prepare(overwrite=options.overwrite, resume=options.resume)
+    rank, world = ranks.resolve(options.rank, options.world_size)
+    ranks.check_options(world, max_tokens=options.max_tokens, overwrite=options.overwrite,
+                        device_map=options.device_map)  # before the bucket is touched
+    with storage.Mirror(url, options.storage_options, rank=rank, world=world,
+                        lease_s=options.lease_s, takeover=options.takeover,
+                        spool_dir=options.spool_dir) as mirror:
+        resume = mirror.prepare(overwrite=options.overwrite, resume=options.resume or world > 1)
         options = dataclasses.replace(options, resume=resume, overwrite=False)
         try:
-            return _capture(model, data, modules, Output(mirror.spool, mirror=mirror), options,
-                            grouped=False)
+            return _capture(model, data, modules, Output(mirror.spool, rank, world, mirror),
+                            options, grouped)
         except CrowstreamError as error:  # name the URL, not the temporary spool
             error.args = tuple(arg.replace(mirror.spool, storage.public(mirror.url))
                                if isinstance(arg, str) else arg for arg in error.args)
             raise
+
+
+def _end_bucket_rank(session: Session, lock) -> Run:
+    """A rank of several writing to a bucket (no torch.distributed) finished its share:
+    upload end.json, then finalize the run if every shard is committed (the last rank to
+    finish does; two at once write the manifest once, `ranks.finalize_url`)."""
+    session.output.end_share()
+    lock.release()
+    try:
+        session.manifest = ranks.finalize_output(session.output)
+        log.info("rank %d: every shard is committed; wrote the consolidated manifest",
+                 session.rank)
+    except IncompleteRunError as waiting:
+        log.info("rank %d finished its share (%s); the last rank to finish, or `crowstream "
+                 "finalize URL`, consolidates the run", session.rank, waiting)
+    return session._result()
 
 
 def _run_grouped(session, source, lock) -> Run:
@@ -185,6 +206,7 @@ def _run_grouped(session, source, lock) -> Run:
     path); rank 0 finalizes once all succeeded. Errors raised here are already flagged."""
     try:
         session.run(source)
+        session.output.end_share()
     except BaseException as error:
         if lock is not None:
             lock.release()
@@ -201,11 +223,11 @@ def _run_grouped(session, source, lock) -> Run:
         raise failure
     try:
         if session.rank == 0 and session.world > 1:
-            session.manifest = ranks.finalize(session.out)
+            session.manifest = ranks.finalize_output(session.output)
     finally:
         ranks.barrier()  # the others return once rank 0 has finalized (or failed to)
     if session.rank != 0:
-        session.manifest = read_manifest(session.out)
+        session.manifest = ranks.published(session.output)
     return session._result()
 
 

@@ -334,6 +334,7 @@ class Session:
             self.manifest, status=status, error=error, shards=shards,
             counts=Counts.of(shards, self.manifest.modules),
             stats={name: s.summary() for name, s in stats.items()})
+        write_card(self.out, self.manifest)  # lists the committed parts (no glob)
         write_manifest(self.out, self.manifest)
         self.output.publish_metadata()
 

@@ -120,6 +120,19 @@ class Catalog:
         fs, root = self._fsspec
         return fs.exists(f"{root}/{rel}")
 
+    def visible_files(self) -> list[str]:
+        """Every file under `data/` and `docs/` (relative to OUT), committed or not: what a
+        raw glob would read."""
+        from crowstream.format.layout import DATA_DIR, DOCS_DIR
+        from crowstream.format.recovery import visible_files
+
+        if not self.remote:
+            return visible_files(self.out)
+        fs, root = self._fsspec
+        fs.invalidate_cache()
+        return [path[len(root) + 1:] for top in (DATA_DIR, DOCS_DIR)
+                if fs.exists(f"{root}/{top}") for path in fs.find(f"{root}/{top}")]
+
     def download(self, rel: str, dest: str) -> None:
         """Copy the files under directory `rel` of OUT into the local directory `dest`."""
         if not self.remote:

@@ -7,6 +7,9 @@ loader (`stream`, `stats`) lives in `loader.py`. Nothing here imports torch.
 
 from __future__ import annotations
 
+import os
+import secrets
+
 from crowstream.errors import ConfigError
 from crowstream.format.layout import VOCAB_NAME
 from crowstream.reading.catalog import Catalog
@@ -23,15 +26,20 @@ def load(out, module: str, *, storage_options: dict | None = None, **kwargs):
     stale cache. Extra keyword arguments go to `load_dataset` (`streaming=True` avoids
     the cache copy). Use `.with_format("torch")` to get `[B, d]` tensors per batch.
     A module's input is named `<module>:input` (its card config is `<module>@input`).
-    `out` may be a URL (`s3://bucket/run`) with fsspec `storage_options`.
+    `out` may be a URL (`s3://bucket/run`) with fsspec `storage_options`: its parts are
+    downloaded once into `cache_dir` (default: datasets' cache) under their sha256, as
+    `datasets` would download them, which also works with HF_HUB_OFFLINE=1 set.
     """
     import datasets
     import pyarrow.dataset as pds
 
     catalog = Catalog(out, storage_options)
     files = catalog.module(module)
-    listed = [catalog.url(p.path) for p in catalog.manifest.module_parts(module)]
-    if storage_options is not None:
+    parts = catalog.manifest.module_parts(module)
+    listed = [catalog.url(p.path) for p in parts]
+    if catalog.remote and not kwargs.get("streaming"):
+        listed = _cached_parts(catalog, parts, kwargs.get("cache_dir"))  # works offline too
+    elif storage_options is not None:
         kwargs["storage_options"] = dict(storage_options)  # datasets adds keys to it
     if not files.total_rows:
         raise ConfigError(f"module {module!r} in {catalog.shown!r} has no rows yet (status "
@@ -39,6 +47,38 @@ def load(out, module: str, *, storage_options: dict | None = None, **kwargs):
     kwargs.setdefault("fragment_scan_options",
                       pds.ParquetFragmentScanOptions(page_checksum_verification=True))
     return datasets.load_dataset("parquet", data_files=listed, split="train", **kwargs)
+
+
+def _cached_parts(catalog: Catalog, parts, cache_dir: str | None) -> list[str]:
+    """Local copies of a bucket OUT's `parts`, named by their recorded sha256 (so a copy
+    can never be stale) under `cache_dir` (default: datasets' cache). `datasets` would
+    download them too, but refuses every remote URL while HF_HUB_OFFLINE=1 is set, and
+    reading one's own bucket is not Hub access."""
+    import datasets
+
+    from crowstream.errors import DataError
+    from crowstream.format.files import sha256_file
+
+    folder = os.path.join(cache_dir or datasets.config.HF_DATASETS_CACHE, "crowstream-parts")
+    os.makedirs(folder, exist_ok=True)
+    fs, root = catalog._fsspec
+    local = []
+    for part in parts:
+        path = os.path.join(folder, f"{part.sha256}.parquet")
+        if not os.path.isfile(path):
+            tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+            try:
+                fs.get_file(f"{root}/{part.path}", tmp)
+                if sha256_file(tmp) != part.sha256:
+                    raise DataError(f"{catalog.shown}/{part.path} does not match its recorded "
+                                    "sha256: it was changed after the capture. Run `crowstream "
+                                    "verify OUT`.")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        local.append(path)
+    return local
 
 
 def _scan(catalog: Catalog, paths):
@@ -102,9 +142,12 @@ def docs(out, *, storage_options: dict | None = None):
 def info(out, *, storage_options: dict | None = None) -> dict:
     """A summary of OUT's manifest: status, model, modules (d, dtype, rows, bytes, mean
     norm), documents, tokens, shards, bytes on disk, and `notes` (advice such as how to
-    make an old float16 output DuckDB-readable). `out`: a path, a URL with fsspec
-    `storage_options`, or a `Catalog` built with `stats=True`."""
+    make an old float16 output DuckDB-readable) and `partly_visible` (shards of which a
+    glob over `data/` would read some part files but not all; crowstream's readers and the
+    card never do). `out`: a path, a URL with fsspec `storage_options`, or a `Catalog`
+    built with `stats=True`."""
     from crowstream.format.integrity import reader_notes
+    from crowstream.format.recovery import partly_visible
 
     catalog = out if isinstance(out, Catalog) else Catalog(out, storage_options, stats=True)
     m, remote = catalog.manifest, catalog.remote
@@ -126,4 +169,5 @@ def info(out, *, storage_options: dict | None = None) -> dict:
         "shard_size": m.shard_size, "bytes": sum(p.bytes for p in m.parts),
         "modules": modules, "created": m.created, "updated": m.updated,
         "notes": [] if remote else reader_notes(catalog.out, m),
+        "partly_visible": partly_visible(m, catalog.visible_files()),
     }
