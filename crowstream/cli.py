@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"token budget (padded) per batch (default {DEFAULT_MAX_BATCH_TOKENS})")
     c.add_argument("--context-size", type=int)
     c.add_argument("--overflow", choices=["truncate", "chunk"], default="truncate")
-    c.add_argument("--packing", choices=["off", "auto"], default="off",
+    c.add_argument("--packing", choices=["off", "auto"], default="auto",
                    help="auto: several documents per row, each attending only to itself "
                         "(GPT-2 and Llama); padded batches for other models")
     c.add_argument("--dtype", choices=["float32", "float16"], default="float32")

@@ -403,7 +403,7 @@ def oom_above(monkeypatch, k: int) -> list:
 @pytest.fixture(scope="module")
 def reference_batch8(gpt2, docs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("errors-ref8") / "out")
-    capture(gpt2, docs, out, batch_size=8, shard_size=8)
+    capture(gpt2, docs, out, batch_size=8, shard_size=8, packing="off")
     return out
 
 
@@ -411,7 +411,7 @@ def test_oom_backs_off_logs_the_new_batch_size_and_values_match(monkeypatch, gpt
                                                                 tmp_path, caplog):
     caplog.set_level("WARNING", logger="crowstream")
     sizes = oom_above(monkeypatch, 3)
-    run = capture(gpt2, docs, tmp_path / "out", batch_size=8, shard_size=8)
+    run = capture(gpt2, docs, tmp_path / "out", batch_size=8, shard_size=8, packing="off")
     assert run.docs == N
     assert "out of memory at a batch of" in caplog.text and "capping forwards at" in caplog.text
     assert "--max-batch-tokens" in caplog.text
@@ -434,7 +434,7 @@ def test_oom_inside_the_real_forward_pass_is_recognised(gpt2, docs, reference_ba
     handle = model.transformer.h[1].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         caplog.set_level("WARNING", logger="crowstream")
-        capture(gpt2, docs, tmp_path / "out", batch_size=8, shard_size=8)
+        capture(gpt2, docs, tmp_path / "out", batch_size=8, shard_size=8, packing="off")
     finally:
         handle.remove()
     assert "capping forwards at" in caplog.text
@@ -448,7 +448,7 @@ def test_oom_on_a_single_document_is_a_clear_error(monkeypatch, gpt2, docs, tmp_
                        match=r"^out of memory on a single document of \d+ tokens; lower --context-size "
                              r"\(or use overflow='chunk' with a smaller one\), or use a device with more "
                              r"memory\.$") as info:
-        capture(gpt2, docs, out, batch_size=8, shard_size=8)
+        capture(gpt2, docs, out, batch_size=8, shard_size=8, packing="off")
     assert isinstance(info.value, MemoryError)
     m = manifest_of(out)
     assert m.status == "failed" and m.error.startswith("OutOfMemory: out of memory")

@@ -562,12 +562,12 @@ def test_cpu_captures_select_rows_into_reused_host_buffers(gpt2, corpus, tmp_pat
     monkeypatch.setattr(host.PinnedPool, "take",
                         lambda self, *args: taken.append(args) or take(self, *args))
     pooled = cs.capture(model, corpus[:48], MODULES, str(tmp_path / "pooled"),
-                        tokenizer=tokenizer, batch_size=4, progress=False)
+                        tokenizer=tokenizer, batch_size=4, progress=False, packing="off")
     assert len(taken) >= 24  # every batch's rows of both modules went through the pool
     assert 2 <= len(allocated) <= len(taken) // 3  # reused, not one buffer per batch
     monkeypatch.setattr(host.PinnedPool, "give", lambda self, buffer: None)  # no reuse
     fresh = cs.capture(model, corpus[:48], MODULES, str(tmp_path / "fresh"),
-                       tokenizer=tokenizer, batch_size=4, progress=False)
+                       tokenizer=tokenizer, batch_size=4, progress=False, packing="off")
     assert_same_rows(pooled.path, fresh.path)
 
 

@@ -194,7 +194,7 @@ class CaptureOptions:
     split: str = "train"
     context_size: int | None = None
     overflow: Overflow = "truncate"
-    packing: Packing = "off"
+    packing: Packing = "auto"
     batch_size: int = 32
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     max_docs: int | None = None
