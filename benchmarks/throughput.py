@@ -313,8 +313,9 @@ def _timed_traces(times: list):
 
 
 def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, device,
-                packing: str = "off") -> dict:
-    """(1): crowstream end to end, to `out`."""
+                packing: str = "auto") -> dict:
+    """(1): crowstream end to end, to `out` (`packing` is passed only when "off": older
+    versions have neither the option nor packing)."""
     import crowstream
 
     traces: list[float] = []
@@ -323,7 +324,7 @@ def run_capture(model, tokenizer, docs, modules, out, *, batch_size, dtype, devi
         start, cpu_start = time.perf_counter(), time.process_time()
         run = crowstream.capture(model, docs, modules, out, tokenizer=tokenizer, batch_size=batch_size,
                                  dtype=dtype, device=device, progress=False,
-                                 **({} if packing == "off" else {"packing": packing}))
+                                 **({"packing": packing} if packing == "off" else {}))
         _sync(device)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"seconds": seconds, "cpu": cpu, "tokens": run.manifest.counts.tokens_fed, "run": run,
@@ -386,8 +387,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own; 1 with --tiny)")
     parser.add_argument("--tmp", default=None, help="directory for the capture outputs (default: system temp)")
-    parser.add_argument("--packing", choices=["off", "auto"], default="off",
-                        help="crowstream's packing option for (1) (default off, its default)")
+    parser.add_argument("--packing", choices=["off", "auto"], default="auto",
+                        help="crowstream's packing option for (1) (default auto, its default)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
 

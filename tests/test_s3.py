@@ -171,7 +171,7 @@ def test_sigkill_mid_commit_then_resume_equals_local(gpt2_dir, docs, local, serv
            "AWS_ENDPOINT_URL": server["client_kwargs"]["endpoint_url"],
            "AWS_DEFAULT_REGION": "us-east-1"}
     proc = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, url, gpt2_dir, str(N)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.PIPE, stderr=None, env=env)
     try:
         assert proc.stdout.readline().split() == [b"READY", b"0"]
         os.kill(proc.pid, signal.SIGKILL)

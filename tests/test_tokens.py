@@ -189,7 +189,7 @@ def test_oom_caps_tokens_and_short_batches_after_it_are_not_cut(monkeypatch, gpt
     shapes = oom_above_tokens(monkeypatch, 300)
     out = str(tmp_path / "out")
     cs.capture(gpt2[0], LONG_AND_SHORT, MODULES, out, tokenizer=gpt2[1], batch_size=8,
-               shard_size=16, progress=False)
+               shard_size=16, progress=False, packing="off")  # padded: packed has its own test
     # [8, 64] = 512 tokens fails; the cap becomes 256: two [4, 64] forwards; then the batch
     # of 8 short documents (8 x 2 tokens) runs whole (a cap in documents would cut it to 4)
     assert shapes == [(8, 64), (4, 64), (4, 64), (8, shapes[-1][1])], shapes
@@ -207,7 +207,7 @@ def test_the_token_cap_doubles_after_clean_forwards_up_to_max_batch_tokens(
     shapes = oom_above_tokens(monkeypatch, 150)
     out = str(tmp_path / "out")
     cs.capture(gpt2[0], LONG_AND_SHORT * 2, MODULES, out, tokenizer=gpt2[1], batch_size=8,
-               shard_size=16, max_batch_tokens=1024, progress=False)
+               shard_size=16, max_batch_tokens=1024, progress=False, packing="off")
     assert "capping forwards at 256 padded tokens" in caplog.text
     assert "capping forwards at 128 padded tokens" in caplog.text
     assert "no out of memory for 2 forwards: cap now 256 padded tokens" in caplog.text

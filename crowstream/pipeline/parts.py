@@ -33,6 +33,7 @@ ENCODER_BYTES = 3 * ROW_GROUP_BYTES
 # reads of whole files cheap against opening them.
 PART_GROUPS = 4
 from crowstream.errors import OutputError
+from crowstream.format.files import fsync_and_hash
 
 log = logging.getLogger("crowstream")
 
@@ -301,15 +302,10 @@ class ShardParts:
 
 
 def write_table(path: str, table: pa.Table) -> PartInfo:
-    """Write a small table (docs, vocab) as one Parquet file, hashed while written; fsync."""
-    sink = HashingFile(path)
-    try:
-        pq.write_table(table, sink, **table_options())
-        sink.close()
-    except BaseException:
-        sink.discard()
-        raise
-    return PartInfo(path, table.num_rows, sink.size, sink.sha256.hexdigest())
+    """Write a small table (docs, vocab) as one Parquet file; fsync; hash (a re-read of a
+    small file: pyarrow's own writer then owns the file, also when a write fails)."""
+    pq.write_table(table, path, **table_options())
+    return PartInfo(path, table.num_rows, os.path.getsize(path), fsync_and_hash(path))
 
 
 def describe_os_error(error: OSError, out: str, bytes_written: int) -> OutputError:
