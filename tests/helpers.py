@@ -227,3 +227,30 @@ def sigint_at_batch(monkeypatch, n: int) -> None:
         return original(tracer, batch)
 
     monkeypatch.setattr(ModelTracer, "run", run)
+
+
+def moto_bucket(secret: str = "testing-secret"):
+    """A moto S3 server on 127.0.0.1 with a bucket named "bucket": yields the fsspec
+    storage_options that reach it (use with `yield from` in a module-scoped fixture)."""
+    import boto3
+    from moto import server as moto_server
+
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    options = {"key": "testing-key", "secret": secret,
+               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+    boto3.client("s3", aws_access_key_id="testing-key", aws_secret_access_key=secret,
+                 **options["client_kwargs"]).create_bucket(Bucket="bucket")
+    try:
+        yield options
+    finally:
+        srv.stop()
+
+
+def corpus_file(corpus, folder, n_docs: int) -> str:
+    """The first `n_docs` documents of `corpus` as a text file, one per line."""
+    path = folder / "corpus.txt"
+    path.write_text("\n".join(d.replace("\n", " ") for d in corpus[:n_docs]) + "\n",
+                    encoding="utf-8")
+    return str(path)

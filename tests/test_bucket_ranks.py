@@ -17,7 +17,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.errors import OutputError
-from helpers import manifest_of
+from helpers import manifest_of, moto_bucket, corpus_file
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -32,25 +32,12 @@ BASE = ["--shard-size", "4", "--batch-size", "4", "--no-progress", "--device", "
 @pytest.fixture(scope="module")
 def server():
     """A moto S3 server on 127.0.0.1 and the fsspec storage_options that reach it."""
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    options = {"key": "testing-key", "secret": "testing-secret",
-               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", aws_access_key_id="testing-key", aws_secret_access_key="testing-secret",
-                 **options["client_kwargs"]).create_bucket(Bucket="bucket")
-    yield options
-    srv.stop()
+    yield from moto_bucket()
 
 
 @pytest.fixture(scope="module")
 def corpus_txt(corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bucket-ranks") / "corpus.txt"
-    path.write_text("\n".join(d.replace("\n", " ") for d in corpus[:N_DOCS]) + "\n",
-                    encoding="utf-8")
-    return str(path)
+    return corpus_file(corpus, tmp_path_factory.mktemp("bucket-ranks"), N_DOCS)
 
 
 def environment(server) -> dict:

@@ -16,7 +16,7 @@ import pytest
 
 import crowstream as cs
 from crowstream.errors import IncompleteRunError, ResumeMismatchError
-from helpers import assert_same_rows, manifest_of
+from helpers import assert_same_rows, manifest_of, corpus_file
 from crowstream.format.layout import RECORD_NAME
 
 MODULES = ["transformer.h.0", "transformer.h.2"]
@@ -28,10 +28,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
 
 @pytest.fixture(scope="module")
 def corpus_txt(corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ranks") / "corpus.txt"
-    path.write_text("\n".join(d.replace("\n", " ") for d in corpus[:N_DOCS]) + "\n",
-                    encoding="utf-8")
-    return str(path)
+    return corpus_file(corpus, tmp_path_factory.mktemp("ranks"), N_DOCS)
 
 
 @pytest.fixture(scope="module")

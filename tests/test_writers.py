@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 import crowstream as cs
-from helpers import sigint_at_batch
+from helpers import sigint_at_batch, moto_bucket
 from crowstream.errors import ManifestError, ResumeMismatchError
 
 moto_server = pytest.importorskip("moto.server")
@@ -24,17 +24,7 @@ KW = dict(shard_size=4, batch_size=4, progress=False)
 @pytest.fixture(scope="module")
 def server():
     """A moto S3 server on 127.0.0.1 and the fsspec storage_options that reach it."""
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    options = {"key": "testing-key", "secret": "testing-secret",
-               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", aws_access_key_id="testing-key", aws_secret_access_key="testing-secret",
-                 **options["client_kwargs"]).create_bucket(Bucket="bucket")
-    yield options
-    srv.stop()
+    yield from moto_bucket()
 
 
 @pytest.fixture(scope="module")
