@@ -182,17 +182,35 @@ def commit_times(out: str):
     return None
 
 
-def spawn(spec: dict, budget: int | None, out: str, threads: int | None) -> dict:
+def start(spec: dict, budget: int | None, out: str, threads: int | None) -> subprocess.Popen:
+    """A child measuring the bare loop (`budget` None) or a capture at `budget`."""
     command = [sys.executable, os.path.abspath(__file__), "--child", "--spec", json.dumps(spec),
                "--out", out]
     if budget is not None:
         command += ["--budget", str(budget)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", 2))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"child failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def result(child_process: subprocess.Popen) -> dict:
+    stdout, stderr = child_process.communicate()
+    if child_process.returncode != 0:
+        raise SystemExit(f"child failed ({child_process.returncode}):\n{stdout}\n{stderr}")
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+def measure_all(spec: dict, root: str, threads: int | None, together: bool) -> dict:
+    """{None: the bare loop, budget: the capture at it}, each in its own child process:
+    one after another (full size: the printed seconds are then each run's own), or side by
+    side (--tiny: each child's ru_maxrss is still its own, and the wall time shrinks)."""
+    budgets = [None, *spec["budgets"]]
+    outs = {b: os.path.join(root, "bare" if b is None else f"out-{b}") for b in budgets}
+    if together:
+        running = {b: start(spec, b, outs[b], threads) for b in budgets}
+        return {b: result(running[b]) for b in budgets}
+    return {b: result(start(spec, b, outs[b], threads)) for b in budgets}
 
 
 def main(argv=None) -> int:
@@ -218,13 +236,14 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="crowstream-scale-", dir=args.tmp)
     ok = True
     try:
-        bare = spawn(spec, None, os.path.join(root, "bare"), args.threads)
+        results = measure_all(spec, root, args.threads, together=args.tiny)
+        bare = results[None]
         bare_extra = bare["peak"] - bare["before"]
         print(f"bare loop: peak RSS +{mib(bare_extra)} over the loaded model "
               f"({bare['seconds']:.1f} s)")
         for budget in spec["budgets"]:
             out = os.path.join(root, f"out-{budget}")
-            got = spawn(spec, budget, out, args.threads)
+            got = results[budget]
             extra = got["peak"] - got["before"]
             above = extra - bare_extra
             within = above <= budget * BUDGET_SLACK

@@ -231,7 +231,9 @@ def sigint_at_batch(monkeypatch, n: int) -> None:
 
 def moto_bucket(secret: str = "testing-secret"):
     """A moto S3 server on 127.0.0.1 with a bucket named "bucket": yields the fsspec
-    storage_options that reach it (use with `yield from` in a module-scoped fixture)."""
+    storage_options that reach it (use with `yield from` in a module-scoped fixture).
+    moto keeps one in-memory store per process, shared by every server: test modules
+    must use prefixes of their own."""
     import boto3
     from moto import server as moto_server
 

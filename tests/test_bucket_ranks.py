@@ -64,7 +64,7 @@ def records(server, prefix: str) -> set[int]:
 
 def kill_at_first_odd_record(process: subprocess.Popen, server) -> None:
     deadline = time.monotonic() + 120
-    while not any(k % 2 for k in records(server, "killed")):
+    while not any(k % 2 for k in records(server, "ranks-killed")):
         if time.monotonic() > deadline or process.poll() is not None:
             return  # the test's assertions say what went wrong
         time.sleep(0.02)
@@ -89,24 +89,24 @@ def test_ranks_into_a_bucket_under_torchrun_then_a_killed_rank_resumed_by_three(
         gpt2_dir, corpus_txt, server, tmp_path):
     # the rank to be killed starts first: it waits for rank 0 to create its run (on a
     # bucket rank 0 creates a new run), so its start-up overlaps the torchrun run's
-    killed = "s3://bucket/killed"
+    killed = "s3://bucket/ranks-killed"
     second = rank(gpt2_dir, corpus_txt, killed, server, 1, 2)
     reference = str(tmp_path / "reference")
     cs.capture(gpt2_dir, corpus_txt, MODULES, reference, **KW)
-    url = "s3://bucket/torchrun"
+    url = "s3://bucket/ranks-torchrun"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "-m", "crowstream", "capture", gpt2_dir,
                            corpus_txt, "-o", url, *BASE], capture_output=True, text=True,
                           env=environment(server), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert records(server, "torchrun") == set(range(20))
+    assert records(server, "ranks-torchrun") == set(range(20))
     assert_equal_to(url, server, reference)
 
     # rank 1 SIGKILLed mid-run (its lease stays, as a dead node's does), then 3 ranks
     # resume with takeover. Only the killed rank is a process of its own: the others run
     # here, one after another, as Slurm array tasks may (process start-up dominates)
     url, so = killed, dict(storage_options=server)
-    assert second.poll() is None and not records(server, "killed")  # still waiting
+    assert second.poll() is None and not records(server, "ranks-killed")  # still waiting
     killer = threading.Thread(target=kill_at_first_odd_record, args=(second, server),
                               name="killer")
     killer.start()
@@ -115,11 +115,11 @@ def test_ranks_into_a_bucket_under_torchrun_then_a_killed_rank_resumed_by_three(
     second.communicate(timeout=60)
     assert second.returncode == -signal.SIGKILL
     assert run.manifest.status == "running"
-    committed = records(server, "killed")
+    committed = records(server, "ranks-killed")
     assert set(range(0, 20, 2)) <= committed and not set(range(1, 20, 2)) <= committed, \
         "the kill did not land mid-run"
     assert cs.info(url, **so)["status"] == "running"
-    with pytest.raises(OutputError, match=r"rank 2 of 3 cannot write to 's3://bucket/killed': "
+    with pytest.raises(OutputError, match=r"rank 2 of 3 cannot write to 's3://bucket/ranks-killed': "
                                           r"rank\(s\) 1 of a 2-rank run hold leases"):
         cs.capture(gpt2_dir, corpus_txt, MODULES, url, rank=2, world_size=3, **so, **KW)
     for r in (1, 2, 0):
@@ -139,17 +139,17 @@ def test_a_start_killed_before_its_manifest_is_restarted_by_a_resume(gpt2_dir, c
 
     fs = s3fs.S3FileSystem(**server)
     for rel in ("vocab.parquet", "commits/run.json", "tokenizer/tokenizer.json", "README.md"):
-        fs.pipe(f"bucket/unstarted/{rel}", b"cut short")
-    fs.pipe("bucket/foreign/vocab.parquet", b"not ours")
-    fs.pipe("bucket/foreign/notes.txt", b"not ours")
+        fs.pipe(f"bucket/ranks-unstarted/{rel}", b"cut short")
+    fs.pipe("bucket/ranks-foreign/vocab.parquet", b"not ours")
+    fs.pipe("bucket/ranks-foreign/notes.txt", b"not ours")
     kw = dict(storage_options=server, resume=True, **KW)
     with pytest.raises(OutputExistsError, match="holds no crowstream.json"):
-        cs.capture(gpt2_dir, corpus[:8], MODULES, "s3://bucket/foreign", **kw)
-    run = cs.capture(gpt2_dir, corpus[:8], MODULES, "s3://bucket/unstarted", **kw)
+        cs.capture(gpt2_dir, corpus[:8], MODULES, "s3://bucket/ranks-foreign", **kw)
+    run = cs.capture(gpt2_dir, corpus[:8], MODULES, "s3://bucket/ranks-unstarted", **kw)
     assert run.manifest.status == "complete"
     reference = str(tmp_path / "reference")
     cs.capture(gpt2_dir, corpus[:8], MODULES, reference, **KW)
-    assert cs.scan("s3://bucket/unstarted", storage_options=server).collect().sort(
+    assert cs.scan("s3://bucket/ranks-unstarted", storage_options=server).collect().sort(
         "module", "doc_id", "position").equals(
         cs.scan(reference).collect().sort("module", "doc_id", "position"))
-    cs.verify("s3://bucket/unstarted", storage_options=server)
+    cs.verify("s3://bucket/ranks-unstarted", storage_options=server)

@@ -5,6 +5,7 @@ vocabulary (`write_vocab`) and the tokenizer's own files (`write_tokenizer`).
 from __future__ import annotations
 
 import os
+import secrets
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +37,8 @@ def write_vocab(out: str, tokenizer) -> None:
                       "text": pa.array(texts, pa.string()),
                       "special": pa.array([i in special for i in range(size)])},
                      schema=vocab_schema())
-    tmp = os.path.join(out, TMP_DIR, VOCAB_NAME)
+    # a name of its own: the ranks of a run start side by side and each writes it
+    tmp = os.path.join(out, TMP_DIR, f"{VOCAB_NAME}.{secrets.token_hex(8)}.tmp")
     write_table(tmp, table)
     os.replace(tmp, os.path.join(out, VOCAB_NAME))
     fsync_dir(out)
