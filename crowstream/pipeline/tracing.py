@@ -177,7 +177,7 @@ class ModelTracer:
         self.model = model
         self.packs = packing == "auto" and supports_packing(model)  # batches arrive packed
         if packing == "auto" and not self.packs:
-            log.info("packing='auto': %s is not one of the packing architectures; batches are "
+            log.debug("packing='auto': %s is not one of the packing architectures; batches are "
                      "padded", type(model).__name__)
         self.mask_dtype = getattr(model, "dtype", torch.float32)
         self.dtype = getattr(torch, dtype)
