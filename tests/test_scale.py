@@ -518,9 +518,9 @@ def test_resume_with_rolled_part_files_is_bit_identical(gpt2_dir, gpt2, corpus, 
     assert got == want and any(path.endswith("-001.parquet") for path in got)
 
 
-def test_the_pinned_pool_reuses_buffers_within_its_capacity():
+def test_the_host_pool_reuses_buffers_within_its_capacity():
     """The CUDA path's host buffers, with plain CPU memory standing in for pinned memory."""
-    from crowstream.pipeline.host import PinnedPool
+    from crowstream.pipeline.host import HostPool
 
     allocated = []
 
@@ -528,7 +528,7 @@ def test_the_pinned_pool_reuses_buffers_within_its_capacity():
         allocated.append(n)
         return torch.empty(n, dtype=torch.uint8)
 
-    pool = PinnedPool(capacity=3 << 20, allocate=allocate)
+    pool = HostPool(capacity=3 << 20, allocate=allocate)
     rows, buffer = pool.take((1000, 256), torch.float32)  # 1,024,000 bytes
     assert rows.shape == (1000, 256) and rows.dtype == torch.float32
     assert 1_024_000 <= buffer.numel() <= 1_024_000 * 9 // 8 and len(allocated) == 1
@@ -551,7 +551,7 @@ def test_cpu_captures_select_rows_into_reused_host_buffers(gpt2, corpus, tmp_pat
     from crowstream.pipeline import host
 
     allocated, taken = [], []
-    take = host.PinnedPool.take
+    take = host.HostPool.take
 
     def counting(n):
         allocated.append(n)
@@ -559,13 +559,13 @@ def test_cpu_captures_select_rows_into_reused_host_buffers(gpt2, corpus, tmp_pat
 
     model, tokenizer = gpt2
     monkeypatch.setattr(host, "_host_bytes", counting)
-    monkeypatch.setattr(host.PinnedPool, "take",
+    monkeypatch.setattr(host.HostPool, "take",
                         lambda self, *args: taken.append(args) or take(self, *args))
     pooled = cs.capture(model, corpus[:48], MODULES, str(tmp_path / "pooled"),
                         tokenizer=tokenizer, batch_size=4, progress=False, packing="off")
     assert len(taken) >= 24  # every batch's rows of both modules went through the pool
     assert 2 <= len(allocated) <= len(taken) // 3  # reused, not one buffer per batch
-    monkeypatch.setattr(host.PinnedPool, "give", lambda self, buffer: None)  # no reuse
+    monkeypatch.setattr(host.HostPool, "give", lambda self, buffer: None)  # no reuse
     fresh = cs.capture(model, corpus[:48], MODULES, str(tmp_path / "fresh"),
                        tokenizer=tokenizer, batch_size=4, progress=False, packing="off")
     assert_same_rows(pooled.path, fresh.path)

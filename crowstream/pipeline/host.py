@@ -30,7 +30,7 @@ class Captured:
     peaks: dict = dataclasses.field(default_factory=dict)
     clamped: dict = dataclasses.field(default_factory=dict)
     buffers: dict = dataclasses.field(default_factory=dict)  # pooled buffers to give back
-    pool: PinnedPool | None = None
+    pool: HostPool | None = None
 
     def wait(self) -> None:
         for event in self.ready:
@@ -67,7 +67,7 @@ def check_float16(name: str, peak) -> None:
             "clamp, which --resume accepts).")
 
 
-class PinnedPool:
+class HostPool:
     """Host buffers reused from batch to batch: page-locked behind a CUDA device, so
     device-to-host copies are asynchronous without a page-locked allocation per batch;
     ordinary memory on the CPU, where a fresh [N, d] tensor per batch costs more in page
@@ -82,7 +82,7 @@ class PinnedPool:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_device(cls, capacity: int, cuda: bool) -> PinnedPool:
+    def for_device(cls, capacity: int, cuda: bool) -> HostPool:
         return cls(capacity, None if cuda else _host_bytes)
 
     def take(self, shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from crowstream.pipeline.host import Captured, PinnedPool, Rows, on_cpu, to_host
+from crowstream.pipeline.host import Captured, HostPool, Rows, on_cpu, to_host
 from crowstream.pipeline.options import FLOAT16_MAX
 from crowstream.format.layout import (INPUT_SUFFIX, base_module, check_module_name, is_glob,
                                       match_modules)
@@ -184,7 +184,7 @@ class ModelTracer:
         self.float16_overflow = float16_overflow
         self.device = input_device(model)
         # host buffers kept for reuse: a quarter of the in-flight budget
-        self.pool = PinnedPool.for_device(inflight_bytes // 4, self.device.type == "cuda")
+        self.pool = HostPool.for_device(inflight_bytes // 4, self.device.type == "cuda")
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
         tokens = probe_ids(tokenizer, model).shape[1]
         self.dims = {name: _check_shape(name, shapes.get(name), model, tokens)
@@ -262,19 +262,16 @@ class ModelTracer:
             events.append(event)
         return Captured(host, tuple(events), peaks, clamped, buffers, self.pool)
 
-    def _direct(self, flat: torch.Tensor, dtype: torch.dtype) -> bool:
-        """Whether `flat`'s rows are stored without a cast, from CPU memory."""
-        return flat.device.type == "cpu" and (flat.dtype == dtype
-                                              or _upcast_on_host(flat.dtype, dtype))
-
     def _select(self, flat: torch.Tensor, index: torch.Tensor) -> Rows:
+        """`flat`'s kept rows: on the CPU selected straight into a pooled buffer (no fresh
+        [N, d] tensor per batch), elsewhere on the device (copied to the host later)."""
+        if flat.device.type != "cpu":
+            return Rows(flat.index_select(0, index))
         out, buffer = self.pool.take((index.numel(), flat.shape[1]), flat.dtype)
         return Rows(torch.index_select(flat, 0, index, out=out), buffer)
 
-    def _stored(self, rows: torch.Tensor, dtype: torch.dtype) -> Rows:
-        """`rows` cast to what is stored (on the CPU into a pooled buffer)."""
-        if rows.dtype == dtype or _upcast_on_host(rows.dtype, dtype):
-            return Rows(rows)
+    def _cast(self, rows: torch.Tensor, dtype: torch.dtype) -> Rows:
+        """`rows` in the stored `dtype` (on the CPU into a pooled buffer)."""
         if rows.device.type != "cpu":
             return Rows(rows.to(dtype))
         out, buffer = self.pool.take(rows.shape, dtype)
@@ -295,25 +292,21 @@ class ModelTracer:
                     value = value[0]
                 # [B, T, d] -> [N_kept, d], cast on the output's device before the copy
                 flat, index = value.reshape(-1, value.shape[-1]), index.to(value.device)
-                if self._direct(flat, dtype):  # no cast: select straight into a host buffer
+                if not _casts(flat.dtype, dtype):
                     kept[name] = nnsight.save(self._select(flat, index))
                     continue
-                scratch = self._select(flat, index) if flat.device.type == "cpu" else \
-                    Rows(flat.index_select(0, index))
+                scratch = self._select(flat, index)
                 rows = scratch.tensor  # ours: in-place changes leave the model's output alone
-                if dtype == torch.float16 and rows.dtype != torch.float16:
+                if dtype == torch.float16:
                     if clamp:  # on the device, in float32: bf16 rounds 65504 up to 65536
                         rows = rows.float()
                         clamped[name] = nnsight.save((rows.abs() > FLOAT16_MAX).sum())
                         rows = rows.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
                     else:  # checked on the writer thread: no device sync here
                         peaks[name] = nnsight.save(_peak(rows))
-                stored = self._stored(rows, dtype)
-                if stored.tensor is scratch.tensor:
-                    stored = scratch
-                elif scratch.buffer is not None:  # cast into another buffer: done with it
+                kept[name] = nnsight.save(self._cast(rows, dtype))
+                if scratch.buffer is not None:  # cast into a buffer of its own: done with it
                     self.pool.give(scratch.buffer)
-                kept[name] = nnsight.save(stored)
             tracer.stop()
         return kept, peaks, clamped
 
@@ -333,6 +326,11 @@ def _peak(rows: torch.Tensor) -> torch.Tensor:
 def _upcast_on_host(have: torch.dtype, want: torch.dtype) -> bool:
     """16-bit rows stored as float32 travel in 16 bits and are upcast on the host."""
     return want == torch.float32 and have in (torch.bfloat16, torch.float16)
+
+
+def _casts(have: torch.dtype, want: torch.dtype) -> bool:
+    """Whether rows of dtype `have` are cast on the device to be stored as `want`."""
+    return have != want and not _upcast_on_host(have, want)
 
 
 @functools.cache
