@@ -147,6 +147,11 @@ class Catalog:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             fs.get_file(path, target)
 
+    def download_file(self, rel: str, dest: str) -> None:
+        """Copy the file `rel` of a URL OUT to the local path `dest`."""
+        fs, root = self._fsspec
+        fs.get_file(f"{root}/{rel}", dest)
+
     @property
     def modules(self) -> dict[str, ModuleInfo]:
         return self.manifest.modules

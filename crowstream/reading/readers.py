@@ -61,14 +61,13 @@ def _cached_parts(catalog: Catalog, parts, cache_dir: str | None) -> list[str]:
 
     folder = os.path.join(cache_dir or datasets.config.HF_DATASETS_CACHE, "crowstream-parts")
     os.makedirs(folder, exist_ok=True)
-    fs, root = catalog._fsspec
     local = []
     for part in parts:
         path = os.path.join(folder, f"{part.sha256}.parquet")
         if not os.path.isfile(path):
             tmp = f"{path}.{secrets.token_hex(8)}.tmp"
             try:
-                fs.get_file(f"{root}/{part.path}", tmp)
+                catalog.download_file(part.path, tmp)
                 if sha256_file(tmp) != part.sha256:
                     raise DataError(f"{catalog.shown}/{part.path} does not match its recorded "
                                     "sha256: it was changed after the capture. Run `crowstream "
