@@ -259,7 +259,7 @@ def report_time(out: str, path: str) -> tuple[float, int]:
     return time.perf_counter() - started, done["modules"][MODULE]["sampled_rows"]
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=None, help="rows (default 2,000,000; 40,000 with --tiny)")
@@ -273,7 +273,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a CI smoke run in seconds")
     parser.add_argument("--tmp", default=None, help="directory for the synthetic outputs (default: system temp)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = args.rows or (40_000 if args.tiny else 2_000_000)
     d = args.d or (64 if args.tiny else 768)
     rows_per_part = max(1, (256 << 20) // (4 * d))  # ~256 MiB raw per part, as the pipeline aims

@@ -59,14 +59,14 @@ def format_1_bytes(records, stats, modules) -> int:
     return len(json.dumps({"parts": parts, "shards": shards, "stats": summary}, indent=1))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=2000)
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--tiny", action="store_true", help="60 commits of d=64 (CI)")
     parser.add_argument("--tmp", default=None, help="parent directory for the temp OUT")
     parser.add_argument("--check", action="store_true", help="exit 1 if the target is missed")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tiny:
         args.commits, args.d = 60, 64
     modules = ["blocks.0", "blocks.1"]

@@ -60,8 +60,9 @@ def activations(tiny: bool) -> dict:
             out = os.path.join(tmp, label)
             cs.capture(model, texts, modules, out, tokenizer=tokenizer, progress=False)
             for module in modules:
-                table = cs.load(out, module).with_format("numpy")
-                found[f"{label} {module}"] = np.asarray(table["vector"], np.float32)
+                vectors = cs.load(out, module).data.column("vector").combine_chunks()
+                found[f"{label} {module}"] = vectors.flatten().to_numpy().astype(
+                    np.float32).reshape(len(vectors), -1)
     return found
 
 
@@ -123,8 +124,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--tmp", default=None, help="unused (the encoder writes to /dev/shm)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved (default 3; 1 with --tiny)")
     args = parser.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.tiny else 3)
     print(f"{'activations':<32} {'dtype':<8} {'codec':<5} {'bytes/row':>10} {'raw':>7} "
           f"{'CPU-s/GB':>9} {'rows/s @0.5GB/s':>16} {'rows/s @3GB/s':>14}")
     shares = {codec: [] for codec in CODECS}  # rows/s as a share of the best codec's

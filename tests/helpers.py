@@ -256,3 +256,21 @@ def corpus_file(corpus, folder, n_docs: int) -> str:
     path.write_text("\n".join(d.replace("\n", " ") for d in corpus[:n_docs]) + "\n",
                     encoding="utf-8")
     return str(path)
+
+
+def run_benchmark_here(script: str, args: list, capsys) -> str:
+    """Run `benchmarks/<script>`'s `main(args)` in this process (its imports are already
+    paid here; a child process costs ~5 s of them) -> what it printed. For benchmarks
+    that measure nothing process-wide; memory.py and scale.py need processes of their own."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", script)
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    status = module.main(args)
+    out = capsys.readouterr().out
+    assert status in (0, None), f"{script} {' '.join(args)} returned {status}:\n{out}"
+    return out

@@ -26,6 +26,16 @@ def _run(script: str, tmp_path) -> str:
     return done.stdout
 
 
+def _run_here(script: str, tmp_path, capsys) -> str:
+    """A benchmark that measures nothing process-wide, run in this process (--tiny)."""
+    from helpers import run_benchmark_here
+
+    out = run_benchmark_here(script, ["--tiny", "--tmp", str(tmp_path)], capsys)
+    assert not os.listdir(tmp_path), "the benchmark left files behind"
+    _every_figure_finite(out)
+    return out
+
+
 def _every_figure_finite(out: str) -> None:
     bad = re.findall(r"(?i)(?<![\w-])(nan|-?inf(?:inity)?)(?![\w-])", out)
     assert not bad, f"non-finite figures {bad} in:\n{out}"
@@ -110,8 +120,8 @@ def test_memory_tiny_prints_growth(tmp_path):
     assert runs[4] == tuple(4 * x for x in runs[1]), runs  # 4x the corpus, all of it captured
 
 
-def test_commits_tiny_prints_constant_cost(tmp_path):
-    out = _run("commits.py", tmp_path)
+def test_commits_tiny_prints_constant_cost(tmp_path, capsys):
+    out = _run_here("commits.py", tmp_path, capsys)
     for line in ("time per commit, first 10%", "ratio last/first", "record bytes: first",
                  "stats file bytes", "crowstream.json writes during the commits: 0"):
         assert line in out, f"missing {line!r} in:\n{out}"
@@ -160,8 +170,8 @@ def test_ceiling_tiny_prints_every_figure_and_the_right_rows(gpu_sh):
     assert not any(f in ("nan", "inf", "-inf") for f in figures), out
 
 
-def test_compression_tiny_prints_the_table_and_a_choice(tmp_path):
-    out = _run("compression.py", tmp_path)
+def test_compression_tiny_prints_the_table_and_a_choice(tmp_path, capsys):
+    out = _run_here("compression.py", tmp_path, capsys)
     rows = [line for line in out.splitlines() if line.startswith(("minilm", "gpt2-random"))]
     assert len(rows) >= 2 * 3 and all(len(line.split()) == 9 for line in rows), out
     for line in rows:  # bytes per row below the raw row for zstd, at most ~4% above for none
@@ -183,8 +193,8 @@ def test_gpu_script_cpu_form_prints_one_table(gpu_sh):
 
 
 @pytest.mark.slow
-def test_pretokenized_tiny_prints_the_ratio_and_equal_rows(tmp_path):
-    out = _run("pretokenized.py", tmp_path)
+def test_pretokenized_tiny_prints_the_ratio_and_equal_rows(tmp_path, capsys):
+    out = _run_here("pretokenized.py", tmp_path, capsys)
     for line in ("d=64 round 0: text", "pre-tokenized", "per 1M tokens", "median text/pre-tokenized"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert "rows equal: True" in out, out

@@ -204,20 +204,16 @@ def test_cli_report(gpt2_out, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_analysis_benchmark_tiny_prints_every_number(tmp_path):
+def test_analysis_benchmark_tiny_prints_every_number(tmp_path, capsys):
     import os
-    import subprocess
-    import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks", "analysis.py")
-    done = subprocess.run([sys.executable, script, "--tiny", "--tmp", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    from helpers import run_benchmark_here
+
+    out = run_benchmark_here("analysis.py", ["--tiny", "--tmp", str(tmp_path)], capsys)
     for line in ("(1) raw read", "(2) cs.top", "(3) polars", "ratio (2)/(1)", "same top 20 from (2) and (3): True",
                  "peak RSS of cs.top", "cs.report scaling", "targets:"):
-        assert line in done.stdout, f"missing {line!r} in:\n{done.stdout}"
-    assert len(re.findall(r"^  report: +[\d,]+ rows per module", done.stdout, re.M)) == 3
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert len(re.findall(r"^  report: +[\d,]+ rows per module", out, re.M)) == 3
     assert not os.listdir(tmp_path), "the benchmark left files behind"
 
 

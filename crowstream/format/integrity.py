@@ -189,9 +189,7 @@ def _check_tokenizer(out: str) -> list[str]:
     if not os.path.isdir(path):
         return [f"missing: {TOKENIZER_DIR}/ (the saved tokenizer)"]
     try:
-        from transformers import AutoTokenizer
-
-        size = len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        size = _tokenizer_size(path)
     except Exception as error:  # any load failure is damage to report, with its reason
         return [f"unreadable: {TOKENIZER_DIR}/ does not load as a tokenizer ({error})"]
     listed = pq.ParquetFile(os.path.join(out, VOCAB_NAME)).metadata.num_rows
@@ -199,6 +197,26 @@ def _check_tokenizer(out: str) -> list[str]:
         return [f"tokenizer mismatch: {TOKENIZER_DIR}/ has {size:,} tokens, "
                 f"{VOCAB_NAME} lists {listed:,}"]
     return []
+
+
+def _tokenizer_size(path: str) -> int:
+    """len() of the saved tokenizer. A fast tokenizer's tokenizer.json is read with
+    `tokenizers` (what transformers' fast tokenizers count with), so `verify` does not
+    import transformers and torch (~5 s); its tokenizer_config.json must parse too."""
+    import json
+
+    single = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(single):
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    import tokenizers
+
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            json.load(f)
+    return tokenizers.Tokenizer.from_file(single).get_vocab_size(with_added_tokens=True)
 
 
 def _check_file(out: str, ref: FileRef, recorded: str) -> list[str]:
