@@ -316,7 +316,8 @@ def _assemble(ids, lengths, keep, doc_of_row, starts) -> Batch:
     )
 
 
-ESTIMATE_DOCS = 256  # enough for a mean length; each one is tokenized twice
+ESTIMATE_DOCS = 64  # enough for a mean length; each one is tokenized twice (256 doubled
+# the tokenizing of benchmarks/ceiling.py's 322 documents)
 
 
 def estimate_shard_size(texts: list[str], tokenizing: Tokenizing) -> int:

@@ -123,7 +123,9 @@ def packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, T] segment ids -> [B, 1, T, T] additive mask: a token attends to the tokens of
     its own segment up to itself (0), nothing else (the dtype's minimum)."""
     width = segments.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril_()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # [B, T, T]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    device = segments.device
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
+    allowed = torch.eq(segments[:, :, None], segments[:, None, :]).logical_and_(causal)
+    # one pass writes the [B, T, T] mask (zeros then a masked fill took two and a temporary)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
+                       torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))[:, None]
