@@ -109,6 +109,54 @@ def test_finalize_refuses_a_missing_share_and_a_different_rank_is_refused(
     cs.verify(out)
 
 
+SLOW_START = r"""
+import os, sys, time
+import crowstream as cs
+from crowstream.pipeline import session
+model, corpus, out, marker = sys.argv[1:5]
+original = session.write_tokenizer
+def slow(path, tokenizer):  # the run half-created (vocab written, no manifest yet)
+    vocab = os.path.join(path, "vocab.parquet")
+    before = os.stat(vocab).st_ino
+    open(marker, "w").close()
+    locks = os.path.join(path, ".locks")
+    deadline = time.monotonic() + 120
+    while "rank-00000.lock" not in os.listdir(locks):  # rank 0 has arrived
+        assert time.monotonic() < deadline, "rank 0 never arrived"
+        time.sleep(0.02)
+    deadline = time.monotonic() + 6  # its model loads, then it reaches the directory lock
+    while time.monotonic() < deadline:
+        if not os.path.exists(vocab) or os.stat(vocab).st_ino != before:
+            sys.exit("vocab.parquet was deleted while this rank created the run")
+        time.sleep(0.02)
+    original(path, tokenizer)
+session.write_tokenizer = slow
+cs.capture(model, corpus, ["transformer.h.0", "transformer.h.2"], out, rank=1, world_size=2,
+           shard_size=4, batch_size=4, progress=False, device="cpu")
+"""
+
+
+def test_a_rank_that_arrives_while_another_creates_the_run_waits_and_deletes_nothing(
+        gpt2_dir, corpus_txt, reference, tmp_path):
+    """Rank 1 creates the run and is slow about it; rank 0 arrives meanwhile. It must wait
+    for the manifest (the lock is held until then), not take the half-created OUT for a
+    start killed before its manifest and delete what rank 1 is writing."""
+    out, marker, script = tmp_path / "out", tmp_path / "inside", tmp_path / "slow.py"
+    script.write_text(SLOW_START)
+    slow = subprocess.Popen([sys.executable, str(script), gpt2_dir, corpus_txt, str(out),
+                             str(marker)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline and slow.poll() is None, slow.communicate()
+        time.sleep(0.02)
+    finish(start_rank(gpt2_dir, corpus_txt, out, 0, 2))
+    finish(slow)
+    assert manifest_of(out).status == "complete"
+    assert_same_rows(out, reference)
+    cs.verify(out)
+
+
 def test_one_rank_resumes_after_a_two_rank_crash(gpt2_dir, corpus_txt, reference, tmp_path):
     out = tmp_path / "out"
     first, second = (start_rank(gpt2_dir, corpus_txt, out, rank, 2) for rank in (0, 1))

@@ -150,17 +150,26 @@ def _start_or_load(session: Session, mode: str, recorded, peek, provenance_: dic
     run another rank started, creating it if this rank is first."""
     out = session.out
     if mode == "join":
+        # the first rank creates the run while it holds the lock, up to its manifest: a
+        # rank that found the OUT half-created would take it for a start killed before its
+        # manifest and delete it (the vocab and tokenizer another rank was writing)
         with exclusive(out, wait=ranks.JOIN_WAIT_S):
             check_world(out, session.rank, session.world)  # before anything is deleted
             if os.path.isfile(manifest_path(out)):
                 session.load(read_manifest(out))
                 return
-            mode = inspect_out(out, overwrite=False, resume=True)
+            _create(session, inspect_out(out, overwrite=False, resume=True), peek, provenance_)
+        return
     if mode == "resume":
         session.load(recorded)
         return
-    with write_errors(out):
-        create_out(out, mode)
+    _create(session, mode, peek, provenance_)
+
+
+def _create(session: Session, mode: str, peek, provenance_: dict) -> None:
+    """Make OUT's skeleton (`mode` "fresh" or "replace") and start the run's manifest."""
+    with write_errors(session.out):
+        create_out(session.out, mode)
         session.start(peek, provenance_)
 
 
