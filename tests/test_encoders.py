@@ -190,3 +190,18 @@ def test_cli_takes_compression_and_encoder_threads():
     assert (args.compression, args.encoder_threads) == ("zstd", None)
     with pytest.raises(ConfigError, match="encoder_threads"):
         cs.capture("m", ["a"], ["x"], "o", encoder_threads=0)
+
+
+def test_float16_statistics_of_read_only_rows_equal_those_of_writable_ones():
+    """Rows straight from Arrow are read-only; the float16 upcast takes them too, silently
+    (pytest turns warnings into errors here), with the same result."""
+    rng = np.random.default_rng(2)
+    rows = (rng.standard_normal((600, 24)) * 2 + 5).astype(np.float16)
+    frozen = rows.copy()
+    frozen.flags.writeable = False
+    a, b = ModuleStats(24), ModuleStats(24)
+    a.update(rows)
+    b.update(frozen)
+    assert a.count == b.count == 600
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.m2, b.m2)

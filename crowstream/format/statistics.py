@@ -227,6 +227,9 @@ def _upcaster(buffer: np.ndarray):
     target = torch.from_numpy(buffer)
 
     def upcast(x: np.ndarray) -> None:
+        if not x.flags.writeable:  # torch.from_numpy warns on read-only arrays (Arrow's)
+            np.copyto(buffer[:len(x)], x)
+            return
         target[:len(x)].copy_(torch.from_numpy(np.ascontiguousarray(x)))
 
     return upcast
