@@ -32,9 +32,15 @@ TARGET = 0.95  # text / pre-tokenized tokens/s at d = 1,024
 
 
 def long_documents(n_docs: int, paragraphs_per_doc: int) -> list[str]:
+    """`n_docs` documents of `paragraphs_per_doc` paragraphs each (paragraphs cycle when the
+    corpus asks for more than Python's docs have: ~2,000 with this Python)."""
     from throughput import documents
 
-    paragraphs = documents(n_docs * paragraphs_per_doc)
+    from crowstream.demo import python_doc_paragraphs
+
+    wanted = n_docs * paragraphs_per_doc
+    available = len(python_doc_paragraphs(10**9, min_chars=40))
+    paragraphs = documents(min(wanted, available), repeat_to=wanted)
     return ["\n\n".join(paragraphs[i::n_docs]) for i in range(n_docs)]
 
 
