@@ -582,9 +582,11 @@ def test_the_documented_budget_floor_and_oom_recovery():
 
 
 @pytest.mark.parametrize("source", ["float32", "bfloat16"])
-def test_float16_rows_are_selected_checked_and_cast_block_by_block(monkeypatch, source):
-    """The CPU float16 path works a block of rows at a time: the rows, in order, and the
-    peak (NaN ignored, the largest magnitude in any block) equal one whole-array cast."""
+@pytest.mark.parametrize("clamp", [False, True])
+def test_float16_rows_are_selected_checked_and_cast_block_by_block(monkeypatch, source, clamp):
+    """The CPU cast works a block of rows at a time: the rows, in order, the peak (NaN
+    ignored, the largest magnitude in any block) and the clamped count equal those of one
+    whole-array pass, as a device makes them."""
     import types
 
     import torch
@@ -595,12 +597,19 @@ def test_float16_rows_are_selected_checked_and_cast_block_by_block(monkeypatch, 
     monkeypatch.setattr(tracing, "CAST_BLOCK_BYTES", 7 * 16 * 4)  # 7 rows of d = 16 float32
     flat = torch.randn(100, 16).to(getattr(torch, source))
     flat[83, 5] = -70000.0  # the peak, in a late block
+    flat[40, 1] = 66000.0
     flat[13, 0] = float("nan")  # kept (row 12 is dropped)
     index = torch.tensor([i for i in range(100) if i % 3])  # every third row dropped
     owner = types.SimpleNamespace(pool=HostPool.for_device(1 << 20, False))
-    rows, peak = tracing.ModelTracer._select_float16(owner, flat, index)
-    expected = flat.index_select(0, index)
+    rows, peak, count = tracing.ModelTracer._select_cast(owner, flat, index, torch.float16, clamp)
+    expected, whole_peak, whole_count = tracing._stored(flat.index_select(0, index),
+                                                        torch.float16, clamp)
     assert rows.tensor.dtype == torch.float16 and rows.tensor.shape == expected.shape
     assert torch.isnan(rows.tensor).sum() == 1
     assert torch.equal(rows.tensor.view(torch.int16), expected.to(torch.float16).view(torch.int16))
-    assert float(peak) == float(tracing._peak(expected)) == float(flat[83, 5].abs())  # bf16: 70,144
+    if clamp:
+        assert peak is None and int(count) == int(whole_count) == 2
+        assert float(rows.tensor.float().nan_to_num().abs().max()) == 65504.0
+    else:
+        assert count is None
+        assert float(peak) == float(whole_peak) == float(flat[83, 5].abs())  # bf16: 70,144

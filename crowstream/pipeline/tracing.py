@@ -270,32 +270,32 @@ class ModelTracer:
         out, buffer = self.pool.take((index.numel(), flat.shape[1]), flat.dtype)
         return Rows(torch.index_select(flat, 0, index, out=out), buffer)
 
-    def _select_float16(self, flat: torch.Tensor, index: torch.Tensor):
-        """CPU, float16 stored from a wider model: -> (kept rows in a pooled float16
-        buffer, their peak magnitude). Selected, range-checked and cast CAST_BLOCK_BYTES of
-        rows at a time, so each block is read back from the cache, not from memory (three
-        passes over [N, d] float32 took 1.3 CPU-s per GB stored at d = 4,096)."""
+    def _select_cast(self, flat: torch.Tensor, index: torch.Tensor, dtype: torch.dtype,
+                     clamp: bool):
+        """`flat`'s kept rows in the stored `dtype` -> (Rows, peak or None, clamped count or
+        None), as `_stored` makes them. On the CPU CAST_BLOCK_BYTES of rows at a time go
+        through one pooled scratch block into a pooled buffer, so each block is read back
+        from the cache, not from memory (three passes over [N, d] float32 took 1.3 CPU-s per
+        GB stored at d = 4,096); on a device, all at once."""
+        if flat.device.type != "cpu":
+            rows, peak, count = _stored(flat.index_select(0, index), dtype, clamp)
+            return Rows(rows), peak, count
         n, d = index.numel(), flat.shape[1]
-        out, buffer = self.pool.take((n, d), torch.float16)
+        out, buffer = self.pool.take((n, d), dtype)
         step = max(1, CAST_BLOCK_BYTES // (d * flat.element_size()))
         scratch, scratch_buffer = self.pool.take((min(step, n), d), flat.dtype)
-        peak = flat.new_zeros(())
+        peak = count = None
         try:
             for start in range(0, n, step):
                 block = scratch[:min(step, n - start)]
                 torch.index_select(flat, 0, index[start:start + step], out=block)
-                peak = torch.maximum(peak, _peak(block))
-                out[start:start + len(block)].copy_(block)
+                rows, block_peak, block_count = _stored(block, dtype, clamp)
+                peak = _combine(peak, block_peak, torch.maximum)
+                count = _combine(count, block_count, torch.add)
+                out[start:start + len(rows)].copy_(rows)
         finally:
             self.pool.give(scratch_buffer)
-        return Rows(out, buffer), peak
-
-    def _cast(self, rows: torch.Tensor, dtype: torch.dtype) -> Rows:
-        """`rows` in the stored `dtype` (on the CPU into a pooled buffer)."""
-        if rows.device.type != "cpu":
-            return Rows(rows.to(dtype))
-        out, buffer = self.pool.take(rows.shape, dtype)
-        return Rows(out.copy_(rows), buffer)
+        return Rows(out, buffer), peak, count
 
     def _trace(self, ids, mask, index, position_ids=None):
         """-> ({module: kept rows}, {module: peak magnitude}, {module: clamped count})."""
@@ -315,27 +315,35 @@ class ModelTracer:
                 if not _casts(flat.dtype, dtype):
                     kept[name] = nnsight.save(self._select(flat, index))
                     continue
-                if flat.device.type == "cpu" and dtype == torch.float16 and not clamp:
-                    rows, peak = self._select_float16(flat, index)
-                    kept[name], peaks[name] = nnsight.save(rows), nnsight.save(peak)
-                    continue
-                scratch = self._select(flat, index)
-                rows = scratch.tensor  # ours: in-place changes leave the model's output alone
-                if dtype == torch.float16:
-                    if clamp:  # on the device, in float32: bf16 rounds 65504 up to 65536
-                        rows = rows.float()
-                        clamped[name] = nnsight.save((rows.abs() > FLOAT16_MAX).sum())
-                        rows = rows.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
-                    else:  # checked on the writer thread: no device sync here
-                        peaks[name] = nnsight.save(_peak(rows))
-                kept[name] = nnsight.save(self._cast(rows, dtype))
-                if scratch.buffer is not None:  # cast into a buffer of its own: done with it
-                    self.pool.give(scratch.buffer)
+                rows, peak, count = self._select_cast(flat, index, dtype, clamp)
+                kept[name] = nnsight.save(rows)
+                if peak is not None:  # checked on the writer thread: no device sync here
+                    peaks[name] = nnsight.save(peak)
+                if count is not None:
+                    clamped[name] = nnsight.save(count)
             tracer.stop()
         return kept, peaks, clamped
 
 
-CAST_BLOCK_BYTES = 1 << 20  # rows selected and cast to float16 at a time, on the CPU
+CAST_BLOCK_BYTES = 1 << 20  # rows selected and cast at a time, on the CPU
+
+
+def _stored(rows: torch.Tensor, dtype: torch.dtype, clamp: bool):
+    """Kept rows (ours to change) -> (them ready to cast to `dtype`, their peak magnitude or
+    None, the count clamped or None). float16 is range-checked: clamped in float32 (bf16
+    rounds 65504 up to 65536) and counted, or its peak taken for the writer to check."""
+    if dtype != torch.float16:
+        return rows, None, None
+    if clamp:
+        rows = rows.float()
+        count = (rows.abs() > FLOAT16_MAX).sum()
+        return rows.clamp_(-FLOAT16_MAX, FLOAT16_MAX), None, count
+    return rows, _peak(rows), None
+
+
+def _combine(total, part, op):
+    """A running figure over blocks (None until the first block that has one)."""
+    return part if total is None else op(total, part)
 
 
 def _peak(rows: torch.Tensor) -> torch.Tensor:
