@@ -190,13 +190,12 @@ def _moments(vectors: np.ndarray, skip, n: int):
     shift = head.astype(np.float32).mean(0).astype(np.float32)  # [d]
     total, m2, norm_sum = np.zeros(d), np.zeros(d), 0.0
     buffer = np.empty((min(STATS_SLICE_ROWS, len(vectors)), d), np.float32)
-    upcast = None if vectors.dtype == np.float32 else _upcaster(buffer)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: counted, not warned
         for start in range(0, len(vectors), STATS_SLICE_ROWS):
             x = vectors[start:start + STATS_SLICE_ROWS]
             work = buffer[:len(x)]
-            if upcast is not None:
-                upcast(x)
+            if x.dtype != np.float32:
+                _to_float32(x, work)
                 x = work
             norms = np.sqrt(np.einsum("ij,ij->i", x, x))
             np.subtract(x, shift, out=work)                     # centred (in place for fp16)
@@ -218,18 +217,14 @@ def _moments(vectors: np.ndarray, skip, n: int):
     return mean, m2, norm_sum, nonfinite
 
 
-def _upcaster(buffer: np.ndarray):
-    """-> f(x) writing float16 rows `x` [k, d] into `buffer[:k]` as float32. torch's
-    conversion is vectorised (F16C): 0.05 CPU-s per GB of float16 here, against numpy's
-    1.2-1.3, which made statistics the largest cost of a float16 capture after encoding."""
+def _to_float32(x: np.ndarray, out: np.ndarray) -> None:
+    """float16 rows `x` into `out` as float32. torch's conversion is vectorised (F16C):
+    0.05 CPU-s per GB of float16 here, against numpy's 1.2-1.3, which made statistics the
+    largest cost of a float16 capture after encoding. Read-only rows (Arrow's) go through
+    numpy: torch.from_numpy warns on them."""
+    if not x.flags.writeable:
+        np.copyto(out, x)
+        return
     import torch
 
-    target = torch.from_numpy(buffer)
-
-    def upcast(x: np.ndarray) -> None:
-        if not x.flags.writeable:  # torch.from_numpy warns on read-only arrays (Arrow's)
-            np.copyto(buffer[:len(x)], x)
-            return
-        target[:len(x)].copy_(torch.from_numpy(np.ascontiguousarray(x)))
-
-    return upcast
+    torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(x)))
