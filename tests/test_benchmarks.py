@@ -15,22 +15,20 @@ import pytest
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def _run(script: str, tmp_path) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), "--tiny",
-                           "--tmp", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, f"{script} --tiny exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    assert not os.listdir(tmp_path), "the benchmark left files behind"
-    _every_figure_finite(done.stdout)
-    return done.stdout
+def _run(script: str, tmp_path, capsys=None) -> str:
+    """`script --tiny`: in this process when `capsys` is given (benchmarks that measure
+    nothing process-wide: a child process costs ~5 s of imports), else as a child."""
+    args = ["--tiny", "--tmp", str(tmp_path)]
+    if capsys is not None:
+        from helpers import run_benchmark_here
 
-
-def _run_here(script: str, tmp_path, capsys) -> str:
-    """A benchmark that measures nothing process-wide, run in this process (--tiny)."""
-    from helpers import run_benchmark_here
-
-    out = run_benchmark_here(script, ["--tiny", "--tmp", str(tmp_path)], capsys)
+        out = run_benchmark_here(script, args, capsys)
+    else:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, f"{script} --tiny exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        out = done.stdout
     assert not os.listdir(tmp_path), "the benchmark left files behind"
     _every_figure_finite(out)
     return out
@@ -121,7 +119,7 @@ def test_memory_tiny_prints_growth(tmp_path):
 
 
 def test_commits_tiny_prints_constant_cost(tmp_path, capsys):
-    out = _run_here("commits.py", tmp_path, capsys)
+    out = _run("commits.py", tmp_path, capsys)
     for line in ("time per commit, first 10%", "ratio last/first", "record bytes: first",
                  "stats file bytes", "crowstream.json writes during the commits: 0"):
         assert line in out, f"missing {line!r} in:\n{out}"
@@ -171,7 +169,7 @@ def test_ceiling_tiny_prints_every_figure_and_the_right_rows(gpu_sh):
 
 
 def test_compression_tiny_prints_the_table_and_a_choice(tmp_path, capsys):
-    out = _run_here("compression.py", tmp_path, capsys)
+    out = _run("compression.py", tmp_path, capsys)
     rows = [line for line in out.splitlines() if line.startswith(("minilm", "gpt2-random"))]
     assert len(rows) >= 2 * 3 and all(len(line.split()) == 9 for line in rows), out
     for line in rows:  # bytes per row below the raw row for zstd, at most ~4% above for none
@@ -194,7 +192,7 @@ def test_gpu_script_cpu_form_prints_one_table(gpu_sh):
 
 @pytest.mark.slow
 def test_pretokenized_tiny_prints_the_ratio_and_equal_rows(tmp_path, capsys):
-    out = _run_here("pretokenized.py", tmp_path, capsys)
+    out = _run("pretokenized.py", tmp_path, capsys)
     for line in ("d=64 round 0: text", "pre-tokenized", "per 1M tokens", "median text/pre-tokenized"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert "rows equal: True" in out, out
