@@ -35,18 +35,14 @@ run() {  # name, then the command; its output to $LOGS/name.log
   echo "$name: $((SECONDS - start)) s" >> "$LOGS/times.log"
 }
 
-if [ ${#TINY[@]} -gt 0 ]; then  # the CPU smoke form checks figures, not speed: side by side
-  run throughput "$PYTHON" "$HERE/throughput.py" --device "$DEVICE" "${TINY[@]}" &
-  run ceiling "$PYTHON" "$HERE/ceiling.py" --device "$DEVICE" --threads "${THREADS[@]}" \
-      --targets shm "${CEILING_SIZE[@]}" "${TINY[@]}" &
-  run loader "$PYTHON" "$HERE/loader.py" "${TINY[@]}" &
-  for job in $(jobs -p); do wait "$job" || exit 1; done
-else  # on a GPU node one at a time, so no run's timings share the machine
-  run throughput "$PYTHON" "$HERE/throughput.py" --device "$DEVICE"
-  run ceiling "$PYTHON" "$HERE/ceiling.py" --device "$DEVICE" --threads "${THREADS[@]}" \
-      --targets shm "${CEILING_SIZE[@]}"
-  run loader "$PYTHON" "$HERE/loader.py"
-fi
+launch() {  # the CPU smoke form checks figures, not speed: side by side; on a GPU node
+  if [ ${#TINY[@]} -gt 0 ]; then run "$@" & else run "$@"; fi  # one at a time
+}
+launch throughput "$PYTHON" "$HERE/throughput.py" --device "$DEVICE" "${TINY[@]}"
+launch ceiling "$PYTHON" "$HERE/ceiling.py" --device "$DEVICE" --threads "${THREADS[@]}" \
+    --targets shm "${CEILING_SIZE[@]}" "${TINY[@]}"
+launch loader "$PYTHON" "$HERE/loader.py" "${TINY[@]}"
+for job in $(jobs -p); do wait "$job" || exit 1; done
 
 echo "== crowstream on $DEVICE ($(nproc) cores); full logs in $LOGS"
 echo "-- throughput.py"
