@@ -239,3 +239,49 @@ def test_cuda_path_pins_and_copies_one_batch_ahead(units12, monkeypatch):
     assert {c[0] for c in copies} <= set(pinned)  # every copy from a pinned buffer
     assert all(c[1] == "cuda" and c[2] for c in copies)  # non_blocking
     assert {c[3] for c in copies} == {"crowstream-shuffle"}  # not the training thread
+
+
+@pytest.mark.parametrize("read_threads", [1, 2, 4])
+def test_each_unit_decodes_once_per_epoch_whatever_the_reader_threads(units12, monkeypatch,
+                                                                      read_threads):
+    """A unit split between two windows is read as two pieces, side by side on two reader
+    threads; the second waits for the first's decode instead of decoding it again. The
+    decode is slowed so the two pieces always overlap."""
+    decoded, read_unit = [], units_module.Plan._read_unit
+
+    def slow(plan, unit, *args, **kwargs):
+        decoded.append(tuple(int(v) for v in unit))
+        time.sleep(0.02)
+        return read_unit(plan, unit, *args, **kwargs)
+
+    monkeypatch.setattr(units_module.Plan, "_read_unit", slow)
+    stream = cs.stream(units12, "synthetic", batch_size=100, shuffle_buffer=400,
+                       read_threads=read_threads)  # 400-row windows split 250-row units
+    rows = sum(len(b["vector"]) for b in stream)
+    assert rows == 3000
+    assert len(decoded) == len(set(decoded)) == 12
+
+
+def test_a_failed_decode_reaches_every_reader_waiting_for_it(units12, monkeypatch):
+    def broken(plan, unit, *args, **kwargs):
+        time.sleep(0.02)
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(units_module.Plan, "_read_unit", broken)
+    plan = cs.stream(units12, "synthetic", batch_size=100)._plan
+    unit = plan.units[0]
+    errors = []
+
+    def piece(lo, hi):
+        try:
+            plan.read(unit, lo, hi, [], vectors=True, keyed=False)
+        except OSError as error:
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=piece, args=span) for span in ((0, 100), (100, 250))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == ["disk gone", "disk gone"]
+    assert not plan._recent  # a later read tries again
