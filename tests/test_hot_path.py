@@ -248,3 +248,23 @@ def test_writer_failure_is_raised_before_another_forward(gpt2, corpus, tmp_path,
                                            r"encoder crashed"):
         run(model, tokenizer, corpus, tmp_path / "out", shard_size=N, batch_size=2)
     assert len(forwards) == 1  # 0.2 ran one more forward before noticing
+
+
+# the forward stops after the deepest module asked for, the shape probe included -----------
+
+@pytest.mark.parametrize("modules", [["transformer.h.0"], ["transformer.wte", "transformer.h.0.mlp"],
+                                     ["transformer.h.0.mlp:input"]])
+def test_no_forward_runs_past_the_deepest_module_not_even_the_probe(gpt2, corpus, tmp_path,
+                                                                    modules):
+    model, tokenizer = gpt2
+    deeper = []
+    handles = [model.transformer.h[1].register_forward_pre_hook(lambda *a: deeper.append("h.1")),
+               model.lm_head.register_forward_pre_hook(lambda *a: deeper.append("lm_head"))]
+    try:
+        run_ = cs.capture(model, corpus[:N], modules, str(tmp_path / "out"),
+                          tokenizer=tokenizer, **KW)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(n > 0 for n in run_.manifest.counts.rows.values())
+    assert deeper == []

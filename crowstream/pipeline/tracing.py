@@ -85,25 +85,35 @@ def _close(name: str, names: list[str]) -> str:
     return f"did you mean {', '.join(map(repr, close))}? " if close else ""
 
 
+class _ProbeDone(Exception):
+    """Raised by a probe hook once every module asked for has run: the rest of the
+    forward is not needed (a mid-depth module of a large model skips the deeper layers)."""
+
+
 def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
     """Run one tiny forward with plain hooks; -> {name: output shape, in execution order}.
     A module whose output holds no tensor maps to a string describing its type. Names in
     `only` ending in `:input` get their module's first input (as nnsight's `.input`: the
-    first positional argument, else the first keyword), in the order it arrives."""
+    first positional argument, else the first keyword), in the order it arrives. With
+    `only`, the forward stops once all of them have run."""
     targets = {n: m for n, m in model.named_modules() if n and (only is None or n in only)}
     inputs = {n: model.get_submodule(base_module(n)) for n in only or () if base_module(n) != n}
     seen: dict[str, tuple | str] = {}
 
+    def saw(name, value) -> None:
+        if name not in seen:
+            seen[name] = _describe(value)
+            if only is not None and len(seen) == len(only):
+                raise _ProbeDone
+
     def hook(name):
         def record(module, args, output):
-            if name not in seen:
-                seen[name] = _describe(output)
+            saw(name, output)
         return record
 
     def pre_hook(name):
         def record(module, args, kwargs):
-            if name not in seen:
-                seen[name] = _describe(args[0] if args else next(iter(kwargs.values()), None))
+            saw(name, args[0] if args else next(iter(kwargs.values()), None))
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
@@ -113,6 +123,8 @@ def probe_shapes(model, tokenizer, only=None) -> dict[str, tuple | str]:
         ids = probe_ids(tokenizer, model)
         with torch.inference_mode(), eval_mode(model):
             model(input_ids=ids, attention_mask=torch.ones_like(ids), **_no_cache(model))
+    except _ProbeDone:
+        pass
     finally:
         for handle in handles:
             handle.remove()
