@@ -123,11 +123,13 @@ def test_commits_tiny_prints_constant_cost(tmp_path, capsys):
     for line in ("time per commit, first 10%", "ratio last/first", "record bytes: first",
                  "stats file bytes", "crowstream.json writes during the commits: 0"):
         assert line in out, f"missing {line!r} in:\n{out}"
-    # O(1) commits, by size: the last record and stats file are as small as the first
+    # O(1) commits, by size: the last record and stats file are as small as the first (a
+    # stats file's compressed float64 sums vary by ~1% from shard to shard; a file that
+    # grew with the commits would be many times the first)
     for what in ("record bytes", "stats file bytes"):
         first, last, most = map(_number, _one(rf"^{what}: first ([\d,]+), last ([\d,]+), "
                                                r"max ([\d,]+)", out))
-        assert 0 < first <= most <= first + 32 and last <= most, (what, first, last, most)
+        assert 0 < first and most <= first * 1.05 + 32 and last <= most, (what, first, last, most)
 
 
 @pytest.mark.slow
