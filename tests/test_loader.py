@@ -333,3 +333,12 @@ def test_each_epoch_visits_the_row_groups_in_a_new_order(small):
     orders = [visit_order(epoch) for epoch in range(4)]
     assert all(sorted(order) == list(range(5)) for order in orders)
     assert len(set(orders)) >= 3 and orders[0] != tuple(range(5)), orders
+
+
+@pytest.mark.parametrize("cpus, want", [(1, 1), (2, 1), (4, 2), (6, 3), (8, 4), (64, 4)])
+def test_reader_threads_default_to_half_the_usable_cpus(monkeypatch, cpus, want):
+    from crowstream.reading import shuffle
+
+    monkeypatch.setattr(shuffle.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert shuffle.default_read_threads(remote=False) == want
+    assert shuffle.default_read_threads(remote=True) == 4  # a bucket's reads wait on the network

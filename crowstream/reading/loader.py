@@ -139,7 +139,7 @@ class Stream(_iterable_dataset()):
     `normalize`: "mean_norm" multiplies by `stats(...)["scaling_factor"]`, "standardize"
     computes `(x - mean) / sqrt(var + 1e-6)` (statistics of the rows at position >= 1 when
     `min_position` >= 1). `read_threads`: units decoded at once (default: half the
-    usable CPUs, 2 to 4; 4 for a URL). `out` may be a URL with fsspec `storage_options`.
+    usable CPUs, 1 to 4; 4 for a URL). `out` may be a URL with fsspec `storage_options`.
     Resumable: `state_dict()` / `load_state_dict(state)`; `set_epoch(e)` as
     `DistributedSampler.set_epoch`.
     """
