@@ -1,6 +1,6 @@
 """Third-party and plain-torch trainers fed by `cs.stream` (#18): a few hundred steps each
-on a tiny synthetic output; the loss must fall. The sparsify test is skipped where the
-`sparsify` extra is not installed."""
+on a tiny synthetic output; the loss must fall. sparsify is in the `test` extra, so CI
+runs it; it is skipped only where sparsify is not installed."""
 
 from __future__ import annotations
 
