@@ -268,3 +268,66 @@ def test_no_forward_runs_past_the_deepest_module_not_even_the_probe(gpt2, corpus
             handle.remove()
     assert all(n > 0 for n in run_.manifest.counts.rows.values())
     assert deeper == []
+
+
+# a CPU forward on every core holds the writers back ------------------------------------------
+
+def test_the_gate_holds_writer_and_encoder_calls_until_the_forward_ends():
+    from crowstream.pipeline.threads import EncoderPool, ForwardGate, Worker
+
+    gate = ForwardGate()
+    worker, pool = Worker("crowstream-test", gate=gate), EncoderPool(2, gate=gate)
+    try:
+        with gate.forward():
+            futures = [worker.submit(time.monotonic), pool.lane().submit(time.monotonic)]
+            time.sleep(0.2)
+            assert not any(f.done() for f in futures)
+            released = time.monotonic()
+        assert all(f.result(timeout=10) >= released for f in futures)
+    finally:
+        worker.close()
+        pool.close()
+
+
+def _parts(run):
+    return sorted((p.path, p.sha256) for s in run.manifest.shards for p in s.parts)
+
+
+def test_a_capture_with_the_gate_writes_the_same_bytes(gpt2, corpus, tmp_path, monkeypatch):
+    """The gate only reorders work in time: the same files, byte for byte, with it on (as
+    on a CPU whose cores the forward takes) and off (a GPU, or spare cores); the forwards
+    and the writers' waits really go through it."""
+    from crowstream.pipeline import threads, tracing
+
+    model, tokenizer = gpt2
+    modules = ["transformer.h.0", "transformer.h.1"]
+    monkeypatch.setattr(tracing, "_forward_takes_every_core", lambda device: False)
+    off = cs.capture(model, corpus[:N], modules, str(tmp_path / "off"), tokenizer=tokenizer, **KW)
+    used = {"forwards": 0, "waits": 0}
+    forward, wait_idle = threads.ForwardGate.forward, threads.ForwardGate.wait_idle
+
+    def counted_forward(gate):
+        used["forwards"] += 1
+        return forward(gate)
+
+    def counted_wait(gate):
+        used["waits"] += 1
+        wait_idle(gate)
+
+    monkeypatch.setattr(tracing, "_forward_takes_every_core", lambda device: True)
+    monkeypatch.setattr(threads.ForwardGate, "forward", counted_forward)
+    monkeypatch.setattr(threads.ForwardGate, "wait_idle", counted_wait)
+    on = cs.capture(model, corpus[:N], modules, str(tmp_path / "on"), tokenizer=tokenizer, **KW)
+    assert _parts(on) == _parts(off)
+    assert used["forwards"] >= N // KW["batch_size"] and used["waits"] > used["forwards"]
+
+
+@pytest.mark.parametrize("threads, cpus, device, gated", [
+    (2, 2, "cpu", True), (4, 2, "cpu", True), (1, 2, "cpu", False), (2, 2, "meta", False)])
+def test_the_gate_is_on_only_for_a_cpu_forward_on_every_core(monkeypatch, threads, cpus,
+                                                              device, gated):
+    from crowstream.pipeline import tracing
+
+    monkeypatch.setattr(tracing.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(tracing.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert tracing._forward_takes_every_core(torch.device(device)) is gated

@@ -162,7 +162,7 @@ class Session:
         writers = stream = None
         try:
             writers = Writers(self.output, self.config, self.tracer.dims, committed,
-                              self.encoder_threads)
+                              self.encoder_threads, self.tracer.gate)
             stream = prefetch(self._batches(source))
             with signals(self.stop_requested), self.tracer, \
                     Progress(total, initial, enabled=self.progress) as bar:

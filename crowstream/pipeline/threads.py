@@ -8,11 +8,46 @@ background thread is re-raised in the caller with its original cause.
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 from concurrent.futures import Future
 
 _STOP = object()
+
+
+class ForwardGate:
+    """Holds background work back while a forward runs on the CPU. There the forward's
+    OpenMP threads take every core, and a writer thread that preempts one of them stalls
+    the whole parallel region until it is scheduled again: on 2 cores a GPT-2-small
+    capture took 12.6% less wall time and 9.4% less CPU with its writers waiting for the
+    forward (6 alternating rounds, 5 won) than with them running beside it. So `Worker`s
+    and the `EncoderPool` call `wait_idle()` before each call; a call already running
+    finishes. Tokenizing is not held back (the next batch must be ready)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._running = 0
+
+    @contextlib.contextmanager
+    def forward(self):
+        with self._changed:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._running == 0)
+
+
+def _wait(gate: ForwardGate | None) -> None:
+    if gate is not None:
+        gate.wait_idle()
 
 
 class Worker:
@@ -21,7 +56,8 @@ class Worker:
     The first failure is re-raised by the next `submit`/`check` (and by the failing
     call's Future): a crowstream error as it is, anything else wrapped with its cause."""
 
-    def __init__(self, name: str, depth: int = 0):
+    def __init__(self, name: str, depth: int = 0, gate: ForwardGate | None = None):
+        self._gate = gate
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -54,6 +90,7 @@ class Worker:
                 future.cancel()
                 continue
             try:
+                _wait(self._gate)
                 future.set_result(fn(*args))
             except BaseException as error:  # crosses to the caller via check()/the Future
                 self._error = error
@@ -175,7 +212,9 @@ class EncoderPool:
     cancelled) and `check` re-raises it, as `Worker` does.
     """
 
-    def __init__(self, threads: int, name: str = "crowstream-encoder"):
+    def __init__(self, threads: int, name: str = "crowstream-encoder",
+                 gate: ForwardGate | None = None):
+        self._gate = gate
         self._ready: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.error: BaseException | None = None
@@ -213,6 +252,7 @@ class EncoderPool:
                 future.cancel()
             else:
                 try:
+                    _wait(self._gate)
                     future.set_result(fn(*args))
                 except BaseException as error:  # crosses to the caller via check()/the Future
                     with self._lock:

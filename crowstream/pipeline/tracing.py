@@ -17,12 +17,14 @@ import gc
 import inspect
 import itertools
 import logging
+import os
 import warnings
 
 import torch
 
 from crowstream.pipeline.host import Captured, HostPool, Rows, on_cpu, to_host
 from crowstream.pipeline.options import FLOAT16_MAX
+from crowstream.pipeline.threads import ForwardGate
 from crowstream.format.layout import (INPUT_SUFFIX, base_module, check_module_name, is_glob,
                                       match_modules)
 from crowstream.errors import ModuleNotFoundInModel, ModuleOutputError
@@ -195,6 +197,8 @@ class ModelTracer:
         self.dtype = getattr(torch, dtype)
         self.float16_overflow = float16_overflow
         self.device = input_device(model)
+        # a CPU forward on every core holds the writers back while it runs (ForwardGate)
+        self.gate = ForwardGate() if _forward_takes_every_core(self.device) else None
         # host buffers kept for reuse: a quarter of the in-flight budget
         self.pool = HostPool.for_device(inflight_bytes // 4, self.device.type == "cuda")
         shapes = probe_shapes(model, tokenizer, only=set(module_names))
@@ -241,7 +245,7 @@ class ModelTracer:
         on_cuda = self.device.type == "cuda"
         ids = batch.input_ids.to(self.device, non_blocking=on_cuda)
         index = batch.keep_index.to(self.device, non_blocking=on_cuda)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.gate.forward() if self.gate else contextlib.nullcontext():
             if batch.segments is None:
                 mask = batch.attention_mask.to(self.device, non_blocking=on_cuda)
                 kept, peaks, clamped = self._trace(ids, mask, index)
@@ -338,6 +342,17 @@ class ModelTracer:
 
 
 CAST_BLOCK_BYTES = 1 << 20  # rows selected and cast at a time, on the CPU
+
+
+def _forward_takes_every_core(device: torch.device) -> bool:
+    """A CPU forward whose intra-op threads cover every CPU this process may use."""
+    if device.type != "cpu":
+        return False
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return torch.get_num_threads() >= cpus
 
 
 def _stored(rows: torch.Tensor, dtype: torch.dtype, clamp: bool):

@@ -37,14 +37,15 @@ class Writers:
     and each encoder's working memory (ENCODER_BYTES, set aside up front)."""
 
     def __init__(self, output, config: CaptureConfig, dims: dict, committed,
-                 encoder_threads: int | None = None):
+                 encoder_threads: int | None = None, gate=None):
         self.output, self.config, self.dims, self.run_id = output, config, dims, committed.run_id
         self.out, self.rank = output.path, output.rank
-        self.workers = {name: Worker(f"crowstream-writer[{name}]") for name in dims}
-        self.committer = Worker("crowstream-committer", 2)
+        # `gate` (a threads.ForwardGate, CPU forwards only): every thread here waits for it
+        self.workers = {name: Worker(f"crowstream-writer[{name}]", gate=gate) for name in dims}
+        self.committer = Worker("crowstream-committer", 2, gate=gate)
         limit = config.max_inflight_bytes  # resolved by capture()
         slots = encoder_slots(limit, encoder_threads)  # their memory comes out of the budget
-        self.pool = EncoderPool(slots)
+        self.pool = EncoderPool(slots, gate=gate)
         self.budget = ByteBudget(max(1, limit - slots * ENCODER_BYTES))
         self.schemas = {name: part_schema(name, d, config.dtype, model_id(config.model),
                                           FORMAT_VERSION) for name, d in dims.items()}
