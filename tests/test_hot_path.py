@@ -329,5 +329,5 @@ def test_the_gate_is_on_only_for_a_cpu_forward_on_every_core(monkeypatch, thread
     from crowstream.pipeline import tracing
 
     monkeypatch.setattr(tracing.torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(tracing.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     assert tracing._forward_takes_every_core(torch.device(device)) is gated

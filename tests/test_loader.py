@@ -5,6 +5,7 @@ alignment, normalisation, dtype/device and argument errors."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -339,6 +340,6 @@ def test_each_epoch_visits_the_row_groups_in_a_new_order(small):
 def test_reader_threads_default_to_half_the_usable_cpus(monkeypatch, cpus, want):
     from crowstream.reading import shuffle
 
-    monkeypatch.setattr(shuffle.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     assert shuffle.default_read_threads(remote=False) == want
     assert shuffle.default_read_threads(remote=True) == 4  # a bucket's reads wait on the network

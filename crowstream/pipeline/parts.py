@@ -34,6 +34,7 @@ ENCODER_BYTES = 3 * ROW_GROUP_BYTES
 PART_GROUPS = 4
 from crowstream.errors import OutputError
 from crowstream.format.files import fsync_and_hash
+from crowstream.pipeline.threads import usable_cpus
 
 log = logging.getLogger("crowstream")
 
@@ -51,10 +52,10 @@ class PartInfo:
 
 
 def encoder_slots(budget_bytes: int, threads: int | None = None) -> int:
-    """Row groups encoded at once: `threads` (default: one per core), but encoders take
+    """Row groups encoded at once: `threads` (default: one per usable CPU), but encoders take
     at most a quarter of the in-flight budget (ENCODER_BYTES each); at least one."""
     fits = budget_bytes // (4 * ENCODER_BYTES)
-    return max(1, min(threads or os.cpu_count() or 1, fits))
+    return max(1, min(threads or usable_cpus(), fits))
 
 
 def min_inflight_bytes(modules: int) -> int:

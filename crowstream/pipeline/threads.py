@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import queue
 import threading
 from concurrent.futures import Future
 
 _STOP = object()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; all of them where the platform
+    has none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class ForwardGate:

@@ -17,14 +17,13 @@ import gc
 import inspect
 import itertools
 import logging
-import os
 import warnings
 
 import torch
 
 from crowstream.pipeline.host import Captured, HostPool, Rows, on_cpu, to_host
 from crowstream.pipeline.options import FLOAT16_MAX
-from crowstream.pipeline.threads import ForwardGate
+from crowstream.pipeline.threads import ForwardGate, usable_cpus
 from crowstream.format.layout import (INPUT_SUFFIX, base_module, check_module_name, is_glob,
                                       match_modules)
 from crowstream.errors import ModuleNotFoundInModel, ModuleOutputError
@@ -346,13 +345,7 @@ CAST_BLOCK_BYTES = 1 << 20  # rows selected and cast at a time, on the CPU
 
 def _forward_takes_every_core(device: torch.device) -> bool:
     """A CPU forward whose intra-op threads cover every CPU this process may use."""
-    if device.type != "cpu":
-        return False
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return torch.get_num_threads() >= cpus
+    return device.type == "cpu" and torch.get_num_threads() >= usable_cpus()
 
 
 def _stored(rows: torch.Tensor, dtype: torch.dtype, clamp: bool):

@@ -20,6 +20,7 @@ import numpy as np
 from crowstream.checks import check_positive
 from crowstream.errors import ConfigError
 from crowstream.format.layout import is_glob, match_modules
+from crowstream.pipeline.threads import usable_cpus
 from crowstream.reading.batches import ID_COLUMNS, gather
 
 NORMALIZE = ("mean_norm", "standardize")  # what Stream(normalize=) accepts
@@ -220,13 +221,7 @@ def default_read_threads(remote: bool) -> int:
     the training step. Each decode is CPU-bound: on 2 CPUs at d = 768 float32, 2 readers
     delivered 1.2-1.3x the rows/s of 1 at 1.4-1.5x a plain read's CPU per row, 1 reader
     0.9x a plain read's rows/s at 1.26-1.28x its CPU (4 readers: 1.4x the CPU of 1 or 2)."""
-    if remote:
-        return 4
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return min(4, max(1, cpus // 2))
+    return 4 if remote else min(4, max(1, usable_cpus() // 2))
 
 
 def torch_dtype(dtype):
