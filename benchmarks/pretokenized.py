@@ -36,11 +36,8 @@ def long_documents(n_docs: int, paragraphs_per_doc: int) -> list[str]:
     corpus asks for more than Python's docs have: ~2,000 with this Python)."""
     from throughput import documents
 
-    from crowstream.demo import python_doc_paragraphs
-
     wanted = n_docs * paragraphs_per_doc
-    available = len(python_doc_paragraphs(10**9, min_chars=40))
-    paragraphs = documents(min(wanted, available), repeat_to=wanted)
+    paragraphs = documents(wanted, repeat_to=wanted)
     return ["\n\n".join(paragraphs[i::n_docs]) for i in range(n_docs)]
 
 

@@ -74,12 +74,14 @@ TINY = ModelSpec(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=100
 
 def documents(n: int, *, repeat_to: int | None = None) -> list[str]:
     """`n` real paragraphs of Python's docs, evenly spaced over all of them (a fixed,
-    realistic length spread); with `repeat_to`, cycled until there are that many."""
+    realistic length spread); with `repeat_to`, cycled until there are that many (then
+    `n` may exceed the paragraphs there are: all of them are cycled)."""
     from crowstream.demo import python_doc_paragraphs
 
     every = python_doc_paragraphs(10**9, min_chars=40)
-    if n > len(every):
+    if n > len(every) and repeat_to is None:
         raise SystemExit(f"only {len(every)} paragraphs are available; ask for fewer documents.")
+    n = min(n, len(every))
     step = len(every) / n
     docs = [every[int(i * step)] for i in range(n)]
     if repeat_to is not None:

@@ -129,7 +129,7 @@ def test_commits_tiny_prints_constant_cost(tmp_path, capsys):
     for what in ("record bytes", "stats file bytes"):
         first, last, most = map(_number, _one(rf"^{what}: first ([\d,]+), last ([\d,]+), "
                                                r"max ([\d,]+)", out))
-        assert 0 < first and most <= first * 1.05 + 32 and last <= most, (what, first, last, most)
+        assert 0 < first and most <= first * 1.05 + 32, (what, first, last, most)  # most >= last
 
 
 @pytest.mark.slow
