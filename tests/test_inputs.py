@@ -93,7 +93,7 @@ def test_input_values_equal_plain_hooks(captured, gpt2, corpus):
 
 
 def test_input_globs_and_errors(gpt2, corpus, tmp_path):
-    from crowstream.pipeline.tracing import resolve_modules
+    from crowstream.pipeline.probe import resolve_modules
 
     model = gpt2[0]
     assert resolve_modules(model, ["transformer.h.*:input"]) == [

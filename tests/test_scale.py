@@ -280,7 +280,7 @@ def test_the_input_device_comes_from_the_embeddings_not_the_first_parameter(
         gpt2, fresh_gpt2, corpus, tmp_path):
     """As with device_map: the first parameter sits on 'meta' (offloaded), the embeddings
     on the CPU. Taking the first parameter's device sent the input ids to 'meta'."""
-    from crowstream.pipeline.tracing import input_device
+    from crowstream.pipeline.probe import input_device
 
     model, tokenizer = fresh_gpt2
     model.eval()
@@ -298,7 +298,7 @@ def test_an_offloaded_embedding_executes_where_its_hook_says(fresh_gpt2):
     """accelerate's offload keeps weights on 'meta' and names the execution device in a hook."""
     from types import SimpleNamespace
 
-    from crowstream.pipeline.tracing import input_device
+    from crowstream.pipeline.probe import input_device
 
     model, _ = fresh_gpt2
     embeddings = torch.nn.Embedding(8, 4, device="meta")

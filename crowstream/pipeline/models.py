@@ -214,7 +214,7 @@ def modules(model, *, tokenizer=None, device=None, trust_remote_code: bool = Fal
     ...     print(name, kind, shape)
     transformer.h.0 GPT2Block (2, 6, 768)
     """
-    from crowstream.pipeline.tracing import probe_ids, capturable, probe_shapes
+    from crowstream.pipeline.probe import probe_ids, capturable, probe_shapes
 
     model, tokenizer = load_model(model, tokenizer, device=device,
                                   trust_remote_code=trust_remote_code)

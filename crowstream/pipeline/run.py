@@ -88,7 +88,8 @@ capture.__signature__ = keyword_signature(capture, ("model", "data", "modules", 
 def _capture(model, data, modules, output: Output, options: CaptureOptions, grouped: bool) -> Run:
     """`capture` once its options are valid (and, under torchrun, the process group is up)."""
     from . import models, sources
-    from .tracing import ModelTracer, resolve_modules
+    from .probe import resolve_modules
+    from .tracing import ModelTracer
 
     out, world = output.path, output.world
     ranks.check_options(world, max_tokens=options.max_tokens, overwrite=options.overwrite,
