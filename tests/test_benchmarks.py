@@ -198,3 +198,10 @@ def test_pretokenized_tiny_prints_the_ratio_and_equal_rows(tmp_path, capsys):
     for line in ("d=64 round 0: text", "pre-tokenized", "per 1M tokens", "median text/pre-tokenized"):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert "rows equal: True" in out, out
+
+
+def test_forward_gate_tiny_prints_both_sides_and_equal_files(tmp_path, capsys):
+    out = _run("forward_gate.py", tmp_path, capsys)
+    for line in ("round 0 gated", "round 0 beside", "gated: median", "beside: median"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    assert "same part files: True" in out, out
