@@ -30,8 +30,8 @@ class ForwardGate:
     """Holds background work back while a forward runs on the CPU. There the forward's
     OpenMP threads take every core, and a writer thread that preempts one of them stalls
     the whole parallel region until it is scheduled again: on 2 cores a GPT-2-small
-    capture took 12.6% less wall time and 9.4% less CPU with its writers waiting for the
-    forward (benchmarks/forward_gate.py: 6 alternating rounds, 5 won) than with them
+    capture took 5-13% less wall time (medians of two runs of benchmarks/forward_gate.py,
+    6 alternating rounds each) with its writers waiting for the forward than with them
     running beside it. So `Worker`s
     and the `EncoderPool` call `wait_idle()` before each call; a call already running
     finishes. Tokenizing is not held back (the next batch must be ready)."""
