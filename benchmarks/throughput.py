@@ -274,9 +274,9 @@ def run_floor(model, batches, modules, *, device) -> dict:
                     _forward_stopped(model, batch.input_ids.to(device),
                                      batch.attention_mask.to(device))
                     continue
-                from crowstream.pipeline.packing import packed_mask
+                from crowstream.pipeline.packing import mask_dtype, packed_mask
 
-                mask = packed_mask(batch.segments.to(device), model.dtype)
+                mask = packed_mask(batch.segments.to(device), mask_dtype(model))
                 _forward_stopped(model, batch.input_ids.to(device), mask,
                                  position_ids=batch.position_ids.to(device))
         _sync(device)

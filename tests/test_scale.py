@@ -412,7 +412,8 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     monkeypatch.setattr(writer_module, "ROW_GROUP_BYTES", 32 << 10)  # buffers matter too
     reference = _capture(gpt2, corpus[:30], tmp_path / "reference", shard_size=10, batch_size=8)
     budgets.clear()
-    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots, min_inflight_bytes
+    from crowstream.pipeline.parts import (ENCODER_BYTES, encoder_slots, lead_bytes,
+                                           min_inflight_bytes)
 
     least = min_inflight_bytes(len(MODULES))  # one encoder + two row-group buffers a module
     with pytest.warns(UserWarning, match=rf"max_inflight_bytes={limit:,} is below the "
@@ -424,7 +425,12 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     honoured = max(limit, least)
     assert manifest_of(run.path).config["max_inflight_bytes"] == honoured
     (budget,) = budgets  # the rows' share: concurrent encoders take theirs first
-    assert budget.limit == max(1, honoured - encoder_slots(honoured) * ENCODER_BYTES)
+    slots = encoder_slots(honoured)
+    # and the forward runs at most two part files per encoder and module ahead of them
+    lead = lead_bytes(slots, len(MODULES))
+    assert budget.limit == max(1, min(honoured - slots * ENCODER_BYTES, lead))
+    if limit == 1 << 30:
+        assert budget.limit == lead < honoured // 4
     assert budget.used == 0  # everything written and handed back
     row_bytes = 2 * (16 + 64 * 4)
     biggest_batch = 8 * 64 * row_bytes
@@ -436,14 +442,15 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
 
 def test_default_budget_is_min_2gib_or_a_tenth_of_ram(gpt2, corpus, tmp_path, budgets):
     from crowstream.pipeline.options import default_inflight_bytes
-    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots
+    from crowstream.pipeline.parts import ENCODER_BYTES, encoder_slots, lead_bytes
 
     run = _capture(gpt2, corpus[:4], tmp_path / "out")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     default = default_inflight_bytes()
     assert default == min(2 << 30, int(ram / 10))
     assert manifest_of(run.path).config["max_inflight_bytes"] == default
-    assert budgets[0].limit == default - encoder_slots(default) * ENCODER_BYTES
+    slots = encoder_slots(default)
+    assert budgets[0].limit == min(default - slots * ENCODER_BYTES, lead_bytes(slots, len(MODULES)))
 
 
 def test_cli_takes_the_new_options():

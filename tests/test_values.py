@@ -409,6 +409,24 @@ def test_gpt2_packed_rows_equal_unpadded_forward(gpt2_dir, gpt2_texts, gpt2_expe
     assert_untouched(model, tokenizer, pad_token=None, padding_side="right")
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_packed_mask_is_bool_for_sdpa_and_additive_for_eager(gpt2_dir, attention):
+    from transformers import AutoModelForCausalLM
+
+    from crowstream.pipeline.packing import mask_dtype, packed_mask
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir, attn_implementation=attention)
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    allowed = packed_mask(segments, torch.bool)
+    assert allowed.shape == (2, 1, 6, 6) and allowed.dtype == torch.bool
+    assert allowed[0, 0, 3].tolist() == [False, False, True, True, False, False]
+    assert allowed.diagonal(dim1=-2, dim2=-1).all()  # no row fully blocked: sdpa's NaN case
+    additive = packed_mask(segments, torch.float32)
+    blocked = torch.finfo(torch.float32).min
+    assert torch.equal(additive, torch.where(allowed, 0.0, blocked))
+    assert mask_dtype(model) == (torch.bool if attention == "sdpa" else model.dtype)
+
+
 def test_gpt2_packed_chunks_keep_absolute_positions(gpt2, gpt2_ref, gpt2_texts, monkeypatch,
                                                     tmp_path):
     model, tokenizer = gpt2

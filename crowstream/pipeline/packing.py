@@ -4,9 +4,12 @@ tracer passes to the model.
 
 A packed row holds its pieces end to end; each token carries the index of its piece in
 the row (`segments`) and its position within the piece (`position_ids`, restarting at 0:
-GPT-2's positions are learned, so they must restart). The model gets a float additive
-4D mask `[B, 1, T, T]` (0 = attend, the dtype's minimum = blocked), block-diagonal and
-causal: a bool mask is silently wrong with eager attention. A row's tail padding is one
+GPT-2's positions are learned, so they must restart). The model gets a 4D mask
+`[B, 1, T, T]`, block-diagonal and causal (`packed_mask`): bool (True = attend) for sdpa,
+a quarter of the bytes and one pass fewer; additive float (0 = attend, the dtype's
+minimum = blocked) for eager attention, where a bool mask would be silently wrong. No row
+is ever fully blocked (a token always sees itself), so sdpa never meets an all-False row.
+A row's tail padding is one
 more segment with position 0 (positions counted on could pass the model's maximum), its
 outputs are never kept. Measured against single-document forwards: max difference 7e-7
 (sdpa) and 1e-6 (eager) on every hidden state, for GPT-2 and Llama (transformers 5.24).
@@ -119,13 +122,24 @@ class _Layout:
         self.excluded = np.unique(dropped)
 
 
+def mask_dtype(model) -> torch.dtype:
+    """The packed mask's dtype for `model`: bool for sdpa, the model's dtype (additive)
+    for eager attention."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa":
+        return torch.bool
+    return getattr(model, "dtype", torch.float32)
+
+
 def packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T] segment ids -> [B, 1, T, T] additive mask: a token attends to the tokens of
-    its own segment up to itself (0), nothing else (the dtype's minimum)."""
+    """[B, T] segment ids -> [B, 1, T, T] mask: a token attends to the tokens of its own
+    segment up to itself, nothing else. `dtype` bool: True = attend (sdpa); a float dtype:
+    additive, 0 = attend and the dtype's minimum = blocked (eager)."""
     width = segments.shape[1]
     device = segments.device
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
     allowed = torch.eq(segments[:, :, None], segments[:, None, :]).logical_and_(causal)
+    if dtype == torch.bool:
+        return allowed[:, None]
     # one pass writes the [B, T, T] mask (zeros then a masked fill took two and a temporary)
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
                        torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device))[:, None]

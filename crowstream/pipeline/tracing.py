@@ -38,14 +38,14 @@ class ModelTracer:
     def __init__(self, model, tokenizer, module_names: list[str], dtype: str,
                  float16_overflow: str = "error", inflight_bytes: int = 1 << 30,
                  packing: str = "off"):
-        from .packing import supports_packing
+        from .packing import mask_dtype, supports_packing
 
         self.model = model
         self.packs = packing == "auto" and supports_packing(model)  # batches arrive packed
         if packing == "auto" and not self.packs:
             log.debug("packing='auto': %s is not one of the packing architectures; batches are "
                      "padded", type(model).__name__)
-        self.mask_dtype = getattr(model, "dtype", torch.float32)
+        self.mask_dtype = mask_dtype(model)  # of the packed mask
         self.dtype = getattr(torch, dtype)
         self.float16_overflow = float16_overflow
         self.device = input_device(model)

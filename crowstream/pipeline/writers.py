@@ -20,7 +20,7 @@ from crowstream.schemas import part_schema
 
 from .commit import commit_shard
 from .options import CaptureConfig
-from .parts import ENCODER_BYTES, ShardParts, encoder_slots, row_bytes, write_table
+from .parts import ENCODER_BYTES, ShardParts, encoder_slots, lead_bytes, row_bytes, write_table
 from .tables import docs_table
 from .threads import ByteBudget, EncoderPool, Worker
 
@@ -46,7 +46,9 @@ class Writers:
         limit = config.max_inflight_bytes  # resolved by capture()
         slots = encoder_slots(limit, encoder_threads)  # their memory comes out of the budget
         self.pool = EncoderPool(slots, gate=gate)
-        self.budget = ByteBudget(max(1, limit - slots * ENCODER_BYTES))
+        # the encoders' memory comes first; the forward runs at most `lead_bytes` ahead
+        self.budget = ByteBudget(max(1, min(limit - slots * ENCODER_BYTES,
+                                            lead_bytes(slots, len(dims)))))
         self.schemas = {name: part_schema(name, d, config.dtype, model_id(config.model),
                                           FORMAT_VERSION) for name, d in dims.items()}
         self.row_cost = {name: row_bytes(s) for name, s in self.schemas.items()}  # as stored
