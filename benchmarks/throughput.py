@@ -276,7 +276,7 @@ def run_floor(model, batches, modules, *, device) -> dict:
                     continue
                 from crowstream.pipeline.packing import mask_dtype, packed_mask
 
-                mask = packed_mask(batch.segments.to(device), mask_dtype(model))
+                mask = packed_mask(batch.segments, mask_dtype(model), device)
                 _forward_stopped(model, batch.input_ids.to(device), mask,
                                  position_ids=batch.position_ids.to(device))
         _sync(device)

@@ -426,13 +426,15 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     assert manifest_of(run.path).config["max_inflight_bytes"] == honoured
     (budget,) = budgets  # the rows' share: concurrent encoders take theirs first
     slots = encoder_slots(honoured)
-    # and the forward runs at most two part files per encoder and module ahead of them
-    lead = lead_bytes(slots, len(MODULES))
+    row_bytes = 2 * (16 + 64 * 4)
+    # and the forward runs at most two part files per encoder and module, or two batches
+    # of the default token budget, ahead of them
+    lead = lead_bytes(slots, len(MODULES), 8192 * row_bytes)
+    assert lead == max(2 * slots * 2 * 4 * (32 << 10), 2 * 8192 * row_bytes)
     assert budget.limit == max(1, min(honoured - slots * ENCODER_BYTES, lead))
     if limit == 1 << 30:
         assert budget.limit == lead < honoured // 4
     assert budget.used == 0  # everything written and handed back
-    row_bytes = 2 * (16 + 64 * 4)
     biggest_batch = 8 * 64 * row_bytes
     resident = 2 * 2 * (32 << 10)  # at most two row groups per module stay buffered
     assert budget.peak <= max(budget.limit, biggest_batch) + resident
@@ -450,7 +452,8 @@ def test_default_budget_is_min_2gib_or_a_tenth_of_ram(gpt2, corpus, tmp_path, bu
     assert default == min(2 << 30, int(ram / 10))
     assert manifest_of(run.path).config["max_inflight_bytes"] == default
     slots = encoder_slots(default)
-    assert budgets[0].limit == min(default - slots * ENCODER_BYTES, lead_bytes(slots, len(MODULES)))
+    lead = lead_bytes(slots, len(MODULES), 8192 * 2 * (16 + 64 * 4))
+    assert budgets[0].limit == min(default - slots * ENCODER_BYTES, lead)
 
 
 def test_cli_takes_the_new_options():

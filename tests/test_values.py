@@ -424,6 +424,12 @@ def test_the_packed_mask_is_bool_for_sdpa_and_additive_for_eager(gpt2_dir, atten
     additive = packed_mask(segments, torch.float32)
     blocked = torch.finfo(torch.float32).min
     assert torch.equal(additive, torch.where(allowed, 0.0, blocked))
+    # the same as comparing every pair of tokens: same segment, and not in the future
+    pairs = (segments[:, :, None] == segments[:, None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.equal(allowed[:, 0], pairs)
+    ragged = torch.randint(0, 3, (4, 40)).sort(dim=1).values  # random run lengths
+    assert torch.equal(packed_mask(ragged, torch.bool)[:, 0],
+                       (ragged[:, :, None] == ragged[:, None, :]) & torch.ones(40, 40, dtype=torch.bool).tril())
     assert mask_dtype(model) == (torch.bool if attention == "sdpa" else model.dtype)
 
 

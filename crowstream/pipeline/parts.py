@@ -65,11 +65,12 @@ def encoder_slots(budget_bytes: int, threads: int | None = None) -> int:
     return max(1, min(threads or usable_cpus(), fits))
 
 
-def lead_bytes(slots: int, modules: int) -> int:
+def lead_bytes(slots: int, modules: int, batch_bytes: int = 0) -> int:
     """Bytes of kept rows the forward may hold ahead of `slots` encoders writing `modules`
-    modules: LEAD_FILES part files per encoder and module (the in-flight budget still
-    bounds it)."""
-    return LEAD_FILES * slots * modules * PART_GROUPS * ROW_GROUP_BYTES
+    modules: LEAD_FILES part files per encoder and module, and never less than two
+    batches of `batch_bytes` (else the next forward would wait for the last batch's
+    every row to be encoded). The in-flight budget still bounds it."""
+    return max(LEAD_FILES * slots * modules * PART_GROUPS * ROW_GROUP_BYTES, 2 * batch_bytes)
 
 
 def min_inflight_bytes(modules: int) -> int:

@@ -104,10 +104,9 @@ class ModelTracer:
             else:  # packed: a block-diagonal causal mask, positions restarting per piece
                 from .packing import packed_mask
 
-                segments = batch.segments.to(self.device, non_blocking=on_cuda)
+                mask = packed_mask(batch.segments, self.mask_dtype, self.device)
                 positions = batch.position_ids.to(self.device, non_blocking=on_cuda)
-                kept, peaks, clamped = self._trace(ids, packed_mask(segments, self.mask_dtype),
-                                                   index, position_ids=positions)
+                kept, peaks, clamped = self._trace(ids, mask, index, position_ids=positions)
         gc.collect(1)  # a stopped trace leaves cycles holding its frames; young gen suffices
         if self.device.type == "cpu":  # the rows are already in the pool's buffers
             buffers = {name: rows.buffer for name, rows in kept.items() if rows.buffer is not None}

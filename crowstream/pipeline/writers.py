@@ -46,12 +46,13 @@ class Writers:
         limit = config.max_inflight_bytes  # resolved by capture()
         slots = encoder_slots(limit, encoder_threads)  # their memory comes out of the budget
         self.pool = EncoderPool(slots, gate=gate)
-        # the encoders' memory comes first; the forward runs at most `lead_bytes` ahead
-        self.budget = ByteBudget(max(1, min(limit - slots * ENCODER_BYTES,
-                                            lead_bytes(slots, len(dims)))))
         self.schemas = {name: part_schema(name, d, config.dtype, model_id(config.model),
                                           FORMAT_VERSION) for name, d in dims.items()}
         self.row_cost = {name: row_bytes(s) for name, s in self.schemas.items()}  # as stored
+        # the encoders' memory comes first; the forward runs at most `lead_bytes` ahead
+        batch_tokens = config.max_batch_tokens or config.batch_size * config.context_size
+        lead = lead_bytes(slots, len(dims), batch_tokens * sum(self.row_cost.values()))
+        self.budget = ByteBudget(max(1, min(limit - slots * ENCODER_BYTES, lead)))
         self.stats_lanes = {name: self.pool.lane() for name in dims}
         self.parts: dict = {}            # module -> ShardParts of the open shard (dispatchers)
         self.closing: dict = {}          # (module, shard) -> ShardParts closed, not committed
