@@ -4,6 +4,7 @@ nothing (issue #16).
     python benchmarks/ceiling.py                 # d = 1,024 and 4,096, 300k tokens, minutes
     python benchmarks/ceiling.py --tiny          # CI: d = 64, a few thousand tokens, seconds
     python benchmarks/ceiling.py --threads 1 2 4 8 --device cuda   # what gpu.sh runs
+    python benchmarks/ceiling.py --targets shm --repeats 3      # medians over alternating rounds
 
 A one-layer GPT-2 config (random weights, built here) of width d, and a capture of its
 token embedding `transformer.wte`, so the forward is one embedding lookup. For each d,
@@ -34,6 +35,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -222,6 +224,30 @@ def report(d, dtype, where, threads, m, expected_rows: int) -> list[float]:
     return figures + [ratio, own]
 
 
+def rounds(model, tokenizer, docs, d, dtype, where, target, expected_rows, args) -> list:
+    """`args.repeats` rounds of every thread count (the order alternating each round, so
+    the host's drift falls on each alike); each round printed, then the medians."""
+    ratios = {t: [] for t in args.threads}
+    walls = {t: [] for t in args.threads}
+    figures = []
+    for r in range(args.repeats):
+        for threads in args.threads if r % 2 == 0 else args.threads[::-1]:
+            m = measure(model, tokenizer, docs, d, dtype, target, threads, args)
+            line = report(d, dtype, where, threads, m, expected_rows)
+            figures += line
+            ratios[threads].append(line[-2:])
+            walls[threads].append(m["a"].wall)
+    if args.repeats > 1:
+        for t in args.threads:
+            ratio, own = (statistics.median(x[i] for x in ratios[t]) for i in (0, 1))
+            print(f"  median of {args.repeats} rounds, encoder_threads={t}: (a)/(b) {ratio:.2f}, "
+                  f"forward counted out {own:.2f}")
+    base = statistics.median(walls[args.threads[0]])
+    print(f"  wall-clock speed-up of (a) over {args.threads[0]} encoder thread(s): "
+          + ", ".join(f"{t}: {base / statistics.median(w):.2f}x" for t, w in walls.items()))
+    return figures
+
+
 def tokenize_rate(tokenizer, docs, context: int) -> tuple[float, int]:
     """(t); -> (tokens/s, the rows a capture must store: every token up to `context`)."""
     with Meter() as t:
@@ -244,6 +270,8 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds per configuration, thread order alternating; medians printed")
     args = parser.parse_args(argv)
     if args.tiny:
         args.tokens, args.dims, args.context = 4000, [64], 256
@@ -264,15 +292,8 @@ def main(argv=None) -> int:
                 if not os.path.isdir(dirs[where]):
                     print(f"d={d} {dtype} {where}: skipped ({dirs[where]} does not exist)")
                     continue
-                walls = {}
-                for threads in args.threads:
-                    m = measure(model, tokenizer, docs, d, dtype, dirs[where], threads, args)
-                    figures += report(d, dtype, where, threads, m, expected_rows)
-                    walls[threads] = m["a"].wall
-                base = walls[args.threads[0]]
-                print("  wall-clock speed-up of (a) over "
-                      f"{args.threads[0]} encoder thread(s): "
-                      + ", ".join(f"{t}: {base / w:.2f}x" for t, w in walls.items()))
+                figures += rounds(model, tokenizer, docs, d, dtype, where, dirs[where],
+                                  expected_rows, args)
     finite = all(math.isfinite(x) for x in figures)
     print(f"every figure finite: {finite}")
     return 0 if finite else 1
