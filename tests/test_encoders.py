@@ -69,6 +69,41 @@ def test_hash_while_writing_equals_the_file_hash(tmp_path):
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 5000
 
 
+def test_parts_encode_in_the_jemalloc_pool_and_the_bytes_do_not_depend_on_the_pool(
+        tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from crowstream.pipeline.flatten import to_record_batch
+    from crowstream.schemas import row_schema
+
+    try:
+        jemalloc = pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow has no jemalloc pool")
+    assert parts_module.encoder_memory_pool().backend_name == "jemalloc"
+    vectors = np.random.default_rng(1).standard_normal((3000, 48)).astype(np.float32)
+    ids = np.arange(3000)
+    batch = to_record_batch(ids, ids.astype(np.int32), ids.astype(np.int32), vectors, "float32")
+    real_writer, pools_used = parts_module.pq.ParquetWriter, []
+
+    def spy(*args, **kwargs):
+        pools_used.append(kwargs.get("memory_pool"))
+        return real_writer(*args, **kwargs)
+
+    monkeypatch.setattr(parts_module.pq, "ParquetWriter", spy)
+    hashes = {}
+    for pool in (None, pa.default_memory_pool(), pa.system_memory_pool()):
+        if pool is not None:
+            monkeypatch.setattr(parts_module, "encoder_memory_pool", lambda pool=pool: pool)
+        name = "encoder pool" if pool is None else pool.backend_name
+        part = parts_module.PartWriter(str(tmp_path / f"{name}.parquet"), row_schema(48, "float32"))
+        part.write(batch.slice(0, 1000))  # a remainder: buffered in the pool too
+        part.write(batch.slice(1000))
+        hashes[name] = part.close().sha256
+    assert pools_used[0] is jemalloc or pools_used[0].backend_name == "jemalloc"
+    assert len(set(hashes.values())) == 1, hashes
+
+
 @pytest.mark.parametrize("step", ["close", "abort"])
 def test_a_part_whose_close_failed_leaves_no_writer_for_the_garbage_collector(tmp_path, step,
                                                                               monkeypatch):

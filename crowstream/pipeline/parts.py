@@ -11,6 +11,7 @@ count or the batch boundaries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -71,6 +72,21 @@ def lead_bytes(slots: int, modules: int, batch_bytes: int = 0) -> int:
     batches of `batch_bytes` (else the next forward would wait for the last batch's
     every row to be encoded). The in-flight budget still bounds it."""
     return max(LEAD_FILES * slots * modules * PART_GROUPS * ROW_GROUP_BYTES, 2 * batch_bytes)
+
+
+@functools.cache
+def encoder_memory_pool() -> pa.MemoryPool:
+    """The memory pool part files encode in: pyarrow's jemalloc pool where this pyarrow has
+    one, else its default. The default (mimalloc) hands a freed encode buffer back to the
+    system after 10 ms and copies the growing page buffers on every realloc; an encoder
+    thread that waits between row groups then faults the next group's buffers in again.
+    jemalloc (pyarrow's own settings: freed pages kept ~1 s) cost 8-14% less CPU per GB
+    of a ceiling capture (medians of 3 alternating rounds, d = 1,024 float32 and d = 4,096
+    float16). The bytes written are the same whatever the pool."""
+    try:
+        return pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without jemalloc
+        return pa.default_memory_pool()
 
 
 def min_inflight_bytes(modules: int) -> int:
@@ -163,7 +179,8 @@ class PartWriter:
         self._buffered_rows = 0
         dtype = "float16" if schema.field("vector").type.value_type == pa.float16() else "float32"
         self._sink = HashingFile(tmp_path)
-        self._writer = pq.ParquetWriter(self._sink, schema, **parquet_options(dtype, compression))
+        self._writer = pq.ParquetWriter(self._sink, schema, memory_pool=encoder_memory_pool(),
+                                        **parquet_options(dtype, compression))
 
     @property
     def buffered_bytes(self) -> int:
@@ -191,7 +208,8 @@ class PartWriter:
 
     def _keep(self, batch: pa.RecordBatch) -> None:
         """Buffer a copy: a slice would keep the caller's whole batch alive."""
-        copied = [pa.concat_arrays([column]) for column in batch.columns]
+        copied = [pa.concat_arrays([column], memory_pool=encoder_memory_pool())
+                  for column in batch.columns]
         self._buffer.append(pa.RecordBatch.from_arrays(copied, schema=self.schema))
         self._buffered_rows += batch.num_rows
 
