@@ -242,12 +242,14 @@ def test_oom_splits_packed_batches_down_to_one_row_and_rows_stay_equal(
 # -- the tokenizer's fast path ------------------------------------------------------------
 
 @pytest.mark.parametrize("overflow", ["truncate", "chunk"])
-@pytest.mark.parametrize("which", ["gpt2", "minilm", "gpt2 with a BOS", "gpt2 truncating itself"])
+@pytest.mark.parametrize("which", ["gpt2", "minilm", "gpt2 with a BOS", "gpt2 truncating itself",
+                                   "gpt2 truncating on the left"])
 def test_tokenizing_gives_the_tokenizers_own_ids_on_either_path(gpt2, minilm, corpus, which,
                                                                 overflow):
     """Texts go straight to the `tokenizers` backend only where that cannot change the ids
-    (no special tokens added, no truncation or padding set on the backend); a BERT, a
-    tokenizer adding a BOS and one that truncates by itself take the tokenizer's own call.
+    (no special tokens added, truncation from the right, no truncation or padding set on
+    the backend); a BERT, a tokenizer adding a BOS, one that truncates by itself and one
+    that truncates on the left take the tokenizer's own call.
     Either way the ids equal `tokenizer(texts)` (truncated to context_size or not)."""
     import copy
 
@@ -263,6 +265,8 @@ def test_tokenizing_gives_the_tokenizers_own_ids_on_either_path(gpt2, minilm, co
             single=f"{eos} $A", special_tokens=[(eos, tokenizer.eos_token_id)])
     if which == "gpt2 truncating itself":
         tokenizer.backend_tokenizer.enable_truncation(7)
+    if which == "gpt2 truncating on the left":
+        tokenizer.truncation_side = "left"
     assert (_plain_backend(tokenizer) is not None) == (which == "gpt2")
     texts = [*corpus[:20], "", " leading space", "x" * 300]
     config = CaptureConfig(model="m", tokenizer="t", source="s", modules=("a",), context_size=16,

@@ -164,15 +164,16 @@ class Tokenizing:
 
 def _plain_backend(tokenizer):
     """The `tokenizers.Tokenizer` under a fast tokenizer whose output is just its encoding:
-    no special tokens added (so truncating is slicing), no truncation or padding set on
-    it; else None. Its `encode_batch_fast` (no offsets, no Python-side conversions) gave
+    no special tokens added and truncation from the right (so truncating is slicing), no
+    truncation or padding set on it; else None. Its `encode_batch_fast` (no offsets, no Python-side conversions) gave
     the same ids as the tokenizer's own call for ~40% less CPU on the ceiling corpus."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
         return None
     if backend.truncation is not None or backend.padding is not None:
         return None
-    if tokenizer.num_special_tokens_to_add(pair=False) != 0:
+    if (tokenizer.num_special_tokens_to_add(pair=False) != 0
+            or getattr(tokenizer, "truncation_side", "right") != "right"):
         return None
     return backend
 
