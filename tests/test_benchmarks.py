@@ -170,6 +170,21 @@ def test_ceiling_tiny_prints_every_figure_and_the_right_rows(gpu_sh):
     assert not any(f in ("nan", "inf", "-inf") for f in figures), out
 
 
+def test_ceiling_repeats_alternate_the_thread_order_and_print_medians():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "ceiling.py"), "--tiny",
+                           "--targets", "shm", "--dtypes", "float32", "--threads", "1", "2",
+                           "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    order = re.findall(r"encoder_threads=(\d): rows", done.stdout)
+    assert order == ["1", "2", "2", "1"], done.stdout  # the second round runs 2 first
+    for threads in (1, 2):
+        assert re.search(rf"median of 2 rounds, encoder_threads={threads}: \(a\)/\(b\) "
+                         r"[\d.]+, forward counted out [\d.]+", done.stdout), done.stdout
+    _every_figure_finite(done.stdout)
+
+
 def test_compression_tiny_prints_the_table_and_a_choice(tmp_path, capsys):
     out = _run("compression.py", tmp_path, capsys)
     rows = [line for line in out.splitlines() if line.startswith(("minilm", "gpt2-random"))]
