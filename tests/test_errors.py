@@ -282,27 +282,36 @@ def test_non_string_text_after_the_first_window_fails_cleanly(gpt2, tmp_path):
 # -- disk full --------------------------------------------------------------------------------
 
 class DiskFull:
-    """After `after` successful calls to the patched writes, every further one fails with
-    ENOSPC (a full disk stays full until the test frees it)."""
+    """After `after` successful calls to the patched writes (and, with `once`, once
+    `once()` is true), every further one fails with ENOSPC (a full disk stays full until
+    the test frees it)."""
 
-    def __init__(self, after: int):
-        self.after, self.calls, self.failed = after, 0, 0
+    def __init__(self, after: int, once=None):
+        self.after, self.calls, self.failed, self.once = after, 0, 0, once
+        self.full = False
 
     def wrap(self, function):
         def write(*args, **kwargs):
             self.calls += 1
-            if self.calls > self.after:
+            self.full = self.full or (self.calls > self.after
+                                      and (self.once is None or self.once()))
+            if self.full:
                 self.failed += 1
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return function(*args, **kwargs)
         return write
 
 
-def patch_disk_full(monkeypatch, site: str, after: int) -> DiskFull:
+def patch_disk_full(monkeypatch, site: str, after: int, out: str | None = None) -> DiskFull:
     from crowstream.format.files import fsync_and_hash, write_atomic
+    from crowstream.format.layout import record_path
     from crowstream.pipeline.parts import PartWriter
 
-    full = DiskFull(after)
+    # Parquet writes of later shards' parts may all come before shard 0's docs and stats:
+    # the disk fills only once shard 0 has committed, whatever the threads' timing
+    first_commit = None if out is None or site != "every Parquet write" else (
+        lambda: os.path.exists(os.path.join(out, record_path(0))))
+    full = DiskFull(after, first_commit)
     if site == "PartWriter.write":
         monkeypatch.setattr(PartWriter, "write", full.wrap(PartWriter.write))
     elif site == "fsync":  # small files' fsync_and_hash, and the part files' fsync at close
@@ -332,7 +341,7 @@ DISK_SITES = {
 def test_disk_full_is_one_clear_error_committed_shards_intact_then_resume(
         monkeypatch, gpt2, docs, reference, tmp_path, site):
     out = str(tmp_path / "out")
-    full = patch_disk_full(monkeypatch, site, DISK_SITES[site])
+    full = patch_disk_full(monkeypatch, site, DISK_SITES[site], out)
     with pytest.raises(errors.OutputError,
                        match=rf"^disk full while writing to {re.escape(repr(out))} \([\d,]+ bytes written "
                              r"so far by this run\)\. Committed shards are intact: free space, then "
