@@ -264,7 +264,10 @@ def run_floor(model, batches, modules, *, device) -> dict:
     """(3): the bare forward over prebuilt batches, stopped after the deepest block."""
     import torch
 
+    from crowstream.pipeline.packing import mask_dtype, packed_mask
+
     handles = _hooked(model, [modules[-1]], None)
+    packed_dtype = mask_dtype(model)
     try:
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -274,9 +277,7 @@ def run_floor(model, batches, modules, *, device) -> dict:
                     _forward_stopped(model, batch.input_ids.to(device),
                                      batch.attention_mask.to(device))
                     continue
-                from crowstream.pipeline.packing import mask_dtype, packed_mask
-
-                mask = packed_mask(batch.segments, mask_dtype(model), device)
+                mask = packed_mask(batch.segments, packed_dtype, device)
                 _forward_stopped(model, batch.input_ids.to(device), mask,
                                  position_ids=batch.position_ids.to(device))
         _sync(device)

@@ -483,3 +483,28 @@ def test_packing_auto_pads_for_other_architectures(minilm, monkeypatch, tmp_path
     capture(minilm[0], minilm[1], ["short one", "a longer document here"], ["encoder.layer.0"],
             tmp_path / "out", packing="auto")
     assert seen and not any(packed for _, _, packed in seen)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_pin_memory_pins_only_what_goes_to_the_gpu(gpt2, gpt2_texts, pack, monkeypatch):
+    """Packed batches keep their segments on the host (the mask is built there) and send
+    no attention mask; padded batches send theirs. Pinning is faked: no CUDA needed."""
+    from crowstream.pipeline.batching import Tokenizing, shard_stream, Batch
+    from crowstream.pipeline.options import CaptureConfig
+
+    config = CaptureConfig(model="m", tokenizer="t", source="s", modules=("a",), context_size=64)
+    rows = list(enumerate(list(gpt2_texts.values())[:12]))
+    stream = shard_stream([(0, rows)], Tokenizing(gpt2[1], config, pack=pack), shard_size=12,
+                          tokens_before=0)
+    batch = next(item for item in stream if isinstance(item, Batch))
+    assert (batch.segments is not None) == pack
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self: pinned.append(self) or self.clone(), raising=False)
+    out = batch.pin_memory()
+    sent = {name for name in ("input_ids", "keep_index", "attention_mask", "position_ids",
+                              "segments")
+            if getattr(batch, name) is not None and getattr(out, name) is not getattr(batch, name)}
+    assert sent == ({"input_ids", "keep_index", "position_ids"} if pack
+                    else {"input_ids", "keep_index", "attention_mask"})
+    assert len(pinned) == len(sent)

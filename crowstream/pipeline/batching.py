@@ -61,12 +61,13 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def pin_memory(self) -> Batch:
-        """Page-locked copies of the tensors, so host-to-GPU copies can be asynchronous."""
-        packed = {} if self.segments is None else {
-            "segments": self.segments.pin_memory(), "position_ids": self.position_ids.pin_memory()}
-        return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(),
-                                   attention_mask=self.attention_mask.pin_memory(),
-                                   keep_index=self.keep_index.pin_memory(), **packed)
+        """Page-locked copies of the tensors that go to the GPU, so the copies can be
+        asynchronous: a packed batch's segments stay on the host (its mask is built there,
+        `packing.packed_mask`) and its attention mask is not sent."""
+        travels = ({"attention_mask": self.attention_mask} if self.segments is None
+                   else {"position_ids": self.position_ids})
+        travels |= {"input_ids": self.input_ids, "keep_index": self.keep_index}
+        return dataclasses.replace(self, **{k: t.pin_memory() for k, t in travels.items()})
 
     def split(self) -> tuple[Batch, Batch]:
         """Two half-size batches with the same rows (used to back off on OOM)."""
