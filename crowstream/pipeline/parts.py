@@ -17,6 +17,7 @@ import io
 import logging
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -175,8 +176,7 @@ class PartWriter:
         self.group_rows = group_rows(schema)
         self.row_bytes = row_bytes(schema)
         self.rows = 0
-        self._buffer: list[pa.RecordBatch] = []
-        self._buffered_rows = 0
+        self._buffer: RowGroupBuffer | None = None  # the open row group's rows, if any
         dtype = "float16" if schema.field("vector").type.value_type == pa.float16() else "float32"
         self._sink = HashingFile(tmp_path)
         self._writer = pq.ParquetWriter(self._sink, schema, memory_pool=encoder_memory_pool(),
@@ -186,6 +186,10 @@ class PartWriter:
     def buffered_bytes(self) -> int:
         """Raw bytes held in the writer's own buffer (less than one row group)."""
         return self._buffered_rows * self.row_bytes
+
+    @property
+    def _buffered_rows(self) -> int:
+        return self._buffer.rows if self._buffer is not None else 0
 
     @property
     def closed(self) -> bool:
@@ -208,16 +212,15 @@ class PartWriter:
 
     def _keep(self, batch: pa.RecordBatch) -> None:
         """Buffer a copy: a slice would keep the caller's whole batch alive."""
-        copied = [pa.concat_arrays([column], memory_pool=encoder_memory_pool())
-                  for column in batch.columns]
-        self._buffer.append(pa.RecordBatch.from_arrays(copied, schema=self.schema))
-        self._buffered_rows += batch.num_rows
+        if self._buffer is None:
+            self._buffer = RowGroupBuffer(self.schema, self.group_rows, encoder_memory_pool())
+        self._buffer.append(batch)
 
     def _flush(self) -> None:
-        if self._buffer:  # one write call per row group: each call closes a row group
-            table = pa.Table.from_batches(self._buffer, schema=self.schema)
+        if self._buffer is not None:  # one write call per row group: each call closes one
+            table = pa.Table.from_batches([self._buffer.batch()])
             self._writer.write_table(table, row_group_size=table.num_rows)
-        self._buffer, self._buffered_rows = [], 0
+        self._buffer = None
 
     def close(self) -> PartInfo:
         try:
@@ -239,7 +242,7 @@ class PartWriter:
 
     def abort(self) -> None:
         """Drop the unfinished file. Called while another error is being reported."""
-        self._buffer, self._buffered_rows = [], 0
+        self._buffer = None
         if not self._sink.closed:
             try:
                 self._writer.close()
@@ -248,6 +251,49 @@ class PartWriter:
         self._release()
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
+
+
+class RowGroupBuffer:
+    """The rows of one row group, copied in as they arrive: one contiguous buffer per column
+    (in `pool`'s memory), filled by one memcpy per column and piece. A row group is then
+    always written from one chunk, whether it came whole from a batch or from here.
+    Parquet cuts pages at the ends of mini-batches counted from the start of each chunk, so
+    a group written from several chunks (one per batch piece) had bytes that depended on
+    where the batches ended (seen at d = 768 and 100). It is also ~5x cheaper than
+    `pa.concat_arrays` of a sliced fixed-size list (0.76 CPU-s per GB of float32)."""
+
+    def __init__(self, schema: pa.Schema, capacity: int, pool: pa.MemoryPool):
+        self.schema, self.rows = schema, 0
+        self._columns = []  # (arrow buffer, its numpy view, values per row)
+        for field in schema:
+            kind = field.type
+            is_list = pa.types.is_fixed_size_list(kind)
+            width = kind.list_size if is_list else 1
+            dtype = (kind.value_type if is_list else kind).to_pandas_dtype()
+            buffer = pa.allocate_buffer(capacity * width * np.dtype(dtype).itemsize,
+                                        memory_pool=pool)
+            self._columns.append((buffer, np.frombuffer(buffer, dtype), width))
+
+    def append(self, batch: pa.RecordBatch) -> None:
+        n = batch.num_rows
+        for column, (_, view, width) in zip(batch.columns, self._columns):
+            if pa.types.is_fixed_size_list(column.type):
+                column = column.flatten()  # the slice's values
+            values = column.to_numpy(zero_copy_only=True)  # part rows have no nulls
+            view[self.rows * width:(self.rows + n) * width] = values
+        self.rows += n
+
+    def batch(self) -> pa.RecordBatch:
+        """The rows so far as one RecordBatch over the buffers (no copy)."""
+        arrays = []
+        for field, (buffer, _, width) in zip(self.schema, self._columns):
+            kind = field.type
+            if pa.types.is_fixed_size_list(kind):
+                values = pa.Array.from_buffers(kind.value_type, self.rows * width, [None, buffer])
+                arrays.append(pa.FixedSizeListArray.from_arrays(values, type=kind))
+            else:
+                arrays.append(pa.Array.from_buffers(kind, self.rows, [None, buffer]))
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
 class ShardParts:
