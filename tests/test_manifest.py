@@ -229,6 +229,19 @@ def test_new_outputs_are_format_3(complete):
         assert json.load(f)["format_version"] == 3
 
 
+def test_the_manifest_records_the_libraries_and_the_configs_tokenizer_fingerprint(complete):
+    """Provenance: the tokenizer fingerprint is the config's (computed once per capture)
+    and the library versions are those installed."""
+    import importlib.metadata as md
+
+    manifest = raw_manifest(complete)
+    provenance = manifest["provenance"]
+    assert provenance["tokenizer"] == manifest["config"]["tokenizer"]
+    assert set(provenance["tokenizer"]) == {"name_or_path", "class", "vocab_size", "sha256"}
+    for package in ("torch", "transformers", "pyarrow"):
+        assert provenance["versions"][package] == md.version(package)
+
+
 # -- the schema's fast checker ---------------------------------------------------------------
 
 def mutations(record: dict):

@@ -127,7 +127,7 @@ def _capture(model, data, modules, output: Output, options: CaptureOptions, grou
                              config.max_inflight_bytes, config.packing)
         session = Session(output, config, tracer, tokenizer, options.progress and output.rank == 0,
                           options.encoder_threads)
-        _start_or_load(session, mode, recorded, peek, provenance(model, tokenizer))
+        _start_or_load(session, mode, recorded, peek, provenance(model, config.tokenizer))
         if not grouped:
             run = session.run(source)
             if world == 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -48,16 +49,26 @@ class Run:
     manifest: Manifest
 
 
-def provenance(model, tokenizer) -> dict:
+def provenance(model, tokenizer: dict) -> dict:
+    """What the manifest records of the run's model, tokenizer (`tokenizer`: its
+    fingerprint, computed once per capture) and libraries."""
+    from .models import model_fingerprint
+    return {"model": model_fingerprint(model), "tokenizer": tokenizer,
+            "versions": dict(library_versions()),
+            "dtype_of_model": str(next(model.parameters()).dtype)}
+
+
+@functools.cache
+def library_versions() -> tuple:
+    """(package, version) of crowstream and the libraries a run depends on, read once per
+    process (reading package metadata took ~15 ms of every capture's fixed cost)."""
     import importlib.metadata as md
 
-    versions = {}
+    versions = []
     for package in ("crowstream", "torch", "transformers", "nnsight", "pyarrow", "datasets"):
         with contextlib.suppress(md.PackageNotFoundError):
-            versions[package] = md.version(package)
-    from .models import model_fingerprint, tokenizer_fingerprint
-    return {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "versions": versions, "dtype_of_model": str(next(model.parameters()).dtype)}
+            versions.append((package, md.version(package)))
+    return tuple(versions)
 
 
 class Session:
