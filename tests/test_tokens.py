@@ -290,3 +290,34 @@ def test_the_vocabulary_decodes_as_batch_decode_does(gpt2, minilm, which):
     tokenizer.clean_up_tokenization_spaces = which.endswith("spaces")
     size = len(tokenizer)
     assert decode_each(tokenizer, size) == tokenizer.batch_decode([[i] for i in range(size)])
+
+
+def test_no_document_is_tokenized_twice_and_the_rows_are_the_same(gpt2, corpus, tmp_path,
+                                                                   monkeypatch):
+    """The shard-size estimate's documents (the first 64) are tokenized once: the stream
+    takes their ids from the estimate. The rows equal those of a run given its shard size,
+    which tokenizes every document in the stream."""
+    import collections
+
+    from crowstream.pipeline import batching
+    from crowstream.pipeline.options import SHARD_TARGET_TOKENS
+
+    texts = corpus[:100]
+    tokenized = []
+    real = batching.Tokenizing._encode
+
+    def counting(self, documents, doc_ids):
+        tokenized.extend(documents)
+        return real(self, documents, doc_ids)
+
+    monkeypatch.setattr(batching.Tokenizing, "_encode", counting)
+    model, tokenizer = gpt2
+    estimated = cs.capture(model, texts, MODULES, str(tmp_path / "estimated"), tokenizer=tokenizer,
+                           batch_size=4, progress=False)
+    context = estimated.manifest.config["context_size"]
+    lengths = [min(len(tokenizer(t)["input_ids"]), context) for t in texts[:batching.ESTIMATE_DOCS]]
+    assert estimated.manifest.shard_size == int(SHARD_TARGET_TOKENS / sum(lengths) * len(lengths))
+    assert collections.Counter(tokenized) == collections.Counter(texts)
+    given = cs.capture(model, texts, MODULES, str(tmp_path / "given"), tokenizer=tokenizer,
+                       batch_size=4, progress=False, shard_size=estimated.manifest.shard_size)
+    assert_same_rows(str(given.path), str(estimated.path))

@@ -122,9 +122,26 @@ class Tokenizing:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = int(pad)
         self.vocab_size = len(tokenizer)
+        self._ahead: dict[int, np.ndarray] = {}  # doc_id -> ids encoded early (`remember`)
+
+    def remember(self, doc_ids: list[int], encoded: list[np.ndarray]) -> None:
+        """Keep documents' ids encoded ahead of the stream (the shard-size estimate's), so
+        `encode` hands them out once instead of tokenizing those documents again."""
+        self._ahead.update(zip(doc_ids, encoded))
 
     def encode(self, documents: list, doc_ids: list[int] | None = None) -> list[np.ndarray]:
         """-> one int64 array of ids per document (texts, or id arrays with tokens_field)."""
+        if not self._ahead or doc_ids is None:
+            return self._encode(documents, doc_ids)
+        found = [self._ahead.pop(doc_id, None) for doc_id in doc_ids]
+        todo = [i for i, ids in enumerate(found) if ids is None]
+        if todo:
+            fresh = self._encode([documents[i] for i in todo], [doc_ids[i] for i in todo])
+            for i, ids in zip(todo, fresh):
+                found[i] = ids
+        return found
+
+    def _encode(self, documents: list, doc_ids: list[int] | None) -> list[np.ndarray]:
         if not documents:
             return []
         truncate = self.config.overflow == "truncate"
@@ -338,17 +355,21 @@ def _assemble(ids, lengths, keep, doc_of_row, starts) -> Batch:
     )
 
 
-ESTIMATE_DOCS = 64  # enough for a mean length; each one is tokenized twice (256 doubled
-# the tokenizing of benchmarks/ceiling.py's 322 documents)
+ESTIMATE_DOCS = 64  # enough for a mean length
 
 
-def estimate_shard_size(texts: list[str], tokenizing: Tokenizing) -> int:
+def estimate_shard_size(texts: list, tokenizing: Tokenizing, doc_ids: list[int] | None = None) -> int:
     """Documents per shard for ~SHARD_TARGET_TOKENS tokens fed, from the mean length of
     `texts` (up to the first ESTIMATE_DOCS documents). Counted in tokens, not bytes, so
     shards hold many batches whatever d is; the result is recorded once and a resume
-    reuses it."""
+    reuses it. With `doc_ids` (the texts' documents), `tokenizing` remembers their ids for
+    the stream, so no document is tokenized twice."""
     from crowstream.pipeline.options import SHARD_TARGET_TOKENS
 
-    encoded = tokenizing.encode([t for t in texts[:ESTIMATE_DOCS] if t is not None])
+    ids = range(len(texts)) if doc_ids is None else doc_ids
+    sample = [(doc_id, t) for doc_id, t in zip(ids, texts[:ESTIMATE_DOCS]) if t is not None]
+    encoded = tokenizing.encode([t for _, t in sample])
+    if doc_ids is not None:
+        tokenizing.remember([doc_id for doc_id, _ in sample], encoded)
     mean_tokens = max(1.0, float(np.mean([len(e) for e in encoded])) if encoded else 1.0)
     return max(1, int(SHARD_TARGET_TOKENS / mean_tokens))

@@ -84,6 +84,7 @@ class Session:
         self.stop_requested = threading.Event()
         self.token_cap: int | None = None  # padded tokens per forward, after an OOM
         self.clean_forwards = 0  # forwards since the cap last changed
+        self.tokenizing = None  # batching.Tokenizing, made once (`_tokenizing`)
 
     # -- set-up -----------------------------------------------------------------------
     def load(self, manifest: Manifest) -> None:
@@ -125,11 +126,11 @@ class Session:
             self._write_running()  # under the directory lock: the ranks' shared manifest
 
     def start(self, peek, provenance: dict) -> None:
-        from .batching import Tokenizing, estimate_shard_size
+        from .batching import estimate_shard_size
 
         config = self.config
         shard_size = config.shard_size or estimate_shard_size(
-            [text for _, text in peek], Tokenizing(self.tokenizer, config))
+            [text for _, text in peek], self._tokenizing(), [doc_id for doc_id, _ in peek])
         order = {name: i for i, name in enumerate(self.tracer.order)}  # execution order
         modules = {name: ModuleInfo(self.tracer.dims[name], config.dtype, module_dir(name),
                                     self.tracer.types[name], order[name])
@@ -250,8 +251,18 @@ class Session:
             lock.release()
         return self._result()
 
+    def _tokenizing(self):
+        """The run's one `Tokenizing`: the shard-size estimate's and the stream's, so the
+        documents the estimate tokenized are not tokenized again."""
+        from .batching import Tokenizing
+
+        if self.tokenizing is None:
+            self.tokenizing = Tokenizing(self.tokenizer, self.config,
+                                         pack=getattr(self.tracer, "packs", False))
+        return self.tokenizing
+
     def _batches(self, source):
-        from .batching import Tokenizing, shard_stream
+        from .batching import shard_stream
         from .ranks import owner
 
         manifest = self.manifest
@@ -276,9 +287,7 @@ class Session:
 
         shards = source.shards(manifest.shard_size, lambda k: owns(k) and k not in done,
                                first=first, stop=stop, on_end=lambda *end: seen_end.append(end))
-        tokenizing = Tokenizing(self.tokenizer, self.config,
-                                pack=getattr(self.tracer, "packs", False))
-        stream = shard_stream(shards, tokenizing, shard_size=manifest.shard_size,
+        stream = shard_stream(shards, self._tokenizing(), shard_size=manifest.shard_size,
                               tokens_before=manifest.counts.tokens_fed, on_end=record_end)
         if self.tracer.device.type != "cuda":
             return stream
