@@ -11,7 +11,7 @@ import logging
 import shlex
 import sys
 
-from crowstream.pipeline.options import DEFAULT_MAX_BATCH_TOKENS
+from crowstream.pipeline.options import DEFAULT_CONTEXT_CAP, DEFAULT_MAX_BATCH_TOKENS
 from crowstream.errors import CrowstreamError, Interrupted, VerifyError
 
 
@@ -26,64 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-m", "--module", dest="modules", action="append", required=True,
                    help="module name or glob (repeat for several); see `crowstream modules MODEL`")
     c.add_argument("-o", "--out", required=True, help="output directory")
-    c.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
-    c.add_argument("--text-field", default="text")
-    c.add_argument("--tokens-field", help="column of token-id lists of a pre-tokenized corpus "
-                                          "(fed as they are; instead of --text-field)")
-    c.add_argument("--split", default="train")
-    c.add_argument("--data-config", help="config of a dataset repository, e.g. wikitext-2-raw-v1")
-    c.add_argument("--data-revision", help="branch, tag or commit of a hub dataset")
-    c.add_argument("--data-files", action="append",
-                   help="data file(s) or glob(s) within the dataset repository (repeat for several)")
-    c.add_argument("--max-docs", type=int)
-    c.add_argument("--max-tokens", type=int, help="stop after about this many tokens fed to the model")
-    c.add_argument("--sample", type=int, help="a random sample of this many documents")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=32, help="most documents per batch")
-    c.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                   help=f"token budget (padded) per batch (default {DEFAULT_MAX_BATCH_TOKENS})")
-    c.add_argument("--context-size", type=int)
-    c.add_argument("--overflow", choices=["truncate", "chunk"], default="truncate")
-    c.add_argument("--packing", choices=["off", "auto"], default="auto",
-                   help="auto: several documents per row, each attending only to itself "
-                        "(GPT-2 and Llama); padded batches for other models")
-    c.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    c.add_argument("--float16-overflow", choices=["error", "clamp"], default="error",
-                   help="values beyond float16's range: stop with an error, or clamp and "
-                        "count them")
-    c.add_argument("--max-inflight-bytes", type=_byte_size, metavar="BYTES",
-                   help="bound on bytes between the forward and the disk, e.g. 512M or 4G "
-                        "(default: min(2 GiB, 10%% of RAM))")
-    c.add_argument("--compression", choices=("zstd", "lz4", "none"), default="zstd",
-                   help="codec of the part files (default: zstd, level 1; see "
-                        "docs/performance.md)")
-    c.add_argument("--encoder-threads", type=int, metavar="N",
-                   help="threads encoding part files, shared by all modules; the output is "
-                        "the same whatever N (default: one per core)")
-    c.add_argument("--shard-size", type=int,
-                   help="documents per shard, the commit unit (default: enough for ~256k tokens)")
-    c.add_argument("--exclude-special-tokens", action="store_true")
-    c.add_argument("--exclude-token-id", dest="exclude_token_ids", type=int, action="append", default=[])
-    c.add_argument("--store-text", action="store_true", help="keep document text in docs/")
-    c.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    c.add_argument("--torch-dtype", choices=["float32", "float16", "bfloat16"],
-                   help="dtype to load the model in")
-    c.add_argument("--revision", help="hub model revision: branch, tag or commit (e.g. step1000)")
-    c.add_argument("--trust-remote-code", action="store_true")
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--resume", action="store_true")
-    c.add_argument("--takeover", action="store_true",
-                   help="with a bucket OUT: take over the run's lease at once (you assert that "
-                        "the writer holding it is dead)")
-    c.add_argument("--spool-dir", default=None,
-                   help="with a bucket OUT: the local directory for the spool (default: the "
-                        "system temp directory)")
-    c.add_argument("--no-progress", action="store_true")
-    c.add_argument("--rank", type=int, help="this process's rank of several writing one run "
-                   "(default: env RANK, as torchrun sets it); it captures shards k with "
-                   "k mod world-size == rank")
-    c.add_argument("--world-size", type=int, help="how many ranks write the run (default: env "
-                   "WORLD_SIZE, else 1)")
+    _corpus_options(c.add_argument_group("the corpus: which documents, read how"))
+    _batch_options(c.add_argument_group("batches: documents per forward, context and packing"))
+    _storage_options(c.add_argument_group("what is stored, and how it is written"))
+    _model_options(c.add_argument_group("loading the model"))
+    _run_options(c.add_argument_group("the run: a new OUT, a resume, several ranks"))
 
     m = commands.add_parser("modules", help="list the capturable modules of MODEL")
     m.add_argument("model")
@@ -116,6 +63,94 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--out", default="crowstream-demo")
     d.add_argument("--docs", type=int, default=400)
     return parser
+
+
+def _corpus_options(c) -> None:
+    """The corpus: which documents, read how."""
+    c.add_argument("--tokenizer", help="tokenizer id or directory (default: the model's)")
+    c.add_argument("--text-field", default="text",
+                   help="the field holding each document's text (default: text)")
+    c.add_argument("--tokens-field", help="column of token-id lists of a pre-tokenized corpus "
+                                          "(fed as they are; instead of --text-field)")
+    c.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    c.add_argument("--data-config", help="config of a dataset repository, e.g. wikitext-2-raw-v1")
+    c.add_argument("--data-revision", help="branch, tag or commit of a hub dataset")
+    c.add_argument("--data-files", action="append",
+                   help="data file(s) or glob(s) within the dataset repository (repeat for several)")
+    c.add_argument("--max-docs", type=int, help="stop after this many documents")
+    c.add_argument("--max-tokens", type=int, help="stop after about this many tokens fed to the model")
+    c.add_argument("--sample", type=int, help="a random sample of this many documents")
+    c.add_argument("--seed", type=int, default=0, help="seed of --sample (default: 0)")
+
+
+def _batch_options(c) -> None:
+    """Batches: documents per forward, context and packing."""
+    c.add_argument("--batch-size", type=int, default=32, help="most documents per batch")
+    c.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help=f"token budget (padded) per batch (default {DEFAULT_MAX_BATCH_TOKENS})")
+    c.add_argument("--context-size", type=int,
+                   help="most tokens per forward row (default: the model's positions, at most "
+                        f"{DEFAULT_CONTEXT_CAP})")
+    c.add_argument("--overflow", choices=["truncate", "chunk"], default="truncate",
+                   help="a document longer than the context: truncate it, or chunk it into "
+                        "consecutive windows, each its own forward (default: truncate)")
+    c.add_argument("--packing", choices=["off", "auto"], default="auto",
+                   help="auto: several documents per row, each attending only to itself "
+                        "(GPT-2 and Llama); padded batches for other models")
+    c.add_argument("--exclude-special-tokens", action="store_true",
+                   help="drop rows of the tokenizer's special tokens ([CLS], [SEP], BOS, ...)")
+    c.add_argument("--exclude-token-id", dest="exclude_token_ids", type=int, action="append",
+                   default=[], help="drop rows of this token id (repeat for several)")
+
+
+def _storage_options(c) -> None:
+    """What is stored, and how it is written."""
+    c.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of the stored vectors (default: float32)")
+    c.add_argument("--float16-overflow", choices=["error", "clamp"], default="error",
+                   help="values beyond float16's range: stop with an error, or clamp and "
+                        "count them")
+    c.add_argument("--max-inflight-bytes", type=_byte_size, metavar="BYTES",
+                   help="bound on bytes between the forward and the disk, e.g. 512M or 4G "
+                        "(default: min(2 GiB, 10%% of RAM))")
+    c.add_argument("--compression", choices=("zstd", "lz4", "none"), default="zstd",
+                   help="codec of the part files (default: zstd, level 1; see "
+                        "docs/performance.md)")
+    c.add_argument("--encoder-threads", type=int, metavar="N",
+                   help="threads encoding part files, shared by all modules; the output is "
+                        "the same whatever N (default: one per core)")
+    c.add_argument("--shard-size", type=int,
+                   help="documents per shard, the commit unit (default: enough for ~256k tokens)")
+    c.add_argument("--store-text", action="store_true", help="keep document text in docs/")
+
+
+def _model_options(c) -> None:
+    """Loading the model."""
+    c.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    c.add_argument("--torch-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="dtype to load the model in")
+    c.add_argument("--revision", help="hub model revision: branch, tag or commit (e.g. step1000)")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="run a hub model's own code (transformers' trust_remote_code)")
+
+
+def _run_options(c) -> None:
+    """The run: a new OUT, a resume, several ranks."""
+    c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in OUT (same command otherwise)")
+    c.add_argument("--takeover", action="store_true",
+                   help="with a bucket OUT: take over the run's lease at once (you assert that "
+                        "the writer holding it is dead)")
+    c.add_argument("--spool-dir", default=None,
+                   help="with a bucket OUT: the local directory for the spool (default: the "
+                        "system temp directory)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--rank", type=int, help="this process's rank of several writing one run "
+                   "(default: env RANK, as torchrun sets it); it captures shards k with "
+                   "k mod world-size == rank")
+    c.add_argument("--world-size", type=int, help="how many ranks write the run (default: env "
+                   "WORLD_SIZE, else 1)")
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -169,3 +169,22 @@ def test_unknown_module_one_line_error(slow_commands):
                                "did you mean 'transformer.h.1.mlp'")
     assert result.stdout == ""
     assert not out.exists()  # nothing written
+
+
+def test_every_capture_option_has_help_and_a_group():
+    """`crowstream capture --help` explains every option, grouped by what it is about."""
+    import argparse
+
+    from crowstream.cli import build_parser
+
+    parser = build_parser()
+    capture = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                   ).choices["capture"]
+    groups = {g.title: g for g in capture._action_groups}
+    assert len(groups) == 7  # positional, options, and five themes
+    for action in capture._actions:
+        if action.dest != "help":
+            assert action.help, f"{action.option_strings or action.dest} has no help"
+    themed = [a for g in capture._action_groups[2:] for a in g._group_actions]
+    assert len(themed) > 30 and {"--resume", "--dtype", "--tokens-field", "--packing"} <= {
+        flag for a in themed for flag in a.option_strings}
