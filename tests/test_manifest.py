@@ -229,15 +229,28 @@ def test_new_outputs_are_format_3(complete):
         assert json.load(f)["format_version"] == 3
 
 
-def test_the_manifest_records_the_libraries_and_the_configs_tokenizer_fingerprint(complete):
-    """Provenance: the tokenizer fingerprint is the config's (computed once per capture)
-    and the library versions are those installed."""
+def test_a_capture_fingerprints_the_tokenizer_once_and_reads_library_versions_once(
+        gpt2, corpus, tmp_path, monkeypatch):
+    """The fingerprint (a JSON dump of the whole tokenizer) is taken once per capture and
+    recorded in the config and the provenance alike; package metadata is read once per
+    process, however many captures it runs."""
     import importlib.metadata as md
 
-    manifest = raw_manifest(complete)
+    from crowstream.pipeline import models, session
+
+    fingerprints = []
+    real_fingerprint = models.tokenizer_fingerprint
+    monkeypatch.setattr(models, "tokenizer_fingerprint",
+                        lambda t: fingerprints.append(1) or real_fingerprint(t))
+    session.library_versions.cache_clear()
+    for run in ("a", "b"):
+        capture(gpt2, corpus[:6], str(tmp_path / run))
+    assert len(fingerprints) == 2  # one per capture
+    info = session.library_versions.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # package metadata read by the first only
+    manifest = raw_manifest(str(tmp_path / "b"))
     provenance = manifest["provenance"]
     assert provenance["tokenizer"] == manifest["config"]["tokenizer"]
-    assert set(provenance["tokenizer"]) == {"name_or_path", "class", "vocab_size", "sha256"}
     for package in ("torch", "transformers", "pyarrow"):
         assert provenance["versions"][package] == md.version(package)
 

@@ -192,6 +192,7 @@ def _moments(vectors: np.ndarray, skip, n: int):
     head = vectors[:STATS_SLICE_ROWS] if skip is None else \
         vectors[np.flatnonzero(~skip)[:STATS_SLICE_ROWS]]
     shift = head.astype(np.float32).mean(0).astype(np.float32)  # [d]
+    shift_t = torch.from_numpy(shift)
     total, m2, norm_sum = np.zeros(d), np.zeros(d), 0.0
     buffer = np.empty((min(STATS_SLICE_ROWS, len(vectors)), d), np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: counted, not warned
@@ -204,7 +205,7 @@ def _moments(vectors: np.ndarray, skip, n: int):
             # torch's norm and subtract: a third less CPU than einsum and np.subtract
             rows, centred = torch.from_numpy(x), torch.from_numpy(work)
             norms = torch.linalg.vector_norm(rows, dim=1).numpy()
-            torch.sub(rows, torch.from_numpy(shift), out=centred)  # in place for fp16
+            torch.sub(rows, shift_t, out=centred)  # in place for fp16
             if skip is not None:
                 drop = skip[start:start + STATS_SLICE_ROWS]
                 norms[drop] = 0

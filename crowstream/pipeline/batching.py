@@ -366,10 +366,9 @@ def estimate_shard_size(texts: list, tokenizing: Tokenizing, doc_ids: list[int] 
     the stream, so no document is tokenized twice."""
     from crowstream.pipeline.options import SHARD_TARGET_TOKENS
 
-    ids = range(len(texts)) if doc_ids is None else doc_ids
-    sample = [(doc_id, t) for doc_id, t in zip(ids, texts[:ESTIMATE_DOCS]) if t is not None]
-    encoded = tokenizing.encode([t for _, t in sample])
+    kept = [i for i, text in enumerate(texts[:ESTIMATE_DOCS]) if text is not None]
+    encoded = tokenizing.encode([texts[i] for i in kept])
     if doc_ids is not None:
-        tokenizing.remember([doc_id for doc_id, _ in sample], encoded)
+        tokenizing.remember([doc_ids[i] for i in kept], encoded)
     mean_tokens = max(1.0, float(np.mean([len(e) for e in encoded])) if encoded else 1.0)
     return max(1, int(SHARD_TARGET_TOKENS / mean_tokens))

@@ -218,8 +218,7 @@ class PartWriter:
 
     def _flush(self) -> None:
         if self._buffer is not None:  # one write call per row group: each call closes one
-            table = pa.Table.from_batches([self._buffer.batch()])
-            self._writer.write_table(table, row_group_size=table.num_rows)
+            self._writer.write_batch(self._buffer.batch(), row_group_size=self._buffer.rows)
         self._buffer = None
 
     def close(self) -> PartInfo:

@@ -22,6 +22,7 @@ from crowstream.format.manifest import Counts, Manifest, ModuleInfo, write_manif
 from crowstream.format.records import read_end, write_end, write_run_json
 from crowstream.format.statistics import merged_stats
 
+from .batching import Tokenizing
 from .failures import is_oom, release_cached_memory, translate, write_errors
 from .options import CaptureConfig
 from .output import Output
@@ -84,7 +85,8 @@ class Session:
         self.stop_requested = threading.Event()
         self.token_cap: int | None = None  # padded tokens per forward, after an OOM
         self.clean_forwards = 0  # forwards since the cap last changed
-        self.tokenizing = None  # batching.Tokenizing, made once (`_tokenizing`)
+        # one for the run: the stream takes the ids the shard-size estimate already made
+        self.tokenizing = Tokenizing(tokenizer, config, pack=getattr(tracer, "packs", False))
 
     # -- set-up -----------------------------------------------------------------------
     def load(self, manifest: Manifest) -> None:
@@ -130,7 +132,7 @@ class Session:
 
         config = self.config
         shard_size = config.shard_size or estimate_shard_size(
-            [text for _, text in peek], self._tokenizing(), [doc_id for doc_id, _ in peek])
+            [text for _, text in peek], self.tokenizing, [doc_id for doc_id, _ in peek])
         order = {name: i for i, name in enumerate(self.tracer.order)}  # execution order
         modules = {name: ModuleInfo(self.tracer.dims[name], config.dtype, module_dir(name),
                                     self.tracer.types[name], order[name])
@@ -251,16 +253,6 @@ class Session:
             lock.release()
         return self._result()
 
-    def _tokenizing(self):
-        """The run's one `Tokenizing`: the shard-size estimate's and the stream's, so the
-        documents the estimate tokenized are not tokenized again."""
-        from .batching import Tokenizing
-
-        if self.tokenizing is None:
-            self.tokenizing = Tokenizing(self.tokenizer, self.config,
-                                         pack=getattr(self.tracer, "packs", False))
-        return self.tokenizing
-
     def _batches(self, source):
         from .batching import shard_stream
         from .ranks import owner
@@ -287,7 +279,7 @@ class Session:
 
         shards = source.shards(manifest.shard_size, lambda k: owns(k) and k not in done,
                                first=first, stop=stop, on_end=lambda *end: seen_end.append(end))
-        stream = shard_stream(shards, self._tokenizing(), shard_size=manifest.shard_size,
+        stream = shard_stream(shards, self.tokenizing, shard_size=manifest.shard_size,
                               tokens_before=manifest.counts.tokens_fed, on_end=record_end)
         if self.tracer.device.type != "cuda":
             return stream
