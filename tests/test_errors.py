@@ -315,7 +315,7 @@ def patch_disk_full(monkeypatch, site: str, after: int, out: str | None = None) 
     if site == "PartWriter.write":
         monkeypatch.setattr(PartWriter, "write", full.wrap(PartWriter.write))
     elif site == "fsync":  # small files' fsync_and_hash, and the part files' fsync at close
-        from crowstream.pipeline.parts import HashingFile
+        from crowstream.format.files import HashingFile
 
         patch_everywhere(monkeypatch, fsync_and_hash, full.wrap(fsync_and_hash))
         close = full.wrap(HashingFile.close)

@@ -1,12 +1,13 @@
 """Durable small files. It owns the primitives every commit step is built from: atomic
 replace (temp file in `.tmp/`, fsync, `os.replace`, fsync of the directory), JSON in and
-out, and hashing a file.
+out, hashing a file, and hashing one as it is written (`HashingFile`).
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -68,3 +69,41 @@ def sha256_file(path: str) -> str:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class HashingFile(io.RawIOBase):
+    """A file opened for writing that hashes (sha256) and counts what goes through it;
+    `close` fsyncs. pyarrow writes through it from its encoding thread."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "wb", buffering=0)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        written = 0
+        while written < view.nbytes:  # a raw write may be partial
+            written += self._file.write(view[written:])
+        self.sha256.update(view)  # hashlib releases the GIL on large buffers
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
+        super().close()
+
+    def discard(self) -> None:
+        """Close without the fsync (the file is about to be deleted)."""
+        self._file.close()
+        super().close()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import io
 import logging
 import os
 
@@ -42,7 +40,7 @@ PART_GROUPS = 4
 # with the whole 2 GiB budget as its lead (medians of 4 alternating rounds).
 LEAD_FILES = 2
 from crowstream.errors import OutputError
-from crowstream.format.files import fsync_and_hash
+from crowstream.format.files import HashingFile, fsync_and_hash
 from crowstream.pipeline.threads import usable_cpus
 
 log = logging.getLogger("crowstream")
@@ -116,44 +114,6 @@ def group_rows(schema: pa.Schema) -> int:
     at 16 MiB; ~1 KiB per group)."""
     headroom = ROW_GROUP_BYTES // 64 + 4096
     return max(1, (ROW_GROUP_BYTES - headroom) // row_bytes(schema))
-
-
-class HashingFile(io.RawIOBase):
-    """A file opened for writing that hashes (sha256) and counts what goes through it;
-    `close` fsyncs. pyarrow writes through it from its encoding thread."""
-
-    def __init__(self, path: str):
-        self._file = open(path, "wb", buffering=0)
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        view = memoryview(data)
-        written = 0
-        while written < view.nbytes:  # a raw write may be partial
-            written += self._file.write(view[written:])
-        self.sha256.update(view)  # hashlib releases the GIL on large buffers
-        self.size += view.nbytes
-        return view.nbytes
-
-    def tell(self) -> int:
-        return self.size
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                os.fsync(self._file.fileno())
-            finally:
-                self._file.close()
-        super().close()
-
-    def discard(self) -> None:
-        """Close without the fsync (the file is about to be deleted)."""
-        self._file.close()
-        super().close()
 
 
 class PartWriter:
