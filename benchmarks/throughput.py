@@ -50,6 +50,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# huge pages for large CPU tensors, as the command line asks (crowstream.cli.prefer_huge_pages);
+# torch reads this at its first allocation, so before torch is imported
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 TARGET_VS_BASELINE = 1.5   # (1)/(2)
 TARGET_VS_FLOOR = 0.95     # (1)/(3)

@@ -188,3 +188,49 @@ def test_every_capture_option_has_help_and_a_group():
     themed = [a for g in capture._action_groups[2:] for a in g._group_actions]
     assert len(themed) > 30 and {"--resume", "--dtype", "--tokens-field", "--packing"} <= {
         flag for a in themed for flag in a.option_strings}
+
+
+_HUGE_PAGE_PROBE = """
+from crowstream.cli import prefer_huge_pages
+prefer_huge_pages()
+import torch
+tensor = torch.ones(16 << 20)  # 64 MiB: torch madvises CPU buffers of 2 MiB and more
+address = tensor.data_ptr()
+inside = False
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and ":" not in head:  # a mapping's header: start-end perms ...
+        start, end = (int(x, 16) for x in head.split("-"))
+        inside = start <= address < end
+    elif inside and line.startswith("VmFlags:"):
+        print("hg" in line.split())
+        break
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+@pytest.mark.parametrize("setting, advised", [(None, True), ("0", False)])
+def test_the_command_line_asks_torch_for_huge_pages_unless_told_not_to(setting, advised):
+    """The process `prefer_huge_pages` prepares maps a large tensor with MADV_HUGEPAGE
+    (the `hg` flag in smaps), whether or not the kernel then has huge pages to give; a
+    user's THP_MEM_ALLOC_ENABLE=0 wins."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    result = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(advised)
+
+
+def test_main_prefers_huge_pages_before_it_parses(monkeypatch):
+    from crowstream import cli
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

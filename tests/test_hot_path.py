@@ -331,3 +331,73 @@ def test_the_gate_is_on_only_for_a_cpu_forward_on_every_core(monkeypatch, thread
     monkeypatch.setattr(tracing.torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     assert tracing._forward_takes_every_core(torch.device(device)) is gated
+
+
+# the forward's own output, kept without a copy where that is safe -------------------------
+EARLY, DEEPEST = "transformer.drop", "transformer.h.0.ln_1"
+
+
+def _doubling_model(gpt2_dir, big=None):
+    """The tiny GPT-2, whose block 0 doubles its input in place before its first layer norm:
+    `transformer.drop`'s output (the same tensor) changes after the trace has read it. With
+    `big`, one token's embedding is set to that value (beyond float16's range)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    if big is not None:
+        with torch.no_grad():
+            model.transformer.wte.weight[7] = big
+    model.transformer.h[0].ln_1.register_forward_pre_hook(lambda module, args: args[0].mul_(2))
+    return model
+
+
+def _reference(model, docs) -> dict:
+    """Each document alone through a plain forward: {module: [n, d]} as the trace saw it."""
+    seen = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: seen.setdefault(name, []).append(out[0].clone()))
+        for name in (EARLY, DEEPEST)]
+    with torch.no_grad():
+        for ids in docs:
+            model(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return {name: torch.cat(seen[name]).numpy() for name in seen}
+
+
+@pytest.mark.parametrize("dtype, clamp", [("float32", False), ("float16", False),
+                                          ("float16", True)])
+def test_rows_kept_without_a_copy_equal_a_plain_forward(gpt2, gpt2_dir, tmp_path, monkeypatch,
+                                                        dtype, clamp):
+    """Every position kept (equal-length documents): the deepest output is stored from the
+    forward's own tensor (no pooled copy), float16 rows are cast straight from it, and an
+    earlier output that a later layer changes in place is still stored as the trace saw
+    it. Clamping to float16 does not write into the model's tensor: the deepest module,
+    which reads the clamped module's output, is as in a plain forward."""
+    rng = np.random.default_rng(0)
+    docs = [[7, *rng.integers(10, 500, 15).tolist()] for _ in range(8)]
+    model = _doubling_model(gpt2_dir, big=1e5 if clamp else None)
+    reference = _reference(model, docs)
+    borrowed = []
+    real_select = ModelTracer._select
+
+    def spy(self, flat, index, last=False):
+        rows = real_select(self, flat, index, last)
+        borrowed.append((last, rows.buffer is None and rows.tensor.data_ptr() == flat.data_ptr()))
+        return rows
+
+    monkeypatch.setattr(ModelTracer, "_select", spy)
+    out = tmp_path / "out"
+    cs.capture(model, [{"ids": ids} for ids in docs], [EARLY, DEEPEST], str(out),
+               tokenizer=gpt2[1], tokens_field="ids", batch_size=4, shard_size=8, dtype=dtype,
+               float16_overflow="clamp" if clamp else "error", progress=False)
+    rows = read_rows(out)
+    for name in (EARLY, DEEPEST):
+        want = reference[name]
+        if dtype == "float16":
+            want = np.clip(want, -65504, 65504).astype(np.float16)
+        np.testing.assert_allclose(rows[name][3].astype(np.float32), want.astype(np.float32),
+                                   rtol=1e-3 if dtype == "float16" else 1e-5, atol=1e-5)
+    if dtype == "float32":  # the deepest module's rows were the forward's; the early ones copied
+        assert borrowed and all(was == last for last, was in borrowed)
+        assert {last for last, _ in borrowed} == {True, False}
