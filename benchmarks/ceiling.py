@@ -14,6 +14,8 @@ thread count, in the same run:
 - (a) crowstream `capture` of the corpus;
 - (b) one pyarrow `ParquetWriter` on one thread writing the same rows with crowstream's
   settings (codec, BYTE_STREAM_SPLIT, page checksums, the same row groups), then fsync;
+  run before and after (a) in every round, and their mean taken, so that a change of the
+  host's load during a round falls on both sides of the ratio;
 - (c) a raw sequential write + fsync of the same bytes;
 - (t) tokenizing alone (fast tokenizer, batched), once;
 - (f) the forward alone: the embedding lookup over the same tokens in length-sorted
@@ -67,6 +69,13 @@ class Meter:
         self.wall = time.perf_counter() - self.wall
         self.cpu = cpu_seconds() - self.cpu
 
+    @classmethod
+    def mean(cls, *meters: Meter) -> Meter:
+        mean = cls()
+        mean.wall = statistics.fmean(m.wall for m in meters)
+        mean.cpu = statistics.fmean(m.cpu for m in meters)
+        return mean
+
 
 def build_model(d: int, tokenizer, device: str):
     import torch
@@ -117,11 +126,23 @@ def capture_rows(model, tokenizer, docs, out, dtype, threads, args):
     return run
 
 
-def read_rows(out: str):
-    """The captured rows as one table (for (b) and (c))."""
+def module_rows(out: str):
+    """The captured rows as a dataset (read as one table for (b) and (c))."""
     import pyarrow.dataset as ds
 
-    return ds.dataset(os.path.join(out, "data", "module=transformer.wte")).to_table()
+    return ds.dataset(os.path.join(out, "data", "module=transformer.wte"))
+
+
+def reference_table(model, tokenizer, docs, dtype, target, args):
+    """The rows a capture stores, from one untimed capture: the table (b) and (c) write in
+    every round, before and after (a). The rows are the same in every capture (only the
+    embedding of the same tokens), and each round checks their count."""
+    work = tempfile.mkdtemp(prefix="ceiling-rows-", dir=target)
+    try:
+        capture_rows(model, tokenizer, docs, os.path.join(work, "out"), dtype, 0, args)
+        return module_rows(os.path.join(work, "out")).to_table()
+    finally:
+        shutil.rmtree(work)
 
 
 def plain_writer(table, path: str, dtype: str) -> None:
@@ -181,24 +202,32 @@ def bare_forward(model, tokenizer, docs, args) -> Meter:
     return meter
 
 
-def measure(model, tokenizer, docs, d, dtype, target, threads, args) -> dict:
+def measure(model, tokenizer, docs, d, dtype, target, threads, args, table) -> dict:
+    """One round: (b) on `table`, (a), (f), (b) again, (c). (b) is the mean of the runs
+    before and after (a), so a drift of the host's load during the round falls on both
+    sides of the ratio alike; the CPU they report is printed apart too."""
     work = tempfile.mkdtemp(prefix="ceiling-", dir=target)
     try:
-        out = os.path.join(work, "out")
+        plain, out = os.path.join(work, "plain.parquet"), os.path.join(work, "out")
+        with Meter() as b_before:
+            plain_writer(table, plain, dtype)
+        os.remove(plain)
         with Meter() as a:
             run = capture_rows(model, tokenizer, docs, out, dtype, threads, args)
         f = bare_forward(model, tokenizer, docs, args)
-        table = read_rows(out)
-        itemsize = 4 if dtype == "float32" else 2
-        payload = table.num_rows * d * itemsize
-        with Meter() as b:
-            plain_writer(table, os.path.join(work, "plain.parquet"), dtype)
+        rows = module_rows(out)
+        counted, vector_type = rows.count_rows(), rows.schema.field("vector").type
+        shutil.rmtree(out)  # /dev/shm is memory: at most the table and one copy at a time
+        with Meter() as b_after:
+            plain_writer(table, plain, dtype)
+        os.remove(plain)
         with Meter() as c:
             raw_write(table_buffers(table), os.path.join(work, "raw.bin"))
-        vector_type = table.schema.field("vector").type
-        return {"rows": table.num_rows, "tokens": run.manifest.counts.tokens_fed,
+        itemsize = 4 if dtype == "float32" else 2
+        return {"rows": counted, "tokens": run.manifest.counts.tokens_fed,
                 "row_bytes": vector_type.list_size * vector_type.value_type.bit_width // 8,
-                "payload": payload, "a": a, "b": b, "c": c, "f": f}
+                "payload": table.num_rows * d * itemsize, "a": a, "c": c, "f": f,
+                "b": Meter.mean(b_before, b_after), "b_each": (b_before, b_after)}
     finally:
         shutil.rmtree(work)
 
@@ -220,7 +249,9 @@ def report(d, dtype, where, threads, m, expected_rows: int) -> list[float]:
                       ("c", "(c) raw write+fsync"), ("f", "(f) the forward alone")):
         gbs, cpu = rates(m[key], m["payload"])
         figures += [gbs, cpu]
-        print(f"  {what}: {gbs:.3f} GB/s, {cpu:.2f} CPU-s/GB")
+        each = "" if key != "b" else " (before and after (a): {:.2f}, {:.2f})".format(
+            *(rates(b, m["payload"])[1] for b in m["b_each"]))
+        print(f"  {what}: {gbs:.3f} GB/s, {cpu:.2f} CPU-s/GB{each}")
     ratio, own = figures[1] / figures[3], (figures[1] - figures[7]) / figures[3]
     print(f"  CPU-s/GB ratio (a)/(b): {ratio:.2f} (target <= {TARGET_CPU_RATIO}); "
           f"with the forward counted out, ((a) - (f))/(b): {own:.2f}")
@@ -233,9 +264,10 @@ def rounds(model, tokenizer, docs, d, dtype, where, target, expected_rows, args)
     ratios = {t: [] for t in args.threads}
     walls = {t: [] for t in args.threads}
     figures = []
+    table = reference_table(model, tokenizer, docs, dtype, target, args)
     for r in range(args.repeats):
         for threads in args.threads if r % 2 == 0 else args.threads[::-1]:
-            m = measure(model, tokenizer, docs, d, dtype, target, threads, args)
+            m = measure(model, tokenizer, docs, d, dtype, target, threads, args, table)
             line = report(d, dtype, where, threads, m, expected_rows)
             figures += line
             ratios[threads].append(line[-2:])
