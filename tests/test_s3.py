@@ -146,7 +146,7 @@ KILL_DRIVER = """
 import os, sys, time
 import crowstream as cs
 from crowstream.demo import python_doc_paragraphs
-from crowstream.format import records, storage
+from crowstream.format import mirror, records
 from crowstream.pipeline import commit
 
 original, calls = records.write_record_json, []
@@ -158,7 +158,7 @@ def stall(out, run_id, record):  # the 2nd call for shard 2 is the bucket's: par
         print("READY", sum("-000000-" in n or "-000001-" in n for n in spool), flush=True)
         time.sleep(600)
     original(out, run_id, record)
-commit.write_record_json = storage.write_record_json = stall
+commit.write_record_json = mirror.write_record_json = stall
 url, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cs.capture(model, python_doc_paragraphs(120, min_chars=1)[:n], %r, url, shard_size=4,
            batch_size=4, progress=False)

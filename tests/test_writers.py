@@ -165,12 +165,12 @@ class Paused:
     statistics are uploaded) until `go` is set."""
 
     def __init__(self, monkeypatch, index: int):
-        from crowstream.format import storage
         from crowstream.format.layout import record_path
+        from crowstream.format.mirror import Mirror
 
         self.ready, self.go, self.taken = __import__("threading").Event(), \
             __import__("threading").Event(), []
-        original = storage.Mirror._create
+        original = Mirror._create
 
         def create(mirror, rel, i):
             if rel == record_path(index) and not self.taken:
@@ -179,7 +179,7 @@ class Paused:
                 assert self.go.wait(120)
             return original(mirror, rel, i)
 
-        monkeypatch.setattr(storage.Mirror, "_create", create)
+        monkeypatch.setattr(Mirror, "_create", create)
 
 
 def in_thread(function, *args, **kw):
@@ -348,13 +348,13 @@ def test_random_sigkills_then_takeover_resumes_equal_an_uninterrupted_capture(
 def test_a_dead_captures_spool_is_deleted_by_the_next_a_live_one_kept(tmp_path):
     import fcntl
 
-    from crowstream.format import storage
+    from crowstream.format.spool import make_spool
 
     spools = tmp_path / "spools"
-    dead, _ = storage.make_spool(str(spools))
-    live, live_fd = storage.make_spool(str(spools))
+    dead, _ = make_spool(str(spools))
+    live, live_fd = make_spool(str(spools))
     os.close(_)  # the dead capture's lock died with it
-    mine, my_fd = storage.make_spool(str(spools))
+    mine, my_fd = make_spool(str(spools))
     try:
         assert not os.path.exists(dead) and os.path.isdir(live) and os.path.isdir(mine)
         probe = os.open(os.path.join(live, ".locks", "spool.lock"), os.O_RDWR)

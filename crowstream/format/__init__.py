@@ -8,6 +8,7 @@
 - `locks`      — the directory and rank locks
 - `card`       — the dataset card
 - `files`      — atomic, durable small files and hashing
-- `storage`    — OUT on object storage (a spool published by `Mirror`)
+- `storage`    — OUT on object storage: URLs, reading a bucket OUT
+- `mirror`     — writing one: a local spool published shard by shard (`Mirror`)
 - `integrity`  — `verify`; `reencode` — `rewrite`
 """

@@ -1,5 +1,5 @@
 """Where a capture's output goes. It owns `Output`: the local directory the pipeline writes
-(OUT itself, or a spool that a `storage.Mirror` publishes to a bucket), this process's
+(OUT itself, or a spool that a `mirror.Mirror` publishes to a bucket), this process's
 rank out of `world`, and the publish step of the commit; plus taking OUT's locks and the
 checks on OUT's placement. One small object, made once by `run.capture` and passed in.
 """
@@ -20,7 +20,7 @@ from crowstream.format.recovery import inspect_out, recover
 @dataclasses.dataclass(frozen=True)
 class Output:
     """`path`: the local directory written (OUT, or the spool of a bucket OUT); `mirror`:
-    the `storage.Mirror` that publishes the spool (None for a local OUT); `rank` of
+    the `mirror.Mirror` that publishes the spool (None for a local OUT); `rank` of
     `world` ranks (shard k is rank k mod world's)."""
 
     path: str
@@ -41,7 +41,7 @@ class Output:
         """The fencing step of the commit, before the record: raises `FencedError` when this
         writer no longer owns the run. A local OUT is fenced by its locks, held for the
         whole run; a bucket OUT by this writer's lease (checked again before the record PUT,
-        see `storage.Mirror.commit`)."""
+        see `mirror.Mirror.commit`)."""
         if self.mirror is not None:
             self.mirror.check_fence()
 

@@ -16,6 +16,7 @@ import os
 
 from crowstream.errors import CrowstreamError, DataError, IncompleteRunError
 from crowstream.format import storage
+from crowstream.format.mirror import Mirror
 from crowstream.format.layout import manifest_path
 from crowstream.format.locks import check_world, exclusive
 from crowstream.format.manifest import read_manifest
@@ -176,11 +177,11 @@ def _create(session: Session, mode: str, peek, provenance_: dict) -> None:
 
 def _capture_to_url(model, data, modules, url: str, options: CaptureOptions, grouped) -> Run:
     """`capture` into object storage: the local pipeline writes a temporary spool that a
-    `storage.Mirror` publishes shard by shard (see crowstream/format/storage.py)."""
+    `Mirror` publishes shard by shard (see crowstream/format/mirror.py)."""
     rank, world = ranks.resolve(options.rank, options.world_size)
     ranks.check_options(world, max_tokens=options.max_tokens, overwrite=options.overwrite,
                         device_map=options.device_map)  # before the bucket is touched
-    with storage.Mirror(url, options.storage_options, rank=rank, world=world,
+    with Mirror(url, options.storage_options, rank=rank, world=world,
                         lease_s=options.lease_s, takeover=options.takeover,
                         spool_dir=options.spool_dir) as mirror:
         resume = mirror.prepare(overwrite=options.overwrite, resume=options.resume or world > 1)
