@@ -185,6 +185,15 @@ def test_ceiling_repeats_alternate_the_thread_order_and_print_medians():
     _every_figure_finite(done.stdout)
 
 
+def test_cpu_paths_tiny_prints_every_microbenchmark(tmp_path):
+    out = _run("cpu_paths.py", tmp_path)  # a child: it compares THP settings in children
+    for line in ("1. lookup", "4 KiB pages", "huge pages", "2. 8 windows", "median ratio",
+                 "3. a 300 x 64 float32 row group", "a reused one", "concat_arrays",
+                 "4. row norms + subtract"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    _every_figure_finite(out)
+
+
 def test_compression_tiny_prints_the_table_and_a_choice(tmp_path, capsys):
     out = _run("compression.py", tmp_path, capsys)
     rows = [line for line in out.splitlines() if line.startswith(("minilm", "gpt2-random"))]
