@@ -401,3 +401,14 @@ def test_rows_kept_without_a_copy_equal_a_plain_forward(gpt2, gpt2_dir, tmp_path
     if dtype == "float32":  # the deepest module's rows were the forward's; the early ones copied
         assert borrowed and all(was == last for last, was in borrowed)
         assert {last for last, _ in borrowed} == {True, False}
+
+
+def test_the_deepest_output_is_kept_without_a_copy_on_any_device():
+    """The rule is the trace's (nothing runs after the deepest module), not the CPU's: on
+    another device the last output is handed on as it is too, and an earlier one, or one
+    whose batch dropped a row, is selected into a new tensor. (`meta` stands in for a GPU.)"""
+    flat = torch.empty(6, 4, device="meta")
+    every, fewer = torch.arange(6, device="meta"), torch.arange(5, device="meta")
+    assert ModelTracer._select(None, flat, every, last=True).tensor is flat
+    assert ModelTracer._select(None, flat, every, last=False).tensor is not flat
+    assert ModelTracer._select(None, flat, fewer, last=True).tensor.shape == (5, 4)

@@ -139,6 +139,7 @@ class PartWriter:
         self.rows = 0
         self._buffer: RowGroupBuffer | None = None  # the open row group's rows, if any
         vector = schema.field("vector").type
+        self.d = vector.list_size
         self.dtype = "float16" if vector.value_type == pa.float16() else "float32"
         self._sink = HashingFile(tmp_path)
         self._writer = pq.ParquetWriter(self._sink, schema, memory_pool=encoder_memory_pool(),
@@ -175,8 +176,8 @@ class PartWriter:
     def _keep(self, batch: pa.RecordBatch) -> None:
         """Buffer a copy: a slice would keep the caller's whole batch alive."""
         if self._buffer is None:
-            d = self.schema.field("vector").type.list_size
-            self._buffer = RowGroupBuffer(d, self.dtype, self.group_rows, encoder_memory_pool())
+            self._buffer = RowGroupBuffer(self.d, self.dtype, self.group_rows,
+                                          encoder_memory_pool())
         self._buffer.append(batch)
 
     def _flush(self) -> None:

@@ -133,14 +133,16 @@ class ModelTracer:
         """`flat`'s kept rows: on the CPU selected straight into a pooled buffer (no fresh
         [N, d] tensor per batch), elsewhere on the device (copied to the host later).
 
-        The output the trace reads `last` is kept as it is when every row is kept: the
-        trace stops there, so no later operation can change it in place, and the copy is
-        saved (4-8% of a CPU ceiling capture). Earlier outputs are always copied: a later
-        layer may write into them (a residual added in place)."""
-        if flat.device.type != "cpu":
-            return Rows(flat.index_select(0, index))
+        The output the trace reads `last` is kept as it is when every row is kept, on any
+        device: the trace stops there, so no later operation can change it in place. On a
+        CPU that saves the copy (~5% of a capture's CPU on full pre-tokenized windows,
+        `benchmarks/cpu_paths.py`); on a GPU, a device copy before the one to the host.
+        Earlier outputs are always copied: a later layer may write into them (a residual
+        added in place) before the trace ends."""
         if last and index.numel() == flat.shape[0] and flat.is_contiguous():
             return Rows(flat)  # keep_index is sorted and unique: all rows, in order
+        if flat.device.type != "cpu":
+            return Rows(flat.index_select(0, index))
         out, buffer = self.pool.take((index.numel(), flat.shape[1]), flat.dtype)
         return Rows(torch.index_select(flat, 0, index, out=out), buffer)
 
