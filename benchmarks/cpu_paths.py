@@ -13,28 +13,22 @@
 3. a row group spanning batches: pieces copied into a fresh `RowGroupBuffer`, into one whose
    pages are already touched, and `pa.concat_arrays` of the sliced pieces;
 4. statistics: torch's row norms and subtract against numpy's `einsum` and `subtract` on
-   256-row slices.
+   256-row slices;
+5. the compaction of a padded batch's kept rows into a host buffer already touched (the
+   pool, once warm) and into a fresh one (the pool's first fill).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 
-if not os.environ.get("PYTHONPATH"):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from ceiling import build_model, build_tokenizer, cpu_seconds  # also sets up sys.path
 
 
 def per_gb(function, repeats: int, nbytes: int) -> float:
@@ -80,7 +74,6 @@ def copy_free(d: int, windows: int, rounds: int) -> None:
 
     import crowstream as cs
     from crowstream.pipeline.tracing import ModelTracer
-    from ceiling import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     model = build_model(d, tokenizer, "cpu")
@@ -176,6 +169,28 @@ def statistics_ops(d: int, repeats: int) -> None:
           f"CPU-s/GB ({1 - t / n:.0%} less with torch)")
 
 
+def compaction(d: int, repeats: int) -> None:
+    """A padded [16 x 512, d] float32 batch's kept rows (a ragged tail per row) selected
+    into a host buffer whose pages are already touched, and into a fresh one."""
+    import torch
+
+    torch.set_num_threads(1)
+    flat = torch.randn(16 * 512, d)
+    keep = torch.arange(512) < torch.arange(400, 480, 5)[:, None]  # [16, 512]
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    warm = torch.empty(len(index), d)
+
+    figures = {"a buffer already touched": [], "a fresh buffer": []}
+    for _ in range(5):
+        figures["a buffer already touched"].append(per_gb(
+            lambda: torch.index_select(flat, 0, index, out=warm), repeats, warm.nbytes))
+        figures["a fresh buffer"].append(per_gb(
+            lambda: torch.index_select(flat, 0, index, out=torch.empty(len(index), d)),
+            repeats, warm.nbytes))
+    print(f"5. kept rows of a 16 x 512 x {d} float32 batch selected, CPU-s/GB: "
+          + ", ".join(f"into {name} {statistics.median(f):.3f}" for name, f in figures.items()))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CI mode: small and quick")
@@ -186,6 +201,7 @@ def main(argv=None) -> int:
     copy_free(64 if tiny else 1024, 8 if tiny else 240, 2 if tiny else 4)
     row_group_buffer(64 if tiny else 1024, 300 if tiny else 3000, 5 if tiny else 50)
     statistics_ops(64 if tiny else 1024, 20 if tiny else 300)
+    compaction(64 if tiny else 1024, 3 if tiny else 20)
     return 0
 
 

@@ -189,7 +189,7 @@ def test_cpu_paths_tiny_prints_every_microbenchmark(tmp_path):
     out = _run("cpu_paths.py", tmp_path)  # a child: it compares THP settings in children
     for line in ("1. lookup", "4 KiB pages", "huge pages", "2. 8 windows", "median ratio",
                  "3. a 300 x 64 float32 row group", "a reused one", "concat_arrays",
-                 "4. row norms + subtract"):
+                 "4. row norms + subtract", "5. kept rows", "a fresh buffer"):
         assert line in out, f"missing {line!r} in:\n{out}"
     _every_figure_finite(out)
 
