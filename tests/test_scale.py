@@ -427,10 +427,10 @@ def test_capture_stays_within_the_budget_and_stores_the_same_rows(gpt2, corpus, 
     (budget,) = budgets  # the rows' share: concurrent encoders take theirs first
     slots = encoder_slots(honoured)
     row_bytes = 2 * (16 + 64 * 4)
-    # and the forward runs at most two part files per encoder and module, or two batches
+    # and the forward runs at most one part file per encoder and module, or two batches
     # of the default token budget, ahead of them
     lead = lead_bytes(slots, len(MODULES), 8192 * row_bytes)
-    assert lead == max(2 * slots * 2 * 4 * (32 << 10), 2 * 8192 * row_bytes)
+    assert lead == max(slots * 2 * 4 * (32 << 10), 2 * 8192 * row_bytes)
     assert budget.limit == max(1, min(honoured - slots * ENCODER_BYTES, lead))
     if limit == 1 << 30:
         assert budget.limit == lead < honoured // 4

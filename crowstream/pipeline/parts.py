@@ -33,12 +33,14 @@ ENCODER_BYTES = 3 * ROW_GROUP_BYTES
 # reads of whole files cheap against opening them.
 PART_GROUPS = 4
 # Part files' worth of rows, per encoder and module, that the forward may run ahead of the
-# encoders (`lead_bytes`). Two keep every encoder fed (one file encoding, the next
-# filling); more only grows memory, and fresh host buffers are not free: page faults and
-# zeroing on the CPU, a page-locked allocation behind a GPU. A 150k-token ceiling capture
-# at d = 1,024 float32 used 1.76x a plain writer's CPU with a 128 MiB lead against 2.04x
-# with the whole 2 GiB budget as its lead (medians of 4 alternating rounds).
-LEAD_FILES = 2
+# encoders (`lead_bytes`). One keeps every encoder fed: its file's row groups queue up
+# behind the one encoding (and `lead_bytes` never goes under two batches). A longer lead
+# only grows memory, and fresh host buffers are not free: page faults and zeroing on the
+# CPU, a page-locked allocation behind a GPU. Ceiling captures at d = 1,024 float32
+# (300k tokens, medians of 4 alternating rounds in one process): a 64 MiB lead used 0.91x
+# the CPU of a 128 MiB one at 1 and at 2 encoder threads (wall 0.91x at 2), and 128 MiB
+# had used 1.76x a plain writer's CPU against 2.04x with the whole 2 GiB budget as lead.
+LEAD_FILES = 1
 from crowstream.errors import OutputError
 from crowstream.format.files import HashingFile, fsync_and_hash
 from crowstream.pipeline.flatten import to_record_batch
