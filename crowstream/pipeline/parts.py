@@ -36,10 +36,10 @@ PART_GROUPS = 4
 # encoders (`lead_bytes`). One keeps every encoder fed: its file's row groups queue up
 # behind the one encoding (and `lead_bytes` never goes under two batches). A longer lead
 # only grows memory, and fresh host buffers are not free: page faults and zeroing on the
-# CPU, a page-locked allocation behind a GPU. Ceiling captures at d = 1,024 float32
-# (300k tokens, medians of 4 alternating rounds in one process): a 64 MiB lead used 0.91x
-# the CPU of a 128 MiB one at 1 and at 2 encoder threads (wall 0.91x at 2), and 128 MiB
-# had used 1.76x a plain writer's CPU against 2.04x with the whole 2 GiB budget as lead.
+# CPU, a page-locked allocation behind a GPU. Ceiling captures at d = 1,024 (300k tokens,
+# 3 alternating rounds of one process per version, 2 captures each): a 64 MiB lead used
+# 0.91x the CPU of a 128 MiB one at float32, 1.03x (noise) at float16; 128 MiB had used
+# 1.76x a plain writer's CPU against 2.04x with the whole 2 GiB budget as its lead.
 LEAD_FILES = 1
 from crowstream.errors import OutputError
 from crowstream.format.files import HashingFile, fsync_and_hash
