@@ -184,8 +184,37 @@ def prefer_huge_pages() -> None:
     os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
 
 
+# glibc's mallopt parameters (malloc.h) and the variables through which a user sets them
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+KEPT_FREE_BYTES = 1 << 30  # free memory at the heap's top kept before any goes back
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a process frees for its next allocations, unless
+    the user has set MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_; -> whether it did (Linux
+    with glibc only). By default glibc maps every allocation over 32 MiB anew and unmaps it
+    on free, so a CPU forward's fresh `[B, T, d]` output (128 MiB at d = 4,096) and a
+    batch's other large buffers fault in new, zeroed pages every batch; on a VM that hands
+    free pages back to its host that cost up to 20% of a ceiling capture's CPU. With mmap
+    off and the trim threshold at 1 GiB, freed blocks stay in the heap and are reused:
+    0.90-0.96x the CPU of ceiling captures (docs/performance.md). The price is that the
+    process keeps its peak heap until it exits, which suits the command line (it owns its
+    process and runs one capture); a library must not do it to its caller's process."""
+    if not sys.platform.startswith("linux") or any(v in os.environ for v in MALLOC_VARIABLES):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:  # a libc without mallopt: nothing to tune
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+
+
 def main(argv: list[str] | None = None) -> int:
     prefer_huge_pages()
+    keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     _configure_logging()

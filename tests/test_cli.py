@@ -223,6 +223,57 @@ def test_the_command_line_asks_torch_for_huge_pages_unless_told_not_to(setting, 
     assert result.stdout.strip() == str(advised)
 
 
+_HEAP_PROBE = """
+import ctypes, torch
+from crowstream.cli import keep_freed_memory
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+kept = keep_freed_memory()
+mapped = libc.mallinfo2().hblkhd
+tensor = torch.empty(64 << 20, dtype=torch.uint8)  # over glibc's largest mmap threshold
+print(kept, libc.mallinfo2().hblkhd - mapped >= 64 << 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@pytest.mark.parametrize("variable", [None, "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"])
+def test_the_command_line_keeps_freed_memory_in_the_heap_unless_told_not_to(variable):
+    """After `keep_freed_memory` a 64 MiB tensor comes from the heap (glibc's mmapped bytes,
+    `mallinfo2().hblkhd`, do not grow), so freeing it keeps it for the next batch; a user's
+    own MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_ leaves glibc as it was (mapped)."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("no glibc >= 2.33 (mallinfo2)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if variable == "MALLOC_MMAP_MAX_":
+        env[variable] = "65536"  # glibc's default
+    elif variable is not None:
+        env[variable] = str(128 << 10)
+    result = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    kept = variable is None
+    assert result.stdout.split() == [str(kept), str(not kept)]
+
+
+def test_main_keeps_freed_memory_before_it_parses(monkeypatch):
+    from crowstream import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept"))
+    monkeypatch.setattr(cli, "build_parser", lambda: calls.append("parsed") or
+                        pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(["--help"])
+    assert calls == ["kept", "parsed"]
+
+
 def test_main_prefers_huge_pages_before_it_parses(monkeypatch):
     from crowstream import cli
 
