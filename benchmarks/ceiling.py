@@ -45,15 +45,10 @@ import time
 if not os.environ.get("PYTHONPATH"):  # else measure the crowstream it names (e.g. a release)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# huge pages for large CPU tensors, as the command line asks (crowstream.cli.prefer_huge_pages):
-# torch reads this at its first allocation, so before torch is imported
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-try:  # and glibc keeps freed memory for reuse, as the command line does
-    from crowstream.cli import keep_freed_memory
-except ImportError:  # an older crowstream, whose command line did not
-    pass
-else:
-    keep_freed_memory()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import prepare_process  # noqa: E402
+
+prepare_process()  # as the command line does (importing throughput did it already)
 
 TARGET_CPU_RATIO = 1.5  # crowstream's CPU-s/GB at most 1.5x one plain ParquetWriter's
 

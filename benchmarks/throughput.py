@@ -50,15 +50,21 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# huge pages for large CPU tensors, as the command line asks (crowstream.cli.prefer_huge_pages);
-# torch reads this at its first allocation, so before torch is imported
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-try:  # and glibc keeps freed memory for reuse, as the command line does
-    from crowstream.cli import keep_freed_memory
-except ImportError:  # an older crowstream, whose command line did not
-    pass
-else:
-    keep_freed_memory()
+
+
+def prepare_process() -> None:
+    """Tune this process as the command line does (`crowstream.cli.prepare_process`: huge
+    pages, glibc keeping freed memory), before torch allocates. An older crowstream without
+    it gets huge pages, which its command line already asked for the same way."""
+    try:
+        from crowstream.cli import prepare_process as as_the_command_line
+    except ImportError:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    else:
+        as_the_command_line()
+
+
+prepare_process()
 
 TARGET_VS_BASELINE = 1.5   # (1)/(2)
 TARGET_VS_FLOOR = 0.95     # (1)/(3)

@@ -212,9 +212,16 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare_process() -> None:
+    """Tune the process the command line owns, before torch allocates: huge pages for
+    large CPU tensors and glibc keeping freed memory (each unless the user set its
+    variables). The benchmarks call it too, to measure what the command line runs."""
     prefer_huge_pages()
     keep_freed_memory()
+
+
+def main(argv: list[str] | None = None) -> int:
+    prepare_process()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     _configure_logging()

@@ -19,9 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crowstream.schemas import ROW_GROUP_BYTES, parquet_options, table_options
-
+from crowstream.errors import OutputError
+from crowstream.format.files import HashingFile, fsync_and_hash
 from crowstream.format.layout import PART_TARGET_BYTES
+from crowstream.pipeline.flatten import to_record_batch
+from crowstream.pipeline.threads import usable_cpus
+from crowstream.schemas import ROW_GROUP_BYTES, parquet_options, table_options
 
 # Memory one row-group encode holds beyond its input: the byte-stream-split copy, the
 # compressed pages and the allocator's slack. Measured: 16 writers encoding 16 MiB groups
@@ -41,10 +44,6 @@ PART_GROUPS = 4
 # 0.91x the CPU of a 128 MiB one at float32, 1.03x (noise) at float16; 128 MiB had used
 # 1.76x a plain writer's CPU against 2.04x with the whole 2 GiB budget as its lead.
 LEAD_FILES = 1
-from crowstream.errors import OutputError
-from crowstream.format.files import HashingFile, fsync_and_hash
-from crowstream.pipeline.flatten import to_record_batch
-from crowstream.pipeline.threads import usable_cpus
 
 log = logging.getLogger("crowstream")
 
