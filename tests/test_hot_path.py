@@ -289,6 +289,72 @@ def test_the_gate_holds_writer_and_encoder_calls_until_the_forward_ends():
         pool.close()
 
 
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's native backend has one thread count per process")
+@pytest.mark.parametrize("kind", ["worker", "encoder", "prefetch"])
+def test_each_background_thread_runs_torch_on_one_thread(kind):
+    from crowstream.pipeline.threads import EncoderPool, Worker, forward_keeps_its_threads, prefetch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with forward_keeps_its_threads():
+            if kind == "prefetch":
+                counts = list(prefetch(torch.get_num_threads() for _ in range(2)))
+            else:
+                runner = Worker("crowstream-test") if kind == "worker" else EncoderPool(2)
+                submit = runner.submit if kind == "worker" else runner.lane().submit
+                counts = [submit(torch.get_num_threads).result(timeout=10) for _ in range(2)]
+                runner.close()
+            during = torch.get_num_threads()
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert counts == [1, 1] and during == after == 2
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's native backend has one thread count per process")
+def test_background_torch_runs_on_one_thread_and_the_forward_keeps_its_own(
+        gpt2, corpus, tmp_path, monkeypatch):
+    """Statistics and casts on the writer threads run torch on one thread each (each
+    thread's own OpenMP team would spin on the forward's cores); the forward's thread keeps
+    its count during the capture and after it, and a thread started later gets it too."""
+    from crowstream.format import statistics
+    from crowstream.pipeline import host
+
+    model, tokenizer = gpt2
+    seen: dict = {}
+
+    def recording(method):
+        def recorded(self, *args, **kwargs):
+            seen.setdefault(threading.current_thread().name, set()).add(torch.get_num_threads())
+            return method(self, *args, **kwargs)
+        return recorded
+
+    monkeypatch.setattr(statistics.ModuleStats, "update", recording(statistics.ModuleStats.update))
+    monkeypatch.setattr(host.Captured, "rows", recording(host.Captured.rows))
+    forward: list = []
+    hook = model.transformer.h[0].register_forward_hook(
+        lambda *args: forward.append(torch.get_num_threads()))
+    before, later = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+    try:
+        cs.capture(model, corpus[:N], ["transformer.h.0"], str(tmp_path / "out"),
+                   tokenizer=tokenizer, **KW)
+        after = torch.get_num_threads()
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert any(name.startswith("crowstream-encoder") for name in seen)
+    assert any(name.startswith("crowstream-writer") for name in seen)
+    assert all(counts == {1} for counts in seen.values()), seen
+    assert forward and set(forward) == {2} and after == 2 and later == [2]
+
+
 def _parts(run):
     return sorted((p.path, p.sha256) for s in run.manifest.shards for p in s.parts)
 
