@@ -255,6 +255,32 @@ def test_a_capture_fingerprints_the_tokenizer_once_and_reads_library_versions_on
         assert provenance["versions"][package] == md.version(package)
 
 
+def test_the_tokenizer_fingerprint_is_remembered_by_its_state_and_follows_a_change(gpt2_dir):
+    """Remembered by the tokenizer's serialized state, so a second capture with the same
+    tokenizer does not re-encode its vocabulary; the digest is still the one manifests
+    hold (sorted-key JSON less truncation and padding), a changed vocabulary changes it,
+    and truncation or padding state does not."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from crowstream.pipeline import models
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    models._backend_sha256.cache_clear()
+    first = models.tokenizer_fingerprint(tokenizer)
+    assert models.tokenizer_fingerprint(tokenizer) == first
+    assert models._backend_sha256.cache_info().hits == 1
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None), state.pop("padding", None)
+    assert first["sha256"] == hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    tokenizer(["a few words"], truncation=True, max_length=2)
+    tokenizer.backend_tokenizer.enable_padding(length=8)
+    assert models.tokenizer_fingerprint(tokenizer) == first
+    tokenizer.add_tokens(["<crowstream-probe-token>"])
+    assert models.tokenizer_fingerprint(tokenizer)["sha256"] != first["sha256"]
+
+
 # -- the schema's fast checker ---------------------------------------------------------------
 
 def mutations(record: dict):
