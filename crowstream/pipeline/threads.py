@@ -40,8 +40,11 @@ def forward_keeps_its_threads():
     try:
         yield
     finally:
-        if _openmp_backend():
-            torch.set_num_threads(forward_threads)
+        if _openmp_backend():  # from a thread of its own: this one's settings stay as they are
+            restore = threading.Thread(target=torch.set_num_threads, args=(forward_threads,),
+                                       name="crowstream-threads")
+            restore.start()
+            restore.join()
 
 
 def torch_on_one_thread() -> None:
