@@ -162,7 +162,7 @@ class Session:
     def run(self, source) -> Run:
         """Capture this process's share of `source` (every shard not yet committed, or under
         several ranks those of them it owns), committing shard by shard."""
-        from .threads import forward_keeps_its_threads
+        from .threads import prefetch
 
         if self.manifest.status == "complete":
             return self._result()
@@ -173,12 +173,6 @@ class Session:
             -(-source.n_docs // self.world)  # about this rank's share
         initial = sum(s.source_end - s.source_start for s in committed.shards
                       if s.index % self.world == self.rank)
-        with forward_keeps_its_threads():
-            return self._run(source, committed, total, initial)
-
-    def _run(self, source, committed, total, initial) -> Run:
-        from .threads import prefetch
-
         writers = stream = None
         try:
             writers = Writers(self.output, self.config, self.tracer.dims, committed,

@@ -27,24 +27,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-@contextlib.contextmanager
-def forward_keeps_its_threads():
-    """Around a capture, on the thread that runs the forward: that thread keeps its torch
-    intra-op thread count while the background threads run on one each
-    (`torch_on_one_thread`), and threads started after the capture get that count again.
-    Under OpenMP a thread's count is its own, but a thread that has not used torch yet
-    takes the count last set by any thread: reading it here fixes the forward's first."""
-    import torch
-
-    forward_threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if _openmp_backend():  # from a thread of its own: this one's settings stay as they are
-            restore = threading.Thread(target=torch.set_num_threads, args=(forward_threads,),
-                                       name="crowstream-threads")
-            restore.start()
-            restore.join()
+_SETTING_TORCH_THREADS = threading.Lock()
 
 
 def torch_on_one_thread() -> None:
@@ -54,11 +37,22 @@ def torch_on_one_thread() -> None:
     2 cores a d = 1,024 float16 capture with torch at 2 threads took 5.9-6.6 s against
     4.9-6.1 s with this (alternating processes). The encoders already work in parallel
     with each other. Only under OpenMP, where the count is per thread (torch's native
-    backend has one count for the process)."""
-    if _openmp_backend():
-        import torch
+    backend has one count for the process).
 
+    `torch.set_num_threads` also sets the count that threads take at their first torch
+    call, so a thread of its own puts that default back at once: the forward's thread,
+    and any thread of the caller's, keep what they had."""
+    if not _openmp_backend():
+        return
+    import torch
+
+    with _SETTING_TORCH_THREADS:
+        default = torch.get_num_threads()  # this thread's first call: the process default
         torch.set_num_threads(1)
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,),
+                                   name="crowstream-threads")
+        restore.start()
+        restore.join()
 
 
 @functools.cache
