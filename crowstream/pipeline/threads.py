@@ -33,11 +33,11 @@ _SETTING_TORCH_THREADS = threading.Lock()
 def torch_on_one_thread() -> None:
     """Run this background thread's torch operations (statistics, casts, range checks) on
     it alone. Each thread that calls torch otherwise forks its own OpenMP team as wide as
-    the forward's: a GPU node's 8 encoder threads would run 8 teams of every core, and on
-    2 cores a d = 1,024 float16 capture with torch at 2 threads took 5.9-6.6 s against
-    4.9-6.1 s with this (alternating processes). The encoders already work in parallel
-    with each other. Only under OpenMP, where the count is per thread (torch's native
-    backend has one count for the process).
+    the forward's: a GPU node's 8 encoder threads would run 8 teams of every core. The
+    encoders already work in parallel with each other. (On a 2-core CPU it is a wash:
+    the forward's own team then spins more between its calls, see docs/performance.md.)
+    Only under OpenMP, where the count is per thread (torch's native backend has one
+    count for the process).
 
     `torch.set_num_threads` also sets the count that threads take at their first torch
     call, so a thread of its own puts that default back at once: the forward's thread,
