@@ -212,12 +212,41 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
 
 
+# pyarrow's jemalloc reads its settings from this variable at its first allocation
+ENCODER_MEMORY_VARIABLE = "JE_ARROW_MALLOC_CONF"
+KEEP_ENCODER_MEMORY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def keep_encoder_memory() -> None:
+    """Make pyarrow's jemalloc, the pool part files encode in, keep the pages it frees for
+    the next row group instead of handing them back within about a second, unless the user
+    has set JE_ARROW_MALLOC_CONF. An encoder frees its buffers after every row group, so
+    by default it faulted in ~440k fresh pages per 150k-token d = 4,096 float16 capture,
+    and 10k with this (docs/performance.md). The price is that the encoders' peak memory,
+    which the in-flight budget already counts, stays in the process until it exits: the
+    command line's choice, as for glibc's heap (`keep_freed_memory`). jemalloc reads the
+    variable once, at its first allocation; where pyarrow is already loaded the same goes
+    to the arenas jemalloc creates from now on, which the encoder threads will use."""
+    if ENCODER_MEMORY_VARIABLE in os.environ:
+        return
+    os.environ[ENCODER_MEMORY_VARIABLE] = KEEP_ENCODER_MEMORY
+    if "pyarrow" in sys.modules:
+        import pyarrow as pa
+
+        try:
+            pa.jemalloc_set_decay_ms(-1)
+        except NotImplementedError:  # a pyarrow built without jemalloc
+            pass
+
+
 def prepare_process() -> None:
-    """Tune the process the command line owns, before torch allocates: huge pages for
-    large CPU tensors and glibc keeping freed memory (each unless the user set its
-    variables). The benchmarks call it too, to measure what the command line runs."""
+    """Tune the process the command line owns, before torch allocates and before anything
+    is encoded: huge pages for large CPU tensors, glibc keeping freed memory, and pyarrow's
+    jemalloc keeping the encoders' (each unless the user set its variables). The
+    benchmarks call it too, to measure what the command line runs."""
     prefer_huge_pages()
     keep_freed_memory()
+    keep_encoder_memory()
 
 
 def main(argv: list[str] | None = None) -> int:

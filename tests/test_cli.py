@@ -262,6 +262,74 @@ def test_the_command_line_keeps_freed_memory_in_the_heap_unless_told_not_to(vari
     assert result.stdout.split() == [str(kept), str(not kept)]
 
 
+_ENCODER_MEMORY_PROBE = """
+import resource, sys, threading, time
+from crowstream.cli import keep_encoder_memory
+if sys.argv[1] == "first":
+    keep_encoder_memory()  # as the command line: before pyarrow is loaded
+from crowstream.pipeline.parts import encoder_memory_pool
+import numpy as np, pyarrow as pa
+
+if sys.argv[1] == "later":
+    keep_encoder_memory()  # as the benchmarks may: after
+pool = encoder_memory_pool()
+pa.allocate_buffer(64, memory_pool=pool)  # this thread's arena, as the capture's main thread
+faults = []
+
+def encode_like():  # a row group's buffer, freed, then a pause longer than jemalloc's decay
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        buffer = pa.allocate_buffer(64 << 20, memory_pool=pool)
+        np.frombuffer(buffer, np.uint8)[:] = 1
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+        del buffer
+        time.sleep(1.1)
+        for _ in range(3000):  # allocations are what let jemalloc's decay run
+            pa.allocate_buffer(64, memory_pool=pool)
+
+thread = threading.Thread(target=encode_like)
+thread.start()
+thread.join()
+print(faults[-1] < 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RUSAGE_THREAD is Linux's")
+@pytest.mark.parametrize("setting", [None, "stats_print:false"])
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_the_command_line_keeps_the_encoders_memory_unless_told_not_to(setting, when):
+    """After `keep_encoder_memory`, a 64 MiB encode buffer freed and taken again after
+    jemalloc's decay time faults in nothing (4 KiB pages: 16k faults otherwise); a user's
+    own JE_ARROW_MALLOC_CONF leaves pyarrow's settings as they were."""
+    import pyarrow as pa
+
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow has no jemalloc")
+    env = {k: v for k, v in os.environ.items() if k != "JE_ARROW_MALLOC_CONF"}
+    if setting is not None:
+        env["JE_ARROW_MALLOC_CONF"] = setting
+    result = subprocess.run([sys.executable, "-c", _ENCODER_MEMORY_PROBE, when], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(setting is None)
+
+
+def test_main_keeps_the_encoders_memory_before_it_parses(monkeypatch):
+    from crowstream import cli
+
+    monkeypatch.setenv("JE_ARROW_MALLOC_CONF", "")  # so the test's end restores the original
+    monkeypatch.delenv("JE_ARROW_MALLOC_CONF")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["JE_ARROW_MALLOC_CONF"] == cli.KEEP_ENCODER_MEMORY
+    monkeypatch.setenv("JE_ARROW_MALLOC_CONF", "stats_print:false")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["JE_ARROW_MALLOC_CONF"] == "stats_print:false"
+
+
 def test_main_keeps_freed_memory_before_it_parses(monkeypatch):
     from crowstream import cli
 
