@@ -41,7 +41,9 @@ def torch_on_one_thread() -> None:
 
     `torch.set_num_threads` also sets the count that threads take at their first torch
     call, so a thread of its own puts that default back at once: the forward's thread,
-    and any thread of the caller's, keep what they had."""
+    and any thread of the caller's, keep what they had. A thread that first calls torch
+    in between would take 1, so whoever starts a background thread waits until it has
+    done this, before it hands the thread any work."""
     if not _openmp_backend():
         return
     import torch
@@ -107,8 +109,10 @@ class Worker:
         self._gate = gate
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._set_up = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        self._set_up.wait()  # see `torch_on_one_thread`
 
     def submit(self, fn, *args) -> Future:
         self.check()
@@ -131,7 +135,10 @@ class Worker:
             self._thread.join()
 
     def _loop(self) -> None:
-        torch_on_one_thread()
+        try:
+            torch_on_one_thread()
+        finally:
+            self._set_up.set()
         while (item := self._queue.get()) is not _STOP:
             future, fn, args = item
             if self._error is not None:
@@ -204,7 +211,10 @@ def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch", cost=N
 
     def produce():
         try:
-            torch_on_one_thread()
+            try:
+                torch_on_one_thread()
+            finally:
+                set_up.set()
             for item in iterable:
                 price = cost(item)
                 with changed:
@@ -224,8 +234,10 @@ def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch", cost=N
 
     # A generator: the thread starts at the first item asked for, so a stream closed
     # before it was ever read leaves no thread behind.
+    set_up = threading.Event()
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
+    set_up.wait()  # see `torch_on_one_thread`
     yield from _consume(waiting, state, changed, thread)
 
 
@@ -269,8 +281,11 @@ class EncoderPool:
         self.error: BaseException | None = None
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                          for i in range(max(1, threads))]
+        self._set_up = threading.Semaphore(0)
         for thread in self._threads:
             thread.start()
+        for _ in self._threads:  # see `torch_on_one_thread`
+            self._set_up.acquire()
 
     def lane(self) -> Lane:
         return Lane(self)
@@ -295,7 +310,10 @@ class EncoderPool:
         self._ready.put(lane)
 
     def _loop(self) -> None:
-        torch_on_one_thread()
+        try:
+            torch_on_one_thread()
+        finally:
+            self._set_up.release()
         while (lane := self._ready.get()) is not _STOP:
             future, fn, args = lane.pop()
             if self.error is not None:
