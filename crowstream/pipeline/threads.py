@@ -42,8 +42,8 @@ def torch_on_one_thread() -> None:
     `torch.set_num_threads` also sets the count that threads take at their first torch
     call, so a thread of its own puts that default back at once: the forward's thread,
     and any thread of the caller's, keep what they had. A thread that first calls torch
-    in between would take 1, so whoever starts a background thread waits until it has
-    done this, before it hands the thread any work."""
+    in between would take 1, so a `BackgroundThread`'s `start` returns only once its
+    thread has done this, before the thread is handed any work."""
     if not _openmp_backend():
         return
     import torch
@@ -55,6 +55,26 @@ def torch_on_one_thread() -> None:
                                    name="crowstream-threads")
         restore.start()
         restore.join()
+
+
+class BackgroundThread(threading.Thread):
+    """A daemon thread of crowstream's: it runs torch on one thread (`torch_on_one_thread`)
+    before `target`, and `start` returns once that is done."""
+
+    def __init__(self, target, name: str):
+        super().__init__(target=target, name=name, daemon=True)
+        self._set_up = threading.Event()
+
+    def start(self) -> None:
+        super().start()
+        self._set_up.wait()
+
+    def run(self) -> None:
+        try:
+            torch_on_one_thread()
+        finally:
+            self._set_up.set()
+        super().run()
 
 
 @functools.cache
@@ -109,10 +129,8 @@ class Worker:
         self._gate = gate
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._set_up = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread = BackgroundThread(self._loop, name)
         self._thread.start()
-        self._set_up.wait()  # see `torch_on_one_thread`
 
     def submit(self, fn, *args) -> Future:
         self.check()
@@ -135,10 +153,6 @@ class Worker:
             self._thread.join()
 
     def _loop(self) -> None:
-        try:
-            torch_on_one_thread()
-        finally:
-            self._set_up.set()
         while (item := self._queue.get()) is not _STOP:
             future, fn, args = item
             if self._error is not None:
@@ -211,10 +225,6 @@ def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch", cost=N
 
     def produce():
         try:
-            try:
-                torch_on_one_thread()
-            finally:
-                set_up.set()
             for item in iterable:
                 price = cost(item)
                 with changed:
@@ -234,10 +244,8 @@ def prefetch(iterable, depth: int = 2, name: str = "crowstream-prefetch", cost=N
 
     # A generator: the thread starts at the first item asked for, so a stream closed
     # before it was ever read leaves no thread behind.
-    set_up = threading.Event()
-    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread = BackgroundThread(produce, name)
     thread.start()
-    set_up.wait()  # see `torch_on_one_thread`
     yield from _consume(waiting, state, changed, thread)
 
 
@@ -279,13 +287,10 @@ class EncoderPool:
         self._ready: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+        self._threads = [BackgroundThread(self._loop, f"{name}-{i}")
                          for i in range(max(1, threads))]
-        self._set_up = threading.Semaphore(0)
         for thread in self._threads:
             thread.start()
-        for _ in self._threads:  # see `torch_on_one_thread`
-            self._set_up.acquire()
 
     def lane(self) -> Lane:
         return Lane(self)
@@ -310,10 +315,6 @@ class EncoderPool:
         self._ready.put(lane)
 
     def _loop(self) -> None:
-        try:
-            torch_on_one_thread()
-        finally:
-            self._set_up.release()
         while (lane := self._ready.get()) is not _STOP:
             future, fn, args = lane.pop()
             if self.error is not None:
