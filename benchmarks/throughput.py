@@ -53,15 +53,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def prepare_process() -> None:
-    """Tune this process as the command line does (`crowstream.cli.prepare_process`: huge
-    pages, glibc keeping freed memory), before torch allocates. An older crowstream without
-    it gets huge pages, which its command line already asked for the same way."""
+    """Tune this process as the command line does (`crowstream.process.prepare_process`:
+    huge pages, glibc keeping freed memory, pyarrow's jemalloc keeping the encoders'),
+    before torch allocates. Older crowstreams had it in `crowstream.cli`, or only asked
+    for huge pages, the same way their command line did."""
     try:
-        from crowstream.cli import prepare_process as as_the_command_line
+        from crowstream.process import prepare_process as as_the_command_line
     except ImportError:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    else:
-        as_the_command_line()
+        try:
+            from crowstream.cli import prepare_process as as_the_command_line
+        except ImportError:
+            os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+            return
+    as_the_command_line()
 
 
 prepare_process()

@@ -83,7 +83,7 @@ def encoder_memory_pool() -> pa.MemoryPool:
     thread that waits between row groups then faults the next group's buffers in again.
     jemalloc (pyarrow's own settings: freed pages kept ~1 s) cost 8-14% less CPU per GB
     of a ceiling capture (medians of 3 alternating rounds, d = 1,024 float32 and d = 4,096
-    float16). The command line keeps its freed pages for good (`cli.keep_encoder_memory`).
+    float16). The command line keeps its freed pages for good (`process.keep_encoder_memory`).
     The bytes written are the same whatever the pool."""
     try:
         return pa.jemalloc_memory_pool()
