@@ -200,6 +200,8 @@ def bare_forward(model, tokenizer, docs, args) -> Meter:
     with torch.inference_mode(), Meter() as meter:
         for batch in batches:
             embedding(batch.to(args.device))
+        if torch.device(args.device).type == "cuda":  # the wall time of the kernels too
+            torch.cuda.synchronize(args.device)
     return meter
 
 

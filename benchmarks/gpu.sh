@@ -25,8 +25,17 @@ mkdir -p "$LOGS" "$WORK/data"
 trap 'rm -rf "$WORK/data"; [ "$LOGS" = "$WORK/logs" ] || rm -rf "$WORK"' EXIT
 THREADS=(1 2 4 8)
 if [ ${#TINY[@]} -gt 0 ]; then THREADS=(1 2); fi
-CEILING_SIZE=(--tokens 300000 --dims 1024 4096)
-if [ ${#TINY[@]} -gt 0 ]; then CEILING_SIZE=(); fi
+# sized for < 8 minutes on one node: the ceiling at 150k tokens (16 rounds), the loader at
+# 128 MiB per dataset (it measures the host: no GPU)
+CEILING_SIZE=(--tokens 150000 --dims 1024 4096)
+LOADER_SIZE=(--mib 128 --repeats 2)
+if [ ${#TINY[@]} -gt 0 ]; then CEILING_SIZE=(); LOADER_SIZE=(); fi
+# the ceiling holds several GB in /dev/shm at d = 4,096 float32 (the capture, the plain
+# writer's file, the raw write); a container's /dev/shm is often 64 MB: with under 8 GiB
+# free it writes to the disk instead (and the table says so)
+TARGET=shm
+SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+if [ ${#TINY[@]} -eq 0 ] && [ "${SHM_FREE_KB:-0}" -lt $((8 * 1024 * 1024)) ]; then TARGET=disk; fi
 
 run() {  # name, then the command; its output to $LOGS/name.log
   local name="$1"; shift
@@ -38,16 +47,17 @@ run() {  # name, then the command; its output to $LOGS/name.log
 launch() {  # the CPU smoke form checks figures, not speed: side by side; on a GPU node
   if [ ${#TINY[@]} -gt 0 ]; then run "$@" & else run "$@"; fi  # one at a time
 }
-launch throughput "$PYTHON" "$HERE/throughput.py" --device "$DEVICE" "${TINY[@]}"
+# ${A[@]+"${A[@]}"}: an empty array under `set -u` (bash < 4.4 calls it unbound)
+launch throughput "$PYTHON" "$HERE/throughput.py" --device "$DEVICE" ${TINY[@]+"${TINY[@]}"}
 launch ceiling "$PYTHON" "$HERE/ceiling.py" --device "$DEVICE" --threads "${THREADS[@]}" \
-    --targets shm "${CEILING_SIZE[@]}" "${TINY[@]}"
-launch loader "$PYTHON" "$HERE/loader.py" "${TINY[@]}"
+    --targets "$TARGET" ${CEILING_SIZE[@]+"${CEILING_SIZE[@]}"} ${TINY[@]+"${TINY[@]}"}
+launch loader "$PYTHON" "$HERE/loader.py" ${LOADER_SIZE[@]+"${LOADER_SIZE[@]}"} ${TINY[@]+"${TINY[@]}"}
 for job in $(jobs -p); do wait "$job" || exit 1; done
 
 echo "== crowstream on $DEVICE ($(nproc) cores); full logs in $LOGS"
 echo "-- throughput.py"
 grep -E "^ *\(|ratio|targets" "$LOGS/throughput.log" || true
-echo "-- ceiling.py (to /dev/shm)"
+echo "-- ceiling.py (to $TARGET)"
 grep -E "encoder_threads=|\(a\)|\(b\)|ratio|speed-up|tokenizing" "$LOGS/ceiling.log" || true
 echo "-- loader.py"
 grep -E "^ *\(|rows/s|ratio" "$LOGS/loader.log" || true

@@ -21,7 +21,7 @@ import torch
 
 import crowstream as cs
 from crowstream import errors
-from crowstream.pipeline.host import on_cpu
+from crowstream.pipeline.host import Rows, on_cpu
 from crowstream.pipeline.tracing import ModelTracer
 from crowstream.pipeline.writers import Writers
 from helpers import manifest_of, patch_everywhere, read_rows
@@ -489,3 +489,30 @@ def test_the_deepest_output_is_kept_without_a_copy_on_any_device():
     assert ModelTracer._select(None, flat, every, last=True).tensor is flat
     assert ModelTracer._select(None, flat, every, last=False).tensor is not flat
     assert ModelTracer._select(None, flat, fewer, last=True).tensor.shape == (5, 4)
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_rows_cast_on_a_device_leave_it_in_the_stored_dtype(clamp):
+    """Off the CPU, float32 rows stored as float16 are cast before the copy to the host (half
+    its bytes), after their peak is taken or their overflow clamped and counted. (`meta`
+    stands in for a GPU.)"""
+    flat = torch.empty(6, 4, device="meta")
+    rows, peak, count = ModelTracer._select_cast(None, flat, torch.arange(5, device="meta"),
+                                                 torch.float16, clamp)
+    assert rows.tensor.dtype == torch.float16 and rows.tensor.shape == (5, 4)
+    assert (peak is None, count is None) == (clamp, not clamp)
+
+
+def test_a_module_on_the_cpu_of_a_cuda_model_is_handed_over_as_selected():
+    """With device_map a captured module may run on the CPU: its rows, already selected into
+    a buffer of the (pinned) pool, go to the writers as they are, with that buffer to give
+    back, no second copy, and no CUDA event (a CPU tensor has no CUDA stream)."""
+    class NoCopies:
+        def take(self, shape, dtype):
+            raise AssertionError("rows on the CPU were copied again")
+
+    tracer = types.SimpleNamespace(pool=NoCopies())
+    selected, whole = Rows(torch.ones(3, 2), buffer="pool buffer"), Rows(torch.zeros(4, 2))
+    captured = ModelTracer._to_host(tracer, {"a": selected, "b": whole}, {}, {})
+    assert captured.vectors["a"] is selected.tensor and captured.vectors["b"] is whole.tensor
+    assert captured.buffers == {"a": "pool buffer"} and captured.ready == ()

@@ -152,8 +152,9 @@ def packed_mask(segments: torch.Tensor, dtype: torch.dtype, device=None) -> torc
         mask = mask.to(device)
     if dtype == torch.bool:
         return mask
+    # scalars made on the device (torch.full): a host value copied there would sync
     return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
-                       torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=mask.device))
+                       torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
 @functools.lru_cache(maxsize=4)

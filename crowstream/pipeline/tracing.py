@@ -112,19 +112,32 @@ class ModelTracer:
             buffers = {name: rows.buffer for name, rows in kept.items() if rows.buffer is not None}
             return Captured(on_cpu({name: rows.tensor for name, rows in kept.items()}), (),
                             on_cpu(peaks), on_cpu(clamped), buffers, self.pool)
-        kept = {name: rows.tensor for name, rows in kept.items()}
         if not on_cuda:  # an accelerator (MPS, XPU) copied synchronously
+            kept = {name: rows.tensor for name, rows in kept.items()}
             return Captured(on_cpu(kept), peaks=on_cpu(peaks), clamped=on_cpu(clamped))
-        host, buffers = {}, {}
+        return self._to_host(kept, peaks, clamped)
+
+    def _to_host(self, kept: dict, peaks: dict, clamped: dict) -> Captured:
+        """CUDA: each module's kept rows copied into a pinned buffer without waiting. With
+        `device_map` a module may run on the CPU: its rows are already in a pinned buffer
+        of the pool (`_select`), handed over as they are."""
+        host, buffers, devices = {}, {}, set()
         for name, rows in kept.items():
-            host[name], buffers[name] = self.pool.take(rows.shape, rows.dtype)
-            host[name].copy_(rows, non_blocking=True)
+            if rows.tensor.device.type == "cpu":
+                host[name] = rows.tensor
+                if rows.buffer is not None:
+                    buffers[name] = rows.buffer
+                continue
+            host[name], buffers[name] = self.pool.take(rows.tensor.shape, rows.tensor.dtype)
+            host[name].copy_(rows.tensor, non_blocking=True)
+            devices.add(rows.tensor.device)
         peaks, clamped = to_host(peaks), to_host(clamped)
-        # the writer thread waits on these instead of this thread syncing the device;
-        # with device_map, outputs (and so copies) may sit on several GPUs
+        # the writer threads wait on these instead of this thread syncing the device; with
+        # device_map, outputs (and so copies) may sit on several GPUs. Blocking events: a
+        # waiting writer sleeps instead of spinning a core through the forward.
         events = []
-        for device in {rows.device for rows in kept.values()}:
-            event = torch.cuda.Event()
+        for device in devices:
+            event = torch.cuda.Event(blocking=True)
             event.record(torch.cuda.current_stream(device))
             events.append(event)
         return Captured(host, tuple(events), peaks, clamped, buffers, self.pool)
@@ -153,9 +166,9 @@ class ModelTracer:
         through one pooled scratch block into a pooled buffer, so each block is read back
         from the cache, not from memory (three passes over [N, d] float32 took 1.3 CPU-s per
         GB stored at d = 4,096); on a device, all at once."""
-        if flat.device.type != "cpu":
+        if flat.device.type != "cpu":  # cast on the device: half the bytes to the host
             rows, peak, count = _stored(flat.index_select(0, index), dtype, clamp)
-            return Rows(rows), peak, count
+            return Rows(rows.to(dtype)), peak, count
         n, d = index.numel(), flat.shape[1]
         out, buffer = self.pool.take((n, d), dtype)
         step = max(1, CAST_BLOCK_BYTES // (d * flat.element_size()))
