@@ -3,7 +3,7 @@ nothing (issue #16).
 
     python benchmarks/ceiling.py                 # d = 1,024 and 4,096, 300k tokens, minutes
     python benchmarks/ceiling.py --tiny          # CI: d = 64, a few thousand tokens, seconds
-    python benchmarks/ceiling.py --threads 1 2 4 8 --device cuda   # what gpu.sh runs
+    python benchmarks/ceiling.py --threads 1 2 4 8 --device cuda   # gpu.sh: also --tokens 150000
     python benchmarks/ceiling.py --targets shm --repeats 3      # medians over alternating rounds
 
 A one-layer GPT-2 config (random weights, built here) of width d, and a capture of its

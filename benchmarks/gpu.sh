@@ -34,7 +34,7 @@ if [ ${#TINY[@]} -gt 0 ]; then CEILING_SIZE=(); LOADER_SIZE=(); fi
 # writer's file, the raw write); a container's /dev/shm is often 64 MB: with under 8 GiB
 # free it writes to the disk instead (and the table says so)
 TARGET=shm
-SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}') || SHM_FREE_KB=0
 if [ ${#TINY[@]} -eq 0 ] && [ "${SHM_FREE_KB:-0}" -lt $((8 * 1024 * 1024)) ]; then TARGET=disk; fi
 
 run() {  # name, then the command; its output to $LOGS/name.log

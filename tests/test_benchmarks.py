@@ -76,7 +76,7 @@ def test_throughput_tiny_prints_every_number(gpu_sh):
     out = _log(gpu_sh, "throughput")
     for line in ("(1) crowstream.capture", "(2) hand-written", "(3) bare forward",
                  "(4) bare forward, packed", "ratio (1)/(2)", "ratio (1)/(3)", "ratio (1)/(4)",
-                 "(1)/(4): ", "ru_maxrss", "float32:", "float16:",
+                 "(1)/(4): ", "(1)/(4) with (1)'s fixed cost per run", "ru_maxrss", "float32:", "float16:",
                  "of the compressed vector payload", "targets:"):
         assert line in out, f"missing {line!r} in:\n{out}"
     # all four phases saw the same documents, and (3) replayed crowstream's own batches

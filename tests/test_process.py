@@ -164,7 +164,8 @@ def test_a_step_sets_its_variable_only_where_the_user_did_not(monkeypatch, step,
 
     decay = []
     monkeypatch.setattr(pa, "jemalloc_set_decay_ms", decay.append)
-    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(variable, "")  # recorded first, so the end of the test restores it
+    monkeypatch.delenv(variable)
     getattr(process, step)()
     assert os.environ[variable] == value
     assert decay == ([-1] if step == "keep_encoder_memory" else [])  # pyarrow is loaded here
