@@ -433,6 +433,29 @@ def test_the_packed_mask_is_bool_for_sdpa_and_additive_for_eager(gpt2_dir, atten
     assert mask_dtype(model) == (torch.bool if attention == "sdpa" else model.dtype)
 
 
+def test_a_gpu_builds_the_packed_mask_from_the_ids_and_gets_the_hosts(monkeypatch):
+    """On CUDA the mask is compared on the device from the [B, T] ids (`_compared`) instead
+    of built on the host and copied: the same mask, random run lengths and a tail padding
+    segment included (`_compared` runs on the CPU here; the dispatch is checked apart)."""
+    from crowstream.pipeline import packing
+
+    generator = torch.Generator().manual_seed(0)
+    for width in (1, 7, 64):
+        ids = torch.randint(0, 4, (3, width), generator=generator).sort(dim=1).values
+        ids[0, width // 2:] = 9  # a row's tail padding: one more segment
+        assert torch.equal(packing._compared(ids, "cpu"),
+                           torch.from_numpy(packing._blocks(ids.numpy())))
+    asked = []
+
+    def on_gpu(ids, device):
+        asked.append(device)
+        return torch.ones(1, 1, 2, 2, dtype=torch.bool)
+
+    monkeypatch.setattr(packing, "_compared", on_gpu)
+    assert packing.packed_mask(torch.zeros(1, 2, dtype=torch.long), torch.bool, "cuda:1").all()
+    assert asked == ["cuda:1"]
+
+
 def test_gpt2_packed_chunks_keep_absolute_positions(gpt2, gpt2_ref, gpt2_texts, monkeypatch,
                                                     tmp_path):
     model, tokenizer = gpt2
@@ -487,8 +510,8 @@ def test_packing_auto_pads_for_other_architectures(minilm, monkeypatch, tmp_path
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_pin_memory_pins_only_what_goes_to_the_gpu(gpt2, gpt2_texts, pack, monkeypatch):
-    """Packed batches keep their segments on the host (the mask is built there) and send
-    no attention mask; padded batches send theirs. Pinning is faked: no CUDA needed."""
+    """Packed batches send their segment ids (the GPU builds the mask from them) and no
+    attention mask; padded batches send theirs. Pinning is faked: no CUDA needed."""
     from crowstream.pipeline.batching import Tokenizing, shard_stream, Batch
     from crowstream.pipeline.options import CaptureConfig
 
@@ -505,6 +528,6 @@ def test_pin_memory_pins_only_what_goes_to_the_gpu(gpt2, gpt2_texts, pack, monke
     sent = {name for name in ("input_ids", "keep_index", "attention_mask", "position_ids",
                               "segments")
             if getattr(batch, name) is not None and getattr(out, name) is not getattr(batch, name)}
-    assert sent == ({"input_ids", "keep_index", "position_ids"} if pack
+    assert sent == ({"input_ids", "keep_index", "position_ids", "segments"} if pack
                     else {"input_ids", "keep_index", "attention_mask"})
     assert len(pinned) == len(sent)

@@ -62,10 +62,10 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors that go to the GPU, so the copies can be
-        asynchronous: a packed batch's segments stay on the host (its mask is built there,
-        `packing.packed_mask`) and its attention mask is not sent."""
+        asynchronous: a packed batch sends its segment ids (its mask is built from them on
+        the GPU, `packing.packed_mask`), not its attention mask."""
         travels = ({"attention_mask": self.attention_mask} if self.segments is None
-                   else {"position_ids": self.position_ids})
+                   else {"position_ids": self.position_ids, "segments": self.segments})
         travels |= {"input_ids": self.input_ids, "keep_index": self.keep_index}
         return dataclasses.replace(self, **{k: t.pin_memory() for k, t in travels.items()})
 

@@ -135,26 +135,43 @@ def packed_mask(segments: torch.Tensor, dtype: torch.dtype, device=None) -> torc
     """[B, T] segment ids (on the host) -> [B, 1, T, T] mask on `device`: a token attends
     to the tokens of its own segment up to itself, nothing else. `dtype` bool: True =
     attend (sdpa); a float dtype: additive, 0 = attend and the dtype's minimum = blocked
-    (eager). Built on the host one causal block per segment (a few per row), not by
-    comparing every pair of tokens: that broadcast compare was 3% of a ceiling capture."""
-    ids = segments.numpy()
-    rows, width = ids.shape
-    causal = _causal(width)
-    allowed = np.zeros((rows, 1, width, width), dtype=bool)
-    for b in range(rows):  # a slice copy per segment; segments are runs in a row
-        edges = [0, *(np.flatnonzero(ids[b, 1:] != ids[b, :-1]) + 1).tolist(), width]
-        for start, end in zip(edges[:-1], edges[1:]):
-            allowed[b, 0, start:end, start:end] = causal[:end - start, :end - start]
-    mask = torch.from_numpy(allowed)
-    if device is not None and torch.device(device).type == "cuda":  # no sync per batch
-        mask = mask.pin_memory().to(device, non_blocking=True)
+    (eager). On a GPU it is built there from the ids (`_compared`): B x T ids cross
+    instead of B x T x T bools (32 MiB per batch of 2 x 4,096), and no host thread builds
+    it. Elsewhere it is built on the host one causal block per segment (a few per row),
+    not by comparing every pair of tokens: that broadcast compare was 3% of a CPU ceiling
+    capture."""
+    if device is not None and torch.device(device).type == "cuda":
+        mask = _compared(segments, device)
     else:
-        mask = mask.to(device)
+        mask = torch.from_numpy(_blocks(segments.numpy())).to(device)
     if dtype == torch.bool:
         return mask
     # scalars made on the device (torch.full): a host value copied there would sync
     return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
                        torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
+
+
+def _blocks(ids: np.ndarray) -> np.ndarray:
+    """[B, T] segment ids -> [B, 1, T, T] bool, one causal block per segment (segments are
+    runs within a row)."""
+    rows, width = ids.shape
+    causal = _causal(width)
+    allowed = np.zeros((rows, 1, width, width), dtype=bool)
+    for b in range(rows):  # a slice copy per segment
+        edges = [0, *(np.flatnonzero(ids[b, 1:] != ids[b, :-1]) + 1).tolist(), width]
+        for start, end in zip(edges[:-1], edges[1:]):
+            allowed[b, 0, start:end, start:end] = causal[:end - start, :end - start]
+    return allowed
+
+
+def _compared(segments: torch.Tensor, device) -> torch.Tensor:
+    """[B, T] segment ids (pinned on the host: no sync) -> [B, 1, T, T] bool on `device`:
+    the same segment, and not after. A segment id is unique within its row, so this is
+    `_blocks`' mask."""
+    ids = segments.to(device, non_blocking=True)
+    width = ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril_()
+    return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
 
 
 @functools.lru_cache(maxsize=4)
