@@ -23,7 +23,7 @@ from crowstream.errors import OutputError
 from crowstream.format.files import HashingFile, fsync_and_hash
 from crowstream.format.layout import PART_TARGET_BYTES
 from crowstream.pipeline.flatten import to_record_batch
-from crowstream.pipeline.threads import usable_cpus
+from crowstream.pipeline.threads import cpus_per_local_process
 from crowstream.schemas import ROW_GROUP_BYTES, parquet_options, table_options
 
 # Memory one row-group encode holds beyond its input: the byte-stream-split copy, the
@@ -61,10 +61,11 @@ class PartInfo:
 
 
 def encoder_slots(budget_bytes: int, threads: int | None = None) -> int:
-    """Row groups encoded at once: `threads` (default: one per usable CPU), but encoders take
-    at most a quarter of the in-flight budget (ENCODER_BYTES each); at least one."""
+    """Row groups encoded at once: `threads` (default: one per usable CPU, shared among the
+    ranks torchrun started on this node), but encoders take at most a quarter of the
+    in-flight budget (ENCODER_BYTES each); at least one."""
     fits = budget_bytes // (4 * ENCODER_BYTES)
-    return max(1, min(threads or usable_cpus(), fits))
+    return max(1, min(threads or cpus_per_local_process(), fits))
 
 
 def lead_bytes(slots: int, modules: int, batch_bytes: int = 0) -> int:
