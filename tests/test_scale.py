@@ -458,22 +458,32 @@ def test_default_budget_is_min_2gib_or_a_tenth_of_ram(gpt2, corpus, tmp_path, bu
 
 
 @pytest.mark.parametrize("cpus, local, want", [
-    (16, None, 16), (16, "4", 4), (16, "32", 1), (16, "0", 16), (16, "many", 16), (2, "2", 1)])
+    (16, None, 16), (16, "", 16), (16, "4", 4), (16, "32", 1), (16, "0", 16), (2, "2", 1)])
 def test_encoder_threads_default_to_this_ranks_share_of_the_cpus(monkeypatch, cpus, local, want):
     """By default each process encodes on its share of the node's CPUs: torchrun's
     LOCAL_WORLD_SIZE ranks split them (8 ranks on a 64-core node: 8 encoders each, not 64);
-    without it, or with a value that is not a positive number, one per CPU. The budget's
-    cap still applies; an explicit `encoder_threads` wins."""
-    from crowstream.pipeline import threads
+    without it one per CPU. The budget's cap still applies; an explicit `encoder_threads`
+    wins."""
+    from crowstream.pipeline import parts
     from crowstream.pipeline.parts import encoder_slots
 
-    monkeypatch.setattr(threads, "usable_cpus", lambda: cpus)
+    monkeypatch.setattr(parts, "usable_cpus", lambda: cpus)
     if local is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
     assert encoder_slots(1 << 40) == want
     assert encoder_slots(1 << 40, threads=3) == 3
+
+
+def test_a_local_world_size_that_is_no_number_is_one_clear_error(monkeypatch):
+    """As RANK and WORLD_SIZE: a broken LOCAL_WORLD_SIZE is named, not guessed around."""
+    from crowstream.errors import ConfigError
+    from crowstream.pipeline.parts import encoder_slots
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "many")
+    with pytest.raises(ConfigError, match="LOCAL_WORLD_SIZE='many' is not an integer"):
+        encoder_slots(1 << 40)
 
 
 def test_cli_takes_the_new_options():

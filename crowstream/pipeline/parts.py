@@ -23,7 +23,8 @@ from crowstream.errors import OutputError
 from crowstream.format.files import HashingFile, fsync_and_hash
 from crowstream.format.layout import PART_TARGET_BYTES
 from crowstream.pipeline.flatten import to_record_batch
-from crowstream.pipeline.threads import cpus_per_local_process
+from crowstream.pipeline.ranks import local_world_size
+from crowstream.pipeline.threads import usable_cpus
 from crowstream.schemas import ROW_GROUP_BYTES, parquet_options, table_options
 
 # Memory one row-group encode holds beyond its input: the byte-stream-split copy, the
@@ -65,7 +66,7 @@ def encoder_slots(budget_bytes: int, threads: int | None = None) -> int:
     ranks torchrun started on this node), but encoders take at most a quarter of the
     in-flight budget (ENCODER_BYTES each); at least one."""
     fits = budget_bytes // (4 * ENCODER_BYTES)
-    return max(1, min(threads or cpus_per_local_process(), fits))
+    return max(1, min(threads or max(1, usable_cpus() // local_world_size()), fits))
 
 
 def lead_bytes(slots: int, modules: int, batch_bytes: int = 0) -> int:

@@ -56,6 +56,12 @@ def resolve(rank, world_size) -> tuple[int, int]:
     return rank, world_size
 
 
+def local_world_size() -> int:
+    """Processes torchrun started on this node (LOCAL_WORLD_SIZE), which share its CPUs;
+    1 when unset."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE") or 1)
+
+
 def _env_int(name: str) -> int | None:
     text = os.environ.get(name)
     if text is None or text == "":

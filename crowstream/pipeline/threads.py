@@ -27,16 +27,6 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpus_per_local_process() -> int:
-    """The usable CPUs shared among the processes torchrun started on this node
-    (LOCAL_WORLD_SIZE; 1 when unset or not a positive number): at least one."""
-    try:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        local = 1
-    return max(1, usable_cpus() // max(1, local))
-
-
 _SETTING_TORCH_THREADS = threading.Lock()
 
 
