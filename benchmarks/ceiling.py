@@ -46,7 +46,7 @@ if not os.environ.get("PYTHONPATH"):  # else measure the crowstream it names (e.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import prepare_process  # noqa: E402
+from throughput import _sync, prepare_process  # noqa: E402
 
 prepare_process()  # as the command line does (importing throughput did it already)
 
@@ -200,8 +200,7 @@ def bare_forward(model, tokenizer, docs, args) -> Meter:
     with torch.inference_mode(), Meter() as meter:
         for batch in batches:
             embedding(batch.to(args.device))
-        if torch.device(args.device).type == "cuda":  # the wall time of the kernels too
-            torch.cuda.synchronize(args.device)
+        _sync(torch.device(args.device))  # the kernels' time too, on a GPU
     return meter
 
 

@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     _, tokenizer = build_model(dataclasses.replace(TINY, vocab_size=8192))
     texts = long_documents(n_docs, 2 if args.tiny else 8)
     ids = [{"input_ids": e} for e in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    inputs = {"text": (texts, {}), "ids": (ids, {"tokens_field": "input_ids"})}
     tmp = tempfile.mkdtemp(prefix="crowstream-pretok-", dir=args.tmp)
     print(f"text vs pre-tokenized capture of transformer.wte (one-layer GPT-2 config), "
           f"{n_docs} documents, {sum(len(r['input_ids']) for r in ids):,} tokens, "
@@ -101,14 +102,14 @@ def main(argv=None) -> int:
             # untimed: one full capture of each kind. The process's first large capture
             # touches its working set for the first time (on the 2-core VM 72k against
             # 90-100k tok/s after), which round 0 used to charge to the text side alone.
-            for kind, data, kw in (("text", texts, {}), ("ids", ids, {"tokens_field": "input_ids"})):
+            for kind, (data, kw) in inputs.items():
                 timed_capture(model, tokenizer, data, os.path.join(tmp, f"warm-{kind}"), **kw)
                 shutil.rmtree(os.path.join(tmp, f"warm-{kind}"))
             ratios, records = [], {"text": [], "ids": []}
             for r in range(repeat):
                 for kind in (("text", "ids") if r % 2 == 0 else ("ids", "text")):
                     out = os.path.join(tmp, f"{d}-{kind}-{r}")
-                    data, kw = (texts, {}) if kind == "text" else (ids, {"tokens_field": "input_ids"})
+                    data, kw = inputs[kind]
                     records[kind].append(timed_capture(model, tokenizer, data, out, **kw))
                 if r == 0:
                     equal = same_rows(os.path.join(tmp, f"{d}-text-0"), os.path.join(tmp, f"{d}-ids-0"))
