@@ -23,19 +23,19 @@ WORK="$(mktemp -d "${TMP_ROOT:-${TMPDIR:-/tmp}}/gpu-bench.XXXXXX")"
 LOGS="${LOGS:-$WORK/logs}"
 mkdir -p "$LOGS" "$WORK/data"
 trap 'rm -rf "$WORK/data"; [ "$LOGS" = "$WORK/logs" ] || rm -rf "$WORK"' EXIT
-THREADS=(1 2 4 8)
-if [ ${#TINY[@]} -gt 0 ]; then THREADS=(1 2); fi
-# sized for < 8 minutes on one node: the ceiling at 150k tokens (16 rounds), the loader at
-# 128 MiB per dataset (it measures the host: no GPU)
-CEILING_SIZE=(--tokens 150000 --dims 1024 4096)
-LOADER_SIZE=(--mib 128 --repeats 2)
-if [ ${#TINY[@]} -gt 0 ]; then CEILING_SIZE=(); LOADER_SIZE=(); fi
-# the ceiling holds several GB in /dev/shm at d = 4,096 float32 (the capture, the plain
-# writer's file, the raw write); a container's /dev/shm is often 64 MB: with under 8 GiB
-# free it writes to the disk instead (and the table says so)
 TARGET=shm
-SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}') || SHM_FREE_KB=0
-if [ ${#TINY[@]} -eq 0 ] && [ "${SHM_FREE_KB:-0}" -lt $((8 * 1024 * 1024)) ]; then TARGET=disk; fi
+if [ ${#TINY[@]} -gt 0 ]; then  # the CPU smoke form: every number printed, none meaningful
+  THREADS=(1 2); CEILING_SIZE=(); LOADER_SIZE=()
+else
+  # sized for < 8 minutes on one node: the ceiling at 150k tokens (16 rounds), the loader
+  # at 128 MiB per dataset (it measures the host: no GPU)
+  THREADS=(1 2 4 8); CEILING_SIZE=(--tokens 150000 --dims 1024 4096); LOADER_SIZE=(--mib 128 --repeats 2)
+  # the ceiling holds several GB in /dev/shm at d = 4,096 float32 (the capture, the plain
+  # writer's file, the raw write); a container's /dev/shm is often 64 MB: with under 8 GiB
+  # free it writes to the disk instead (and the table says so)
+  SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}') || SHM_FREE_KB=0
+  if [ "${SHM_FREE_KB:-0}" -lt $((8 * 1024 * 1024)) ]; then TARGET=disk; fi
+fi
 
 run() {  # name, then the command; its output to $LOGS/name.log
   local name="$1"; shift
