@@ -321,3 +321,48 @@ def test_no_document_is_tokenized_twice_and_the_rows_are_the_same(gpt2, corpus, 
     given = cs.capture(model, texts, MODULES, str(tmp_path / "given"), tokenizer=tokenizer,
                        batch_size=4, progress=False, shard_size=estimated.manifest.shard_size)
     assert_same_rows(str(given.path), str(estimated.path))
+
+
+def test_each_shard_starts_with_a_small_window_so_the_first_forward_starts_early(gpt2, corpus):
+    """A shard's first sorting window is its first FIRST_WINDOW_DOCS rows (then windows of
+    SORT_WINDOW_DOCS): its batches hold only those documents, and the stream hands out the
+    first batch while later windows are still being tokenized. Every shard starts the same
+    way, so a resumed run rebuilds the same batches."""
+    from crowstream.pipeline import batching
+    from crowstream.pipeline.batching import Batch, ShardEnd, Tokenizing, shard_stream
+    from crowstream.pipeline.options import FIRST_WINDOW_DOCS, CaptureConfig
+
+    assert batching.window_bounds(0) == []
+    assert batching.window_bounds(FIRST_WINDOW_DOCS + 1) == [
+        (0, FIRST_WINDOW_DOCS), (FIRST_WINDOW_DOCS, FIRST_WINDOW_DOCS + 1)]
+    assert batching.window_bounds(3000) == [(0, 64), (64, 1088), (1088, 2112), (2112, 3000)]
+
+    released = threading.Event()
+    tokenized: list[int] = []
+
+    class Slow(Tokenizing):
+        def _encode(self, documents, doc_ids):
+            if doc_ids and doc_ids[0] % 100 >= FIRST_WINDOW_DOCS:  # a later window waits
+                assert released.wait(30), "the first batch never came"
+            tokenized.extend(doc_ids)
+            return super()._encode(documents, doc_ids)
+
+    config = CaptureConfig(model={}, tokenizer={}, source={}, modules=("x",), context_size=32,
+                           batch_size=8)
+    texts = [corpus[i % len(corpus)] for i in range(200)]
+    shards = [(k, list(enumerate(texts))[k * 100:(k + 1) * 100]) for k in range(2)]
+    stream = shard_stream(shards, Slow(gpt2[1], config), shard_size=100, tokens_before=0)
+    first = next(stream)
+    assert isinstance(first, Batch) and set(first.piece_doc_ids) <= set(range(FIRST_WINDOW_DOCS))
+    assert max(tokenized) < FIRST_WINDOW_DOCS  # the rest of shard 0 is not tokenized yet
+    released.set()
+    items = [first, *stream]
+    for k in range(2):
+        batches = [b for b in items if isinstance(b, Batch) and b.shard == k]
+        start = k * 100
+        firsts = FIRST_WINDOW_DOCS // config.batch_size
+        assert all(set(b.piece_doc_ids) < set(range(start, start + FIRST_WINDOW_DOCS))
+                   for b in batches[:firsts])
+        assert all(set(b.piece_doc_ids) <= set(range(start + FIRST_WINDOW_DOCS, start + 100))
+                   for b in batches[firsts:])
+    assert [e.index for e in items if isinstance(e, ShardEnd)] == [0, 1]

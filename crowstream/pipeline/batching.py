@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from crowstream.errors import DataError
-from crowstream.pipeline.options import SORT_WINDOW_DOCS, CaptureConfig
+from crowstream.pipeline.options import FIRST_WINDOW_DOCS, SORT_WINDOW_DOCS, CaptureConfig
 from crowstream.pipeline.threads import prefetch
 
 # Tokens read and tokenized ahead of the forward (on the reader thread): a few windows of
@@ -198,7 +198,8 @@ def _plain_backend(tokenizer):
 
 @dataclasses.dataclass
 class _Window:
-    """Up to SORT_WINDOW_DOCS source rows of one shard, tokenized (on the reader thread)."""
+    """Source rows of one shard, tokenized (on the reader thread): the shard's first
+    FIRST_WINDOW_DOCS, then SORT_WINDOW_DOCS at a time (`window_bounds`)."""
 
     shard: int
     rows: list                  # (doc_id, text or ids or None) as read
@@ -215,12 +216,20 @@ class _Window:
 def _windows(shards, tokenizing: Tokenizing) -> Iterator[_Window]:
     """Read and tokenize each shard's windows in turn (runs on the reader thread)."""
     for index, block in shards:
-        for w in range(0, len(block), SORT_WINDOW_DOCS):  # a window never crosses the shard
-            window = block[w:w + SORT_WINDOW_DOCS]
+        for start, end in window_bounds(len(block)):  # a window never crosses the shard
+            window = block[start:end]
             doc_ids = [d for d, doc in window if doc is not None]
             documents = [doc for _, doc in window if doc is not None]
             yield _Window(index, window, doc_ids, documents, tokenizing.encode(documents, doc_ids),
-                          last=w + SORT_WINDOW_DOCS >= len(block))
+                          last=end == len(block))
+
+
+def window_bounds(rows: int) -> list[tuple[int, int]]:
+    """(start, end) of the sorting windows of a shard of `rows` source rows: the first
+    FIRST_WINDOW_DOCS rows, then SORT_WINDOW_DOCS at a time. A function of the shard alone,
+    so a resumed run rebuilds the same batches."""
+    cuts = [0, *range(min(FIRST_WINDOW_DOCS, rows), rows, SORT_WINDOW_DOCS), rows]
+    return [(start, end) for start, end in zip(cuts, cuts[1:]) if end > start]
 
 
 def shard_stream(shards, tokenizing: Tokenizing, *, shard_size: int, tokens_before: int,
@@ -355,7 +364,7 @@ def _assemble(ids, lengths, keep, doc_of_row, starts) -> Batch:
     )
 
 
-ESTIMATE_DOCS = 64  # enough for a mean length
+ESTIMATE_DOCS = FIRST_WINDOW_DOCS  # enough for a mean length; the first window's documents
 
 
 def estimate_shard_size(texts: list, tokenizing: Tokenizing, doc_ids: list[int] | None = None) -> int:

@@ -36,6 +36,10 @@ FLOAT16_MAX = 65504.0
 # Documents tokenized and length-sorted together; sorting within ~1k documents made
 # 99% of batch tokens real on Python-docs paragraphs (51% unsorted).
 SORT_WINDOW_DOCS = 1024
+# A shard's first window is this small, so the first forward waits for 64 documents to be
+# tokenized, not 1,024 (the shard-size estimate tokenizes the same 64); every later window
+# is tokenized on the reader thread while the forward runs the windows before it.
+FIRST_WINDOW_DOCS = 64
 # Upper bound for the default context size (a model's max positions can be 128k).
 DEFAULT_CONTEXT_CAP = 1024
 # Codec of the part files; chosen by benchmarks/compression.py (the table is in
