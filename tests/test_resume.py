@@ -119,6 +119,34 @@ def test_signal_commits_complete_shards_then_resume_is_bit_identical(
     assert_equals_reference(out, reference)
 
 
+def test_resume_rebuilds_a_shards_windows_when_it_holds_more_than_the_first_one(
+        monkeypatch, gpt2, corpus, tmp_path):
+    """Shards of 80 documents are sorted in two windows (the first 64, then 16). A run
+    stopped in shard 2 and resumed starts there, and still cuts that shard's windows as an
+    uninterrupted run did: the windows belong to the shard, not to where a process began."""
+    from crowstream.pipeline.batching import window_bounds
+
+    assert window_bounds(80) == [(0, 64), (64, 80)]
+    docs, kw = corpus * 2, dict(shard_size=80, batch_size=16)  # 3 shards
+    reference = str(tmp_path / "reference")
+    capture(gpt2, docs, reference, **kw)
+    out = str(tmp_path / "out")
+    original = ModelTracer.run
+
+    def stop_in_shard_2(tracer, batch):
+        if batch.shard == 2:
+            send(signal.SIGINT)()
+        return original(tracer, batch)
+
+    monkeypatch.setattr(ModelTracer, "run", stop_in_shard_2)
+    with pytest.raises(Interrupted):
+        capture(gpt2, docs, out, **kw)
+    monkeypatch.undo()
+    assert [s.index for s in manifest_of(out).shards] == [0, 1]
+    capture(gpt2, docs, out, resume=True, **kw)
+    assert_equals_reference(out, reference)
+
+
 def test_signal_inside_a_shard_drops_only_that_open_shard(monkeypatch, gpt2, docs, tmp_path):
     out = str(tmp_path / "out")
     # two batches per shard; the signal comes during shard 4's first batch
